@@ -1,0 +1,179 @@
+"""Configs: a dataclass schema <- YAML file <- dotted command-line overrides, typed and validated (OmegaConf).
+
+The ``model`` section is not written out here: it is made from ``UNet.__init__``'s signature, so the model's
+keywords, their types and defaults exist in exactly one place. OmegaConf does the merging and the type
+coercion; the thin layer on top turns its errors into one line each and suggests the key a typo meant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .unet import UNet
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; its message is one line that says what to change."""
+
+
+def _model_schema() -> type:
+    """A dataclass with one field per ``UNet.__init__`` keyword: same names, types and defaults."""
+    init = inspect.unwrap(UNet.__init__)
+    hints = typing.get_type_hints(init)
+    fields = [(name, hints[name], field(default=p.default))
+              for name, p in inspect.signature(init).parameters.items() if name != "self"]
+    return dataclasses.make_dataclass("ModelConfig", fields)
+
+
+ModelConfig = _model_schema()
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"    # "linear" | "scaled_linear" | "squaredcos_cap_v2" (cosine)
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"            # "epsilon" | "v_prediction" | "sample" (x0)
+    loss_weighting: str = "mse"                 # "mse" | "min_snr" (min-SNR-gamma, Hang et al. 2023)
+    snr_gamma: float = 5.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"                      # "digits" | a folder path | "hf:<name or path>" | "cifar10"
+    image_column: str = "image"                 # HF datasets: column holding the images
+    label_column: Optional[str] = "label"       # HF datasets / digits: column of class ids (None: unlabelled)
+    split: str = "train"
+    hflip: bool = False                         # random horizontal flips
+    num_workers: int = 0
+    bad_images: str = "strict"                  # unreadable images in a folder: "strict" (stop) | "skip" (warn)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 64                        # per process
+    lr: float = 2e-4
+    lr_scheduler: str = "constant_with_warmup"  # any name diffusers' get_scheduler takes
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0                      # max gradient norm; 0 turns clipping off
+    grad_accum: int = 1
+    mixed_precision: str = "no"                 # "no" | "fp16" | "bf16"
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1                  # class-conditional models: drop labels to "null" (for CFG)
+    seed: int = 0
+    log_every: int = 25
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 500
+    resume: Optional[str] = None                # "latest" or a checkpoint folder
+
+
+@dataclass
+class SampleConfig:
+    scheduler: str = "ddim"                     # "ddpm" | "ddim" | "dpmpp" | "euler" | "heun" | "unipc"
+    steps: int = 50
+    num_images: int = 64
+    guidance_scale: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def presets() -> list[str]:
+    """Names of the configs shipped with diffunet (``diffunet/configs/*.yaml``, also ``configs/`` in the repo)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if (PRESET_DIR / f"{path.stem}.yaml").is_file() and path.suffix in ("", ".yaml"):
+        return PRESET_DIR / f"{path.stem}.yaml"
+    near = difflib.get_close_matches(path.stem, presets(), n=1)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; presets: {', '.join(presets())}"
+    raise ConfigError(f"no config file or preset named '{name_or_path}'{hint}")
+
+
+def _check_keys(schema: DictConfig, given, prefix: str = "") -> None:
+    """Refuse keys the schema does not have, naming the closest one. (OmegaConf says only "not in struct".)"""
+    if not isinstance(given, (dict, DictConfig)):
+        return
+    for key, value in given.items():
+        if key not in schema:
+            near = difflib.get_close_matches(str(key), [str(k) for k in schema.keys()], n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(schema.keys())}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        node = schema[key] if OmegaConf.is_dict(schema) else None
+        if isinstance(node, DictConfig):
+            _check_keys(node, value, f"{prefix}{key}.")
+
+
+def _merge(base: DictConfig, layer: DictConfig | dict, origin: str) -> DictConfig:
+    _check_keys(base, layer)
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{origin}: {key + ': ' if key else ''}{msg}") from None
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema defaults, then the YAML ``config`` (a path or a preset name), then ``key.sub=value`` overrides."""
+    cfg = OmegaConf.structured(Config)
+    if config is not None:
+        path = _resolve(config)
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as e:  # a YAML syntax error: name the file and the first line of the parser's message
+            raise ConfigError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, layer, str(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override '{bad[0]}' is not of the form key.sub=value")
+    if overrides:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+    return cfg
+
+
+def to_dict(node) -> dict:
+    """A plain dict (lists for sequences) of a config section, for ``UNet(**...)`` and friends."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else dict(node)
+
+
+def build_model(cfg: DictConfig) -> UNet:
+    """``UNet(**cfg.model)``; a bad model value becomes a one-line ConfigError."""
+    try:
+        return UNet(**to_dict(cfg.model))
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def model_from_preset(name: str, **overrides) -> UNet:
+    """The UNet of a preset, with keyword overrides: ``model_from_preset("ddpm-cifar10", dropout=0.0)``."""
+    return build_model(_merge(load_config(name), {"model": overrides}, "model_from_preset"))

@@ -1,0 +1,310 @@
+"""Building blocks of the U-Net: timestep embedding, residual block, attention, resampling and skip fusion.
+
+Every choice the U-Net offers is a small lookup table here (``DOWNSAMPLE``, ``UPSAMPLE``, ``SKIP``,
+``TIME_CONDITION``, ``PADDING``): a wrong name fails at construction with the list of valid names, and adding a
+variant is one entry.
+
+Each spatial module knows its own size arithmetic (``size(n)``, per axis), so the shape planner and the
+"valid"-padding geometry walk the very modules the forward pass runs, instead of a second copy of the rules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class SizeError(ValueError):
+    """A spatial size that an operation cannot take exactly (it would drop a row or column)."""
+
+
+def choose(table: dict, name: str, what: str):
+    """``table[name]``, or a one-line error that lists the valid names."""
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(map(repr, table))}") from None
+
+
+def zeroed(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights and bias: a residual branch that ends in it starts as the identity (ADM, EDM)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def conv_size(n: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    """Output length of a convolution or pooling along one axis; refuses sizes it would not map exactly.
+
+    Exact means: padded ("same"), the size divides by the stride (out = n / stride); unpadded ("valid"), the
+    windows tile the input with no leftover row, so features stay centred and center-cropping stays aligned.
+    """
+    span = n + 2 * padding - kernel
+    if span < 0 or (n if padding else span) % stride:
+        raise SizeError(f"size {n} does not fit kernel {kernel}, stride {stride}, padding {padding}")
+    return span // stride + 1
+
+
+def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Crop the last two axes of ``x`` to ``size`` around the center (the original U-Net's skip crop)."""
+    dh, dw = x.shape[-2] - size[0], x.shape[-1] - size[1]
+    if dh == 0 and dw == 0:
+        return x
+    return x[..., dh // 2 : dh // 2 + size[0], dw // 2 : dw // 2 + size[1]]
+
+
+def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Reflect-pad by any margin, even one wider than the image (the overlap-tile strategy of the U-Net paper).
+
+    ``F.pad(mode="reflect")`` refuses a pad as wide as the input; the margins of a deep "valid" U-Net often
+    are, so we reflect repeatedly, at most ``size - 1`` pixels at a time.
+    """
+    while top or bottom or left or right:
+        h, w = x.shape[-2] - 1, x.shape[-1] - 1
+        step = (min(left, w), min(right, w), min(top, h), min(bottom, h))
+        x = F.pad(x, step, mode="reflect") if h and w else F.pad(x, step, mode="replicate")
+        left, right, top, bottom = left - step[0], right - step[1], top - step[2], bottom - step[3]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------- time
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer-style sin/cos features of a (possibly fractional) timestep, computed in fp32.
+
+    Written here rather than taken from diffusers' ``get_timestep_embedding`` so that the frequency table is a
+    buffer built once (no allocation per step) and the features stay fp32 under autocast.
+    """
+
+    def __init__(self, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # (B,) -> (B, dim)
+        with torch.autocast(t.device.type, enabled=False):
+            args = t.float()[:, None] * self.freqs.float()[None]
+            emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+            return F.pad(emb, (0, self.dim % 2))
+
+
+# How each residual block takes the time (and class) embedding ``e``: as a scale and shift of the normalized
+# features (ADM's AdaGN, the default) or added before the norm (DDPM). Value: (width factor of e, apply).
+TIME_CONDITION = {
+    "scale_shift": (2, lambda norm, h, e: norm(h) * (1 + e.chunk(2, dim=1)[0]) + e.chunk(2, dim=1)[1]),
+    "add": (1, lambda norm, h, e: norm(h + e)),
+}
+
+# "same": p = (k-1)//2 keeps the size; "valid": no padding, every 3x3 conv eats one pixel per side.
+PADDING = {"same": lambda k: (k - 1) // 2, "valid": lambda k: 0}
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, time-conditioned GroupNorm-SiLU-dropout-conv, plus a (cropped) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, *, groups: int, dropout: float, padding: str,
+                 time_condition: str, zero: bool):
+        super().__init__()
+        p = PADDING[padding](3)
+        width, self.condition = choose(TIME_CONDITION, time_condition, "time_condition")
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=p)
+        self.emb = nn.Linear(emb_dim, width * c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=p)
+        if zero:
+            zeroed(self.conv2)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.pad = p
+
+    def size(self, n: int) -> int:
+        return conv_size(conv_size(n, 3, 1, self.pad), 3, 1, self.pad)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))                       # (B, Cin, H, W) -> (B, Cout, H', W')
+        e = self.emb(F.silu(emb))[:, :, None, None]                 # (B, E) -> (B, k*Cout, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.condition(self.norm2, h, e))))
+        return center_crop(self.shortcut(x), h.shape[-2:]) + h     # "valid": the two convs ate 2 px per side
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all pixels, through ``scaled_dot_product_attention``."""
+
+    def __init__(self, channels: int, heads: int, groups: int, zero: bool):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention over {channels} channels cannot be split into {heads} heads; "
+                             f"choose num_heads/head_dim that divide {channels}")
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        if zero:
+            zeroed(self.out)
+
+    def size(self, n: int) -> int:
+        return n
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        height = x.shape[-2]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) x y -> three b h (x y) d",
+                            three=3, h=self.heads)                   # each (B, heads, H*W, C/heads)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(rearrange(o, "b h (x y) d -> b (h d) x y", x=height))
+
+
+# ----------------------------------------------------------------------------------------- resampling
+# Every resampler keeps the channel count: (B, C, H, W) -> (B, C, H/2, W/2) down, (B, C, 2H, 2W) up.
+
+class Pool(nn.Module):
+    def __init__(self, pool, channels: int, padding: str):
+        super().__init__()
+        self.pool = pool(2)
+
+    def size(self, n: int) -> int:
+        return conv_size(n, 2, 2)
+
+    def forward(self, x):
+        return self.pool(x)
+
+
+class StridedConv(nn.Module):
+    """A 3x3 stride-2 conv: the network learns its own anti-alias filter instead of discarding 3 of 4 pixels."""
+
+    def __init__(self, channels: int, padding: str):
+        super().__init__()
+        self.pad = PADDING[padding](3)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=self.pad)
+
+    def size(self, n: int) -> int:
+        return conv_size(n, 3, 2, self.pad)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class BlurPool(nn.Module):
+    """A fixed binomial [1, 2, 1]^2 / 16 low-pass, then subsampling (Zhang 2019, "Making CNNs shift-invariant")."""
+
+    def __init__(self, channels: int, padding: str):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).expand(channels, 1, 3, 3).clone(),
+                             persistent=False)
+        self.pad = PADDING[padding](3)
+
+    def size(self, n: int) -> int:
+        return conv_size(n, 3, 2, self.pad)
+
+    def forward(self, x):
+        return F.conv2d(x, self.kernel.to(x.dtype), stride=2, padding=self.pad, groups=x.shape[1])
+
+
+class TransposedConv(nn.Module):
+    """The original U-Net's 2x2 "up-convolution": learned, exact doubling, prone to checkerboard patterns."""
+
+    def __init__(self, channels: int, padding: str):
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(channels, channels, 2, stride=2)
+
+    def size(self, n: int) -> int:
+        return 2 * n
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class InterpolateConv(nn.Module):
+    """Fixed interpolation to twice the size, then a 3x3 conv (Odena et al. 2016: no checkerboard by design)."""
+
+    def __init__(self, mode: str, channels: int, padding: str):
+        super().__init__()
+        self.mode = mode
+        self.pad = PADDING[padding](3)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=self.pad)
+
+    def size(self, n: int) -> int:
+        return conv_size(2 * n, 3, 1, self.pad)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode=self.mode))
+
+
+DOWNSAMPLE = {
+    "maxpool": lambda c, padding: Pool(nn.MaxPool2d, c, padding),
+    "avgpool": lambda c, padding: Pool(nn.AvgPool2d, c, padding),
+    "conv": StridedConv,
+    "blur": BlurPool,
+}
+
+UPSAMPLE = {
+    "transposed": TransposedConv,
+    "bilinear": lambda c, padding: InterpolateConv("bilinear", c, padding),
+    "nearest": lambda c, padding: InterpolateConv("nearest", c, padding),
+}
+
+
+# ------------------------------------------------------------------------------------------ skip fusion
+# The decoder takes the encoder's features at its own resolution: the U-Net's "secret passage" that carries
+# the fine detail the bottleneck cannot, and a short path for gradients back to the early layers.
+# Each fusion crops the skip to the decoder's size first (only "valid" padding ever needs it).
+
+class Concat(nn.Module):
+    """Stack the skip on the decoder's channels: (B, C, H, W) + (B, S, H, W) -> (B, C+S, H, W)."""
+
+    def __init__(self, c: int, c_skip: int):
+        super().__init__()
+        self.out_channels = c + c_skip
+
+    def forward(self, h, skip):
+        return torch.cat([h, center_crop(skip, h.shape[-2:])], dim=1)
+
+
+class ConcatProject(Concat):
+    """Concatenate, then a 1x1 conv back to C channels: (B, C+S, H, W) -> (B, C, H, W).
+
+    The 3x3 convolutions that follow then read C instead of C+S channels, which saves about 9*S*C_out weights
+    per block for (C+S)*C spent here: the seed's way to fuse the skip without paying for it in every 3x3 conv.
+    """
+
+    def __init__(self, c: int, c_skip: int):
+        super().__init__(c, c_skip)
+        self.project = nn.Conv2d(c + c_skip, c, 1)
+        self.out_channels = c
+
+    def forward(self, h, skip):
+        return self.project(super().forward(h, skip))
+
+
+class Add(nn.Module):
+    """Add the skip to the decoder's features (1x1-projected when its channel count differs)."""
+
+    def __init__(self, c: int, c_skip: int):
+        super().__init__()
+        self.project = nn.Conv2d(c_skip, c, 1) if c_skip != c else nn.Identity()
+        self.out_channels = c
+
+    def forward(self, h, skip):
+        return h + center_crop(self.project(skip), h.shape[-2:])
+
+
+class NoSkip(nn.Module):
+    """No skip at all: the encoder-decoder the seed argues against, kept as the ablation."""
+
+    def __init__(self, c: int, c_skip: int):
+        super().__init__()
+        self.out_channels = c
+
+    def forward(self, h, skip):
+        return h
+
+
+SKIP = {"concat": Concat, "concat_1x1": ConcatProject, "add": Add, "none": NoSkip}

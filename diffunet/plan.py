@@ -1,0 +1,77 @@
+"""Print a U-Net's shape plan, level by level: ``python -m diffunet.plan configs/digits.yaml [key=value ...]``.
+
+``--vs model.skip=concat_1x1`` adds the per-level parameter difference of a variant, which shows the seed's
+claims in numbers (what the 1x1 fusion saves, what valid padding crops, where attention sits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, build_model, load_config
+from .unet import UNet
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def format_plan(model: UNet, variant: UNet | None = None, size=None) -> str:
+    """The plan of ``model`` as an aligned text table (and the variant's parameter delta per level)."""
+    tiling = model.tiling(model.config.sample_size if size is None else size)
+    head = ["level", "channels", "size", "attn", "encoder", "skip", "decoder", "crop"]
+    rows = []
+    plan = model.plan(size)
+    other = variant.plan(size) if variant is not None else None
+    for i, r in enumerate(plan):
+        row = [str(r.level), str(r.channels), f"{r.size[0]}x{r.size[1]}", "yes" if r.attention else "",
+               _params(r.encoder_params), _params(r.skip_params), _params(r.decoder_params),
+               f"{r.crop[0]}x{r.crop[1]}" if any(r.crop) else "-"]
+        if other is not None:
+            o = other[i]
+            delta = (o.encoder_params + o.skip_params + o.decoder_params
+                     - r.encoder_params - r.skip_params - r.decoder_params)
+            row.append(f"{'+' if delta >= 0 else '-'}{_params(abs(delta))}")
+        rows.append(row)
+    if other is not None:
+        head.append("variant")
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *rows]]
+    total = sum(p.numel() for p in model.parameters())
+    levels = sum(r.encoder_params + r.skip_params + r.decoder_params for r in plan)
+    middle = sum(p.numel() for p in model.middle.parameters())
+    lines.append(f"bottleneck {_params(middle)}, stem/head/embeddings {_params(total - levels - middle)}")
+    c = model.config
+    lines.insert(0, f"UNet {c.padding} padding, down={c.downsample}, up={c.upsample}, skip={c.skip}: "
+                    f"{_params(total)} parameters")
+    if any(tiling.pad):
+        lines.append(f"valid padding: input {tiling.output_size[0]}x{tiling.output_size[1]} is mirror-padded to "
+                     f"{tiling.input_size[0]}x{tiling.input_size[1]} (margin {tiling.margin[0]}x{tiling.margin[1]} "
+                     f"px per side consumed by the unpadded convs)")
+    if variant is not None:
+        lines.append(f"variant: {_params(sum(p.numel() for p in variant.parameters()))} parameters")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffunet.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="a YAML config or preset name")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.skip=add")
+    parser.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE",
+                        help="compare with a variant (repeatable), e.g. --vs model.skip=concat_1x1")
+    parser.add_argument("--size", type=int, nargs="+", help="plan for this input size (H [W]) instead")
+    args = parser.parse_args(argv)
+    try:
+        model = build_model(load_config(args.config, args.overrides))
+        variant = build_model(load_config(args.config, args.overrides + args.vs)) if args.vs else None
+        size = None if args.size is None else tuple(args.size) if len(args.size) > 1 else args.size[0]
+        print(format_plan(model, variant, size))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

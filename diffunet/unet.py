@@ -1,0 +1,371 @@
+"""The U: encoder, bottleneck, decoder, the skip stack between them, "valid"-padding geometry, and the shape planner.
+
+Layout (DDPM / ADM): a stem conv, then per level ``num_res_blocks`` residual blocks and a downsampler (all but the
+deepest level), a bottleneck (res, attention, res), and a mirror decoder with ``num_res_blocks + 1`` blocks per
+level and an upsampler. The stem, every encoder block and every downsampler push their output on the skip
+stack; every decoder block pops one and fuses it (``skip``) before its convolutions.
+
+This module's import path is part of every saved pipeline (``model_index.json`` names ``diffunet.unet``): keep it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+from .nn import (DOWNSAMPLE, PADDING, SKIP, UPSAMPLE, Attention, ResBlock, SinusoidalEmbedding, SizeError, choose,
+                 conv_size, mirror_pad, zeroed)
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+def _count(*modules: nn.Module | None) -> int:
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+
+class Block(nn.Module):
+    """A residual block, then self-attention at the resolutions that ask for it."""
+
+    def __init__(self, res: ResBlock, attention: Attention | None):
+        super().__init__()
+        self.res, self.attention = res, attention
+
+    def size(self, n: int) -> int:
+        return self.res.size(n)
+
+    def forward(self, x, emb):
+        h = self.res(x, emb)
+        return self.attention(h) if self.attention is not None else h
+
+
+class EncoderLevel(nn.Module):
+    """Blocks at one resolution, then (except at the deepest level) a downsampler. Returns the features and
+    what it pushes on the skip stack: each block's output and the downsampler's."""
+
+    def __init__(self, blocks: list[Block], down: nn.Module | None):
+        super().__init__()
+        self.blocks, self.down = nn.ModuleList(blocks), down
+
+    def forward(self, h, emb):
+        pushed = []
+        for block in self.blocks:
+            h = block(h, emb)
+            pushed.append(h)
+        if self.down is not None:
+            h = self.down(h)                                # (B, C, H, W) -> (B, C, H/2, W/2)
+            pushed.append(h)
+        return h, pushed
+
+
+class Middle(nn.Module):
+    """The bottleneck: residual block, self-attention, residual block, at the coarsest resolution."""
+
+    def __init__(self, first: ResBlock, attention: Attention, second: ResBlock):
+        super().__init__()
+        self.first, self.attention, self.second = first, attention, second
+
+    def size(self, n: int) -> int:
+        return self.second.size(self.first.size(n))
+
+    def forward(self, h, emb):
+        return self.second(self.attention(self.first(h, emb)), emb)
+
+
+class DecoderLevel(nn.Module):
+    """Blocks at one resolution, each fusing one popped skip first, then (except at the finest) an upsampler."""
+
+    def __init__(self, fuses: list[nn.Module], blocks: list[Block], up: nn.Module | None):
+        super().__init__()
+        self.fuses, self.blocks, self.up = nn.ModuleList(fuses), nn.ModuleList(blocks), up
+
+    def forward(self, h, emb, skips):
+        for fuse, block, skip in zip(self.fuses, self.blocks, skips):
+            h = block(fuse(h, skip), emb)                   # skip cropped to h's size, then fused
+        if self.up is not None:
+            h = self.up(h)                                  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return h
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the network covers an image of ``output_size`` (rows, cols).
+
+    With "valid" padding every 3x3 conv eats a pixel per side, so the input is mirror-padded to ``input_size``
+    (``pad`` = top, bottom, left, right) and the network's output is cropped at ``crop`` (row, col offsets) to
+    ``output_size``. ``margin`` is what the network consumes on each side. With "same" padding all are trivial.
+    """
+
+    output_size: tuple[int, int]
+    input_size: tuple[int, int]
+    margin: tuple[int, int]
+    pad: tuple[int, int, int, int]
+    crop: tuple[int, int]
+
+
+@dataclass
+class Axis:
+    """Sizes along one axis through the network, for a network input of ``input`` pixels."""
+
+    input: int
+    encoder: list[int]          # per level, after its blocks
+    decoder: list[int]          # per level (finest first), after its blocks
+    crop: list[int]             # per level (finest first), the most a skip is cropped by, in total
+    output: int
+
+
+@dataclass
+class PlanRow:
+    level: int
+    channels: int
+    size: tuple[int, int]       # encoder feature size at this level (rows, cols)
+    encoder_params: int         # blocks + downsampler
+    skip_params: int            # fusion of the skips (1x1 projections)
+    decoder_params: int         # blocks + upsampler, fusion excluded
+    crop: tuple[int, int]       # pixels cropped from the widest skip at this level ("valid" only)
+    attention: bool
+
+
+class UNet(ModelMixin, ConfigMixin):
+    """A time-conditioned U-Net denoiser; every keyword below is a switch, and the keywords are the schema."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: Any = 32,                          # H, or (H, W), of the images the model is built for
+        in_channels: int = 3,                           # 1 gray, 3 RGB, any count for scientific data
+        out_channels: Optional[int] = None,             # None: same as in_channels
+        base_channels: int = 64,                        # channels of the first level
+        channel_mult: Tuple[int, ...] = (1, 2, 2, 2),   # channels per level = base_channels * mult; levels = len
+        num_res_blocks: int = 2,                        # residual blocks per encoder level (decoder: one more)
+        dropout: float = 0.0,                           # inside each residual block
+        norm_groups: int = 32,                          # GroupNorm groups; must divide every channel count
+        attention_resolutions: Tuple[int, ...] = (16,), # feature heights (at sample_size) with attention blocks
+        num_heads: int = 4,                             # attention heads ...
+        head_dim: Optional[int] = None,                 # ... or channels per head (overrides num_heads)
+        downsample: str = "conv",                       # "maxpool" | "avgpool" | "conv" (strided) | "blur"
+        upsample: str = "nearest",                      # "transposed" | "bilinear" | "nearest" (then a 3x3 conv)
+        skip: str = "concat",                           # "concat" | "concat_1x1" | "add" | "none"
+        padding: str = "same",                          # "same": p=(k-1)//2 ; "valid": none, skips center-cropped
+        time_condition: str = "scale_shift",            # "scale_shift" (AdaGN) | "add" (DDPM)
+        num_classes: Optional[int] = None,              # class-conditional; id num_classes is the "null" class
+        zero_init: bool = True,                         # residual branches and output conv start at zero
+    ):
+        super().__init__()
+        for name, table in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("skip", SKIP), ("padding", PADDING)):
+            choose(table, locals()[name], name)
+        height, _ = _pair(sample_size)
+        levels = len(channel_mult)
+        if levels < 1 or num_res_blocks < 1:
+            raise ValueError("a U-Net needs at least one level (channel_mult) and one block per level (num_res_blocks)")
+        chans = [base_channels * m for m in channel_mult]
+        if any(c % norm_groups for c in chans):
+            raise ValueError(f"norm_groups={norm_groups} must divide every level's channels {chans}; "
+                             f"pick a divisor of {base_channels}")
+        heights = [height // 2**i for i in range(levels)]
+        unknown = set(attention_resolutions) - set(heights)
+        if unknown:
+            raise ValueError(f"attention_resolutions {sorted(unknown)} match no level; "
+                             f"feature heights at sample_size are {heights}")
+        out_channels = out_channels or in_channels
+        emb_dim = 4 * base_channels
+        pad = PADDING[padding](3)
+        res = functools.partial(ResBlock, emb_dim=emb_dim, groups=norm_groups, dropout=dropout, padding=padding,
+                                time_condition=time_condition, zero=zero_init)
+
+        def attn(c):
+            return Attention(c, c // head_dim if head_dim else num_heads, norm_groups, zero_init)
+
+        def block(c_in, c_out, level):
+            return Block(res(c_in, c_out), attn(c_out) if heights[level] in attention_resolutions else None)
+
+        self.time_embed = nn.Sequential(SinusoidalEmbedding(base_channels), nn.Linear(base_channels, emb_dim),
+                                        nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=pad)
+
+        skip_chans, c = [chans[0]], chans[0]
+        self.encoder = nn.ModuleList()
+        for i, c_out in enumerate(chans):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(block(c, c_out, i))
+                c = c_out
+                skip_chans.append(c)
+            down = DOWNSAMPLE[downsample](c, padding) if i < levels - 1 else None
+            if down is not None:
+                skip_chans.append(c)
+            self.encoder.append(EncoderLevel(blocks, down))
+
+        self.middle = Middle(res(c, c), attn(c), res(c, c))
+
+        self.decoder = nn.ModuleList()
+        for i in reversed(range(levels)):
+            fuses, blocks = [], []
+            for _ in range(num_res_blocks + 1):
+                fuse = SKIP[skip](c, skip_chans.pop())
+                fuses.append(fuse)
+                blocks.append(block(fuse.out_channels, chans[i], i))
+                c = chans[i]
+            self.decoder.append(DecoderLevel(fuses, blocks, UPSAMPLE[upsample](c, padding) if i > 0 else None))
+
+        self.norm_out = nn.GroupNorm(norm_groups, c)
+        self.conv_out = nn.Conv2d(c, out_channels, 3, padding=pad)
+        if zero_init:
+            zeroed(self.conv_out)
+        self.gradient_checkpointing = False
+        self._tilings: dict[tuple[int, int], Tiling] = {}
+        self.tiling(sample_size)  # a sample_size the network cannot take fails here, at construction
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True):
+        """Predict from ``sample`` (B, C, H, W) at ``timestep`` (a number, a 0-d or a (B,) tensor, int or float)."""
+        batch = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        elif t.shape != (batch,):
+            raise ValueError(f"timestep must be a number, a 0-d tensor or a ({batch},) tensor, got shape {tuple(t.shape)}")
+        emb = self.time_embed(t)                                        # (B,) -> (B, 4*base)
+        if self.class_embed is not None:
+            if class_labels is None:                                    # unconditional: the "null" class
+                class_labels = torch.full((batch,), self.config.num_classes, device=sample.device)
+            emb = emb + self.class_embed(class_labels.to(sample.device).long())
+        elif class_labels is not None:
+            raise ValueError("class_labels given, but this UNet was built with num_classes=None")
+
+        tiling = self.tiling(sample.shape[-2:])
+        x = mirror_pad(sample, *tiling.pad) if any(tiling.pad) else sample
+
+        h = self.conv_in(x)
+        skips = [h]                                                     # the skip stack: pushed down, popped up
+        for level in self.encoder:
+            h, pushed = self._run(level, h, emb)
+            skips += pushed
+        h = self._run(self.middle, h, emb)
+        for level in self.decoder:
+            h = self._run(level, h, emb, [skips.pop() for _ in level.fuses])
+        h = self.conv_out(F.silu(self.norm_out(h)))
+
+        (top, left), (rows, cols) = tiling.crop, tiling.output_size
+        out = h[..., top:top + rows, left:left + cols]
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    def _run(self, module, *args):
+        """Run one level, through activation checkpointing when it is on (one level at a time)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(module, *args)
+        return module(*args)
+
+    # ------------------------------------------------------------------------------------------ geometry
+
+    def _axis(self, n: int) -> Axis:
+        """Walk one axis of a network input of ``n`` pixels through the modules; SizeError if one cannot take it."""
+        pad = PADDING[self.config.padding](3)
+        stem = conv_size(n, 3, 1, pad)
+        skips, encoder, decoder, crop = [stem], [], [], []
+        m = stem
+        for level in self.encoder:
+            for block in level.blocks:
+                m = block.size(m)
+                skips.append(m)
+            encoder.append(m)
+            if level.down is not None:
+                m = level.down.size(m)
+                skips.append(m)
+        m = self.middle.size(m)
+        for level in self.decoder:
+            widest = 0
+            for block in level.blocks:
+                widest = max(widest, skips.pop() - m)
+                m = block.size(m)
+            decoder.append(m)
+            crop.append(widest)
+            if level.up is not None:
+                m = level.up.size(m)
+        out = conv_size(m, 3, 1, pad)
+        if out < 1 or min(crop) < 0:
+            raise SizeError(f"size {n} leaves no output")
+        return Axis(n, encoder, decoder[::-1], crop[::-1], out)
+
+    def _fits(self, n: int, target: int) -> bool:
+        try:
+            return self._axis(n).output >= target if self.config.padding == "valid" else self._axis(n).output == n
+        except SizeError:
+            return False
+
+    def tiling(self, size) -> Tiling:
+        """The input size and margins this model needs to produce an output of ``size`` (int or (H, W)).
+
+        "same": the input is the output, and each side must be divisible by 2^(levels-1).
+        "valid": the smallest network input whose output covers ``size``, mirror-padded around the image.
+        """
+        size = _pair(tuple(size) if not isinstance(size, int) else size)
+        if size not in self._tilings:
+            axes = [self._tile_axis(n, name) for n, name in zip(size, ("height", "width"))]
+            (nh, fh), (nw, fw) = axes
+            margin, pad, crop = [], [], []
+            for out, n, f in ((size[0], nh, fh), (size[1], nw, fw)):
+                consumed, extra = (n - f) // 2, f - out
+                before = consumed + extra // 2
+                margin.append(consumed)
+                pad += [before, n - out - before]
+                crop.append(extra // 2)
+            self._tilings[size] = Tiling(size, (nh, nw), tuple(margin), tuple(pad), tuple(crop))
+        return self._tilings[size]
+
+    def _tile_axis(self, out: int, name: str) -> tuple[int, int]:
+        """(network input, network output) for one axis of an image of ``out`` pixels."""
+        limit = out + 64 * 2 ** len(self.encoder) + 4096
+        if self.config.padding == "valid":
+            for n in range(out, limit):
+                if self._fits(n, out):
+                    return n, self._axis(n).output
+            raise ValueError(f"no input size up to {limit} gives a {name} of {out} with this valid-padding U-Net")
+        if self._fits(out, out):
+            return out, out
+        below = next((n for n in range(out - 1, 0, -1) if self._fits(n, n)), None)
+        above = next(n for n in range(out + 1, limit) if self._fits(n, n))
+        nearest = f"{below} or {above}" if below else f"{above}"
+        levels = len(self.encoder)
+        raise ValueError(
+            f"{name} {out} does not fit this U-Net: with padding='same' and {levels} levels each side must be "
+            f"divisible by {2 ** (levels - 1)}; nearest valid {name}s: {nearest} (or use padding='valid')")
+
+    def plan(self, size=None) -> list[PlanRow]:
+        """Level by level: channels, feature size, parameters of encoder / skip fusion / decoder, and the crop."""
+        tiling = self.tiling(self.config.sample_size if size is None else size)
+        rows_axis, cols_axis = (self._axis(n) for n in tiling.input_size)
+        heights = [_pair(self.config.sample_size)[0] // 2**i for i in range(len(self.encoder))]
+        rows = []
+        for i, enc in enumerate(self.encoder):
+            dec = self.decoder[len(self.decoder) - 1 - i]
+            fuse_params = _count(*dec.fuses)
+            rows.append(PlanRow(
+                level=i,
+                channels=self.config.base_channels * self.config.channel_mult[i],
+                size=(rows_axis.encoder[i], cols_axis.encoder[i]),
+                encoder_params=_count(enc),
+                skip_params=fuse_params,
+                decoder_params=_count(dec) - fuse_params,
+                crop=(rows_axis.crop[i], cols_axis.crop[i]),
+                attention=heights[i] in self.config.attention_resolutions,
+            ))
+        return rows
+

@@ -1,0 +1,23 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing may come from a hub, in tests or defaults
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+from diffunet import UNet
+
+
+def tiny(**overrides) -> UNet:
+    """A UNet small enough that one forward takes milliseconds on a CPU."""
+    kwargs = dict(sample_size=16, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                  norm_groups=4, attention_resolutions=(8,), num_heads=2)
+    kwargs.update(overrides)
+    return UNet(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

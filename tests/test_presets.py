@@ -1,0 +1,77 @@
+"""Presets, the config layer, the shape planner CLI and the gradient diagnostic."""
+
+import pytest
+import torch
+
+from conftest import tiny
+from diffunet.config import ConfigError, build_model, load_config, model_from_preset, presets
+from diffunet.diagnostics import encoder_grad_norms
+from diffunet.plan import main as plan_main
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_every_preset_builds():
+    assert {"digits", "ddpm-cifar10", "small", "unet-original"} <= set(presets())
+    for name in presets():
+        build_model(load_config(name))
+
+
+def test_ddpm_cifar10_preset_has_the_papers_parameter_count():
+    assert count(model_from_preset("ddpm-cifar10")) == pytest.approx(35.7e6, rel=0.005)
+
+
+def test_original_unet_preset_is_valid_maxpool_transposed_concat():
+    model = model_from_preset("unet-original")
+    c = model.config
+    assert (c.padding, c.downsample, c.upsample, c.skip) == ("valid", "maxpool", "transposed", "concat")
+    assert model(torch.randn(1, 1, 16, 16), 3).sample.shape == (1, 1, 16, 16)
+
+
+def test_model_from_preset_overrides_are_checked():
+    assert model_from_preset("digits", skip="add").config.skip == "add"
+    with pytest.raises(ConfigError, match="unknown config key 'model.skp'; did you mean 'model.skip'"):
+        model_from_preset("digits", skp="add")
+
+
+def test_config_overrides_coercion_and_suggestions(tmp_path):
+    cfg = load_config("digits", ["train.lr=5e-5", "model.channel_mult=[1,2]", "train.max_steps=7"])
+    assert cfg.train.lr == 5e-5 and isinstance(cfg.train.lr, float)
+    assert list(cfg.model.channel_mult) == [1, 2] and cfg.train.max_steps == 7
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("train:\n  lr: 1e-4\n  batch_size: '8'\n")                 # PyYAML alone reads 1e-4 as a str
+    cfg = load_config(yaml)
+    assert cfg.train.lr == 1e-4 and cfg.train.batch_size == 8
+    with pytest.raises(ConfigError, match="unknown config key 'train.btach_size'; did you mean 'train.batch_size'"):
+        load_config(None, ["train.btach_size=3"])
+    with pytest.raises(ConfigError, match="train.max_steps: Value 'ten'"):
+        load_config(None, ["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match="did you mean 'digits'"):
+        load_config("digit")
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="model: height 30 does not fit"):
+        build_model(load_config("digits", ["model.sample_size=30"]))
+
+
+def test_plan_cli_prints_every_level_and_the_variant_delta(capsys):
+    assert plan_main(["ddpm-cifar10", "--vs", "model.skip=concat_1x1"]) == 0
+    out = capsys.readouterr().out
+    assert "35.75M parameters" in out and "variant: 30.37M parameters" in out
+    lines = [line.split() for line in out.splitlines()]
+    levels = [row for row in lines if row and row[0] in "0123" and len(row) > 6]
+    assert [row[0] for row in levels] == ["0", "1", "2", "3"]
+    assert all(row[-1].startswith("-") for row in levels)                      # concat_1x1 saves at every level
+    assert plan_main(["digits", "--size", "30"]) == 2
+    assert "nearest valid heights: 28 or 32" in capsys.readouterr().err
+
+
+def test_encoder_grad_norms_one_per_level_and_leave_grads_alone():
+    model = tiny(channel_mult=(1, 2, 2), zero_init=False, attention_resolutions=())
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    norms = encoder_grad_norms(model, x, generator=torch.Generator().manual_seed(0))
+    assert len(norms) == 3 and all(n > 0 for n in norms)
+    assert all(p.grad is None for p in model.parameters())
+    assert encoder_grad_norms(tiny(), x) == [0.0, 0.0]                           # zero-init: nothing flows yet

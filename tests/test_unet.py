@@ -1,0 +1,166 @@
+"""Properties of the U-Net over its whole option grid."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny
+from diffunet import UNet
+from diffunet.nn import DOWNSAMPLE, SKIP, UPSAMPLE, mirror_pad
+
+GRID = list(itertools.product(DOWNSAMPLE, UPSAMPLE, SKIP, ("same", "valid")))
+
+
+@pytest.mark.parametrize("down,up,skip,padding", GRID)
+def test_output_shape_equals_input_shape(down, up, skip, padding):
+    model = tiny(downsample=down, upsample=up, skip=skip, padding=padding, zero_init=False, in_channels=2,
+                 out_channels=3, sample_size=(8, 12))
+    for size in [(8, 12), (16, 16)]:
+        x = torch.randn(2, 2, *size)
+        y = model(x, torch.tensor([3, 700])).sample
+        assert y.shape == (2, 3, *size)
+        assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_output_depends_on_time_and_class(padding):
+    model = tiny(padding=padding, num_classes=10, zero_init=False).eval()
+    x = torch.randn(2, 1, 16, 16)
+    a = model(x, 10, torch.tensor([1, 2])).sample
+    assert not torch.allclose(a, model(x, 900, torch.tensor([1, 2])).sample)
+    assert not torch.allclose(a, model(x, 10, torch.tensor([3, 4])).sample)
+    assert not torch.allclose(a, model(x, 10).sample)                       # no labels: the null class
+    assert torch.allclose(model(x, 10, torch.tensor([10, 10])).sample, model(x, 10).sample)
+
+
+def test_timestep_forms_agree():
+    model = tiny(zero_init=False).eval()
+    x = torch.randn(3, 1, 16, 16)
+    ref = model(x, torch.tensor([250, 250, 250])).sample
+    for t in (250, 250.0, torch.tensor(250), torch.tensor(250.0), torch.tensor([250.0] * 3)):
+        assert torch.allclose(model(x, t).sample, ref, atol=1e-6)
+    frac = model(x, 250.5).sample                                            # continuous time is used as is
+    assert not torch.allclose(frac, ref)
+    with pytest.raises(ValueError, match="timestep must be"):
+        model(x, torch.tensor([1, 2]))
+
+
+def test_zero_init_gives_zero_output_and_identity_branches():
+    model = tiny(skip="concat_1x1")
+    assert torch.count_nonzero(model(torch.randn(2, 1, 16, 16), 5).sample) == 0
+    block = model.encoder[0].blocks[0].res
+    x = torch.randn(2, 8, 16, 16)
+    assert torch.equal(block(x, torch.randn(2, 32)), x)                      # residual branch starts as identity
+
+
+def test_concat_1x1_has_fewer_parameters_than_concat():
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+    for kw in [dict(), dict(base_channels=64, channel_mult=(1, 2, 2, 2), norm_groups=32, attention_resolutions=())]:
+        concat, reduced = count(tiny(skip="concat", **kw)), count(tiny(skip="concat_1x1", **kw))
+        assert reduced < concat
+    plan_c, plan_r = tiny(skip="concat").plan(), tiny(skip="concat_1x1").plan()
+    for c, r in zip(plan_c, plan_r):                                         # the saving shows at every level
+        assert r.skip_params > 0 == c.skip_params
+        assert r.skip_params + r.decoder_params < c.decoder_params
+
+
+def test_valid_padding_arithmetic_by_hand():
+    # levels (1, 2), one block, maxpool, transposed conv, no padding. Per axis, for a network input n:
+    # stem 3x3: n-2 | enc0 res (2 convs): n-6 | maxpool: (n-6)/2 = m | enc1 res: m-4 | middle 2 res: m-12
+    # dec1 2 res: m-20 | up x2: 2m-40 = n-46 | dec0 2 res: n-54 | out 3x3: n-56.  So the margin is 28 per side,
+    # n must be even, and a 32-pixel output needs n = 88, mirror-padded 28 px on each side.
+    model = tiny(padding="valid", downsample="maxpool", upsample="transposed", attention_resolutions=())
+    t = model.tiling(32)
+    assert t.input_size == (88, 88) and t.margin == (28, 28) and t.pad == (28, 28, 28, 28) and t.crop == (0, 0)
+    # a 33-pixel output: n = 89 is odd (maxpool), so n = 90, giving 34; one extra pixel goes to the end.
+    t = model.tiling((33, 32))
+    assert t.input_size == (90, 88) and t.pad == (28, 29, 28, 28) and t.crop == (0, 0)
+    rows = model.plan(32)
+    # skips at n=88: stem 86, enc0 82, pool 41, enc1 37. Decoder level 1 pops 37 and 41 at sizes 29, 25;
+    # decoder level 0 pops 82 and 86 at sizes 42, 38: the widest crops are 16 and 48 pixels in total.
+    assert [r.size for r in rows] == [(82, 82), (37, 37)]
+    assert [r.crop for r in rows] == [(48, 48), (16, 16)]
+
+
+def test_plan_matches_the_shapes_the_forward_pass_produces():
+    for kw in [dict(padding="same"), dict(padding="valid", downsample="conv", upsample="bilinear")]:
+        model = tiny(sample_size=(16, 24), **kw)
+        seen = []
+        hooks = [lvl.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+                 for lvl in model.encoder]
+        model(torch.randn(1, 1, 16, 24), 1)
+        for h in hooks:
+            h.remove()
+        assert seen == [r.size for r in model.plan()]
+        assert model.plan()[0].channels == 8 and model.plan()[1].channels == 16
+
+
+def test_bad_size_names_the_nearest_valid_sizes():
+    model = tiny(channel_mult=(1, 2, 2, 2), attention_resolutions=())       # divisible by 8
+    with pytest.raises(ValueError, match=r"height 30 .* divisible by 8; nearest valid heights: 24 or 32"):
+        model(torch.randn(1, 1, 30, 16), 1)
+    with pytest.raises(ValueError, match=r"width 5 .* nearest valid widths: 8"):
+        model(torch.randn(1, 1, 16, 5), 1)
+    with pytest.raises(ValueError, match="nearest valid heights: 8 or 16"):
+        tiny(sample_size=12, channel_mult=(1, 2, 2, 2), attention_resolutions=())
+    assert tiny(sample_size=12, channel_mult=(1, 2, 2, 2), attention_resolutions=(), padding="valid")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(skip="cat"), "unknown skip 'cat'; choose one of 'concat', 'concat_1x1', 'add', 'none'"),
+    (dict(downsample="stride"), "unknown downsample 'stride'"),
+    (dict(upsample="pixelshuffle"), "unknown upsample"),
+    (dict(padding="reflect"), "unknown padding"),
+    (dict(time_condition="film"), "unknown time_condition"),
+    (dict(norm_groups=3), "norm_groups=3 must divide"),
+    (dict(attention_resolutions=(5,)), r"attention_resolutions \[5\] match no level"),
+    (dict(num_heads=3), "cannot be split into 3 heads"),
+])
+def test_bad_switches_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kwargs)
+
+
+def test_class_labels_need_num_classes():
+    with pytest.raises(ValueError, match="num_classes=None"):
+        tiny()(torch.randn(1, 1, 16, 16), 1, torch.tensor([0]))
+
+
+def test_head_dim_sets_heads():
+    assert tiny(head_dim=4).middle.attention.heads == 4                      # 16 channels / 4
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny(sample_size=(8, 16), num_classes=3, skip="add", padding="valid", zero_init=False).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = UNet.from_pretrained(tmp_path).eval()
+    x, labels = torch.randn(2, 1, 8, 16), torch.tensor([0, 2])
+    assert torch.equal(model(x, 7, labels).sample, loaded(x, 7, labels).sample)
+    assert loaded.config.sample_size == [8, 16] and loaded.config.skip == "add"
+
+
+def test_mirror_pad_matches_numpy_reflect_for_any_margin():
+    x = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(1, 2, 3, 5)
+    for pads in [(1, 1, 2, 2), (7, 4, 13, 0), (2, 9, 1, 11)]:
+        top, bottom, left, right = pads
+        want = np.pad(x.numpy(), ((0, 0), (0, 0), (top, bottom), (left, right)), mode="reflect")
+        assert np.array_equal(mirror_pad(x, *pads).numpy(), want)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny(zero_init=False)
+    x = torch.randn(2, 1, 16, 16)
+
+    def grads():
+        model.zero_grad()
+        model(x, 3).sample.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    for a, b in zip(plain, grads()):
+        assert torch.allclose(a, b, atol=1e-6)
