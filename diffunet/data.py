@@ -1,12 +1,26 @@
-"""Datasets: the embedded digits, image folders, Hugging Face ``datasets``; one transform to model tensors."""
+"""Datasets: the embedded digits, image folders, Hugging Face ``datasets``, CIFAR-10; one transform to tensors.
+
+Every dataset yields ``(image, label)``: a (C, H, W) float tensor in [-1, 1] at the model's size and channel
+count, and an int class id (-1 where the data has none). ``num_classes`` says how many classes there are (None
+for unlabelled data). Random flips happen on the batch in the training loop, not here.
+"""
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message is one line naming the source or file and what to do."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -21,3 +35,206 @@ def digits_arrays(size: int | tuple[int, int] = 16) -> tuple[np.ndarray, np.ndar
     x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
     images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return images, digits.target.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ transform
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """Any PIL image as (H, W, C) float32 in [0, 1]: palette, CMYK and alpha resolved, 16-bit scaled right.
+
+    PIL's own ``convert("L")`` clips 16-bit values at 255 instead of scaling them, so integer depths are
+    scaled by their range here.
+    """
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB")
+    if image.mode in ("LA", "PA"):
+        image = image.convert("RGBA")
+    if image.mode == "1":
+        image = image.convert("L")
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    elif arr.dtype.kind in "ui":                                # I;16 and I modes: PIL's 16-bit images
+        arr = arr.astype(np.float32) / 65535.0
+    else:
+        arr = arr.astype(np.float32)
+    arr = np.clip(arr, 0.0, 1.0)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[-1] == 4:                                      # RGBA: composite onto black
+        arr = arr[..., :3] * arr[..., 3:]
+    return arr
+
+
+def match_channels(arr: np.ndarray, channels: int, where: str) -> np.ndarray:
+    """(H, W, c) -> (H, W, channels): RGB to gray by luminance, gray to RGB by repetition."""
+    have = arr.shape[-1]
+    if have == channels:
+        return arr
+    if have == 3 and channels == 1:
+        return arr @ np.array([[0.299], [0.587], [0.114]], dtype=np.float32)
+    if have == 1:
+        return np.repeat(arr, channels, axis=-1)
+    raise DataError(f"{where} has {have} channels and the model wants {channels}; set model.in_channels={have}")
+
+
+def fit(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, h, w) -> (C, H, W): resize (antialiased bicubic) so the image covers ``size``, then center-crop."""
+    h, w = x.shape[-2:]
+    scale = max(size[0] / h, size[1] / w)
+    new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
+    if new != (h, w):
+        x = F.interpolate(x[None], size=new, mode="bicubic", antialias=True, align_corners=False)[0]
+    top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
+    return x[:, top:top + size[0], left:left + size[1]].clamp(0, 1)
+
+
+def to_model_tensor(arr: np.ndarray, size: tuple[int, int], channels: int, where: str) -> torch.Tensor:
+    """(H, W, c) float in [0, 1] -> (channels, *size) float in [-1, 1]."""
+    arr = match_channels(arr, channels, where)
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    return fit(x, size) * 2 - 1
+
+
+def load_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_array(image)
+    except Exception as e:  # PIL raises many types for bad files; all mean the same to the user
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        ) from None
+
+
+# ------------------------------------------------------------------------------------------ datasets
+
+class ArrayDataset(Dataset):
+    """Images already in memory as a (N, C, H, W) tensor in [-1, 1], with labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None):
+        self.images, self.labels, self.num_classes = images, labels, num_classes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def digits_dataset(size, channels: int) -> ArrayDataset:
+    if channels != 1:
+        raise DataError(f"data.source=digits is 1-channel but model.in_channels={channels}; "
+                        f"set model.in_channels=1 (and model.out_channels)")
+    images, labels = digits_arrays(tuple(size))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return ArrayDataset(x, torch.from_numpy(labels), 10)
+
+
+class ImageFolder(Dataset):
+    """Every image below ``root``, any depth. When all images sit in first-level subfolders, the subfolder
+    names (sorted) are the classes."""
+
+    def __init__(self, root: str | Path, size, channels: int):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"data.source {root} is not a folder (nor 'digits', 'cifar10' or 'hf:<name>')")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {self.root}")
+        parents = {p.relative_to(self.root).parts[0] for p in self.files if len(p.relative_to(self.root).parts) > 1}
+        labelled = all(len(p.relative_to(self.root).parts) > 1 for p in self.files) and len(parents) > 1
+        self.classes = sorted(parents) if labelled else []
+        self.num_classes = len(self.classes) or None
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.labels = [index[p.relative_to(self.root).parts[0]] if labelled else -1 for p in self.files]
+        self.size, self.channels = tuple(size), channels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i]
+        return to_model_tensor(load_image(path), self.size, self.channels, str(path)), self.labels[i]
+
+
+class HFDataset(Dataset):
+    """A Hugging Face ``datasets`` dataset: a hub name (from the local cache when offline), a data folder, or a
+    folder written by ``save_to_disk``."""
+
+    def __init__(self, spec: str, size, channels: int, image_column: str, label_column: str | None, split: str):
+        try:
+            import datasets
+        except ImportError:
+            raise DataError("data.source=hf:... needs the datasets package: pip install 'diffunet[hf]'") from None
+        try:
+            if (Path(spec) / "dataset_info.json").exists() or (Path(spec) / "state.json").exists():
+                ds = datasets.load_from_disk(spec)
+            else:
+                ds = datasets.load_dataset(spec, split=split)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        except Exception as e:
+            raise DataError(f"cannot load dataset '{spec}': {str(e).splitlines()[0]}") from None
+        if image_column not in ds.column_names:
+            raise DataError(f"dataset '{spec}' has no column '{image_column}' (columns: {', '.join(ds.column_names)}); "
+                            f"set data.image_column")
+        self.ds, self.spec, self.image_column = ds, spec, image_column
+        self.label_column = label_column if label_column in ds.column_names else None
+        self.num_classes = None
+        if self.label_column is not None:
+            feature = ds.features[self.label_column]
+            self.num_classes = getattr(feature, "num_classes", None) or int(max(ds[self.label_column])) + 1
+        self.size, self.channels = tuple(size), channels
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row = self.ds[i]
+        image = row[self.image_column]
+        arr = to_array(image) if isinstance(image, Image.Image) else _numeric(np.asarray(image))
+        label = int(row[self.label_column]) if self.label_column is not None else -1
+        return to_model_tensor(arr, self.size, self.channels, f"{self.spec}[{i}]"), label
+
+
+def _numeric(arr: np.ndarray) -> np.ndarray:
+    """An array image (H, W[, C]) as float in [0, 1]: integers by their range, floats as they are."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.dtype.kind in "ui":
+        return arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 65535.0)
+    return arr.astype(np.float32)
+
+
+def cifar10_dataset(size, channels: int, root: str | Path = "~/.cache/diffunet/cifar10") -> ArrayDataset:
+    try:
+        import torchvision
+    except ImportError:
+        raise DataError("data.source=cifar10 needs torchvision: pip install 'diffunet[vision]'") from None
+    try:
+        ds = torchvision.datasets.CIFAR10(Path(root).expanduser(), train=True, download=True)
+    except Exception as e:
+        raise DataError(f"cannot get CIFAR-10 into {root}: {str(e).splitlines()[0]}") from None
+    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
+    if tuple(size) != (32, 32):
+        x = F.interpolate(x, size=tuple(size), mode="bicubic", antialias=True).clamp(0, 1)
+    if channels == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+    elif channels != 3:
+        raise DataError(f"CIFAR-10 is RGB; set model.in_channels=3 (got {channels})")
+    return ArrayDataset(x * 2 - 1, torch.tensor(ds.targets), 10)
+
+
+def build_dataset(data_cfg, sample_size, channels: int) -> Dataset:
+    """The dataset ``data.source`` names, at the model's size and channel count."""
+    size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    source = str(data_cfg.source)
+    if source == "digits":
+        return digits_dataset(size, channels)
+    if source == "cifar10":
+        return cifar10_dataset(size, channels)
+    if source.startswith("hf:"):
+        return HFDataset(source[3:], size, channels, data_cfg.image_column, data_cfg.label_column, data_cfg.split)
+    return ImageFolder(source, size, channels)

@@ -1,0 +1,111 @@
+"""Checkpoint folders that are never half-written: a temporary folder, fsync, a sha256 manifest, an atomic rename.
+
+A folder ``step_XXXXXX`` under ``<run>/checkpoints`` exists only once complete; its ``manifest.json`` (written
+last, inside the temporary folder) lists every file's size and sha256, so a file damaged later is detected by
+``verify`` and the checkpoint skipped in favour of the previous good one. Old checkpoints are rotated only after
+the new one is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and says why."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:06d}"
+
+
+def tmp_dir(root: Path, step: int) -> Path:
+    return Path(root) / f".step_{step:06d}.tmp"
+
+
+def seal(tmp: Path, final: Path) -> Path:
+    """Fsync every file of ``tmp``, write the manifest, and rename it to ``final`` atomically."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {}
+    for p in files:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+        manifest[str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump({"complete": True, "files": manifest}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for d in {p.parent for p in files} | {tmp}:
+        _fsync_dir(d)
+    if final.exists():                     # a re-save of the same step: keep the old one until the new is in
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError unless every file in ``path``'s manifest is there with its size and sha256."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST} (incomplete or not a checkpoint)") from None
+    for name, want in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupted (checksum mismatch)")
+
+
+def complete_steps(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every sealed checkpoint under ``root``, oldest first (unverified)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()]
+    return sorted(found)
+
+
+def latest_valid(root: Path, warn=print) -> Path | None:
+    """The newest checkpoint that passes ``verify``; damaged ones are named through ``warn`` and skipped."""
+    for _, path in reversed(complete_steps(root)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            warn(f"skipping damaged checkpoint: {e}")
+    return None
+
+
+def rotate(root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest sealed checkpoints, and leftovers of interrupted saves."""
+    for _, path in complete_steps(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    for leftover in Path(root).glob(".step_*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)

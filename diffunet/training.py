@@ -1,0 +1,327 @@
+"""The training loop: accelerate for processes, precision, accumulation and state; diffusers for the schedule,
+EMA and learning-rate schedule. ``train.py`` parses a config and calls ``train``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import ConfigError, build_model, to_dict
+from .data import DataError, build_dataset
+from .diffusion import BETA_SCHEDULES, TARGETS, diffusion_loss, make_noise_scheduler
+from .nn import choose
+from .sampling import generate, make_scheduler, save_grid, to_uint8
+from .unet import UNet
+
+PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
+
+
+class EpochSampler(Sampler):
+    """Index batches for one process, forever: a permutation per epoch seeded by (seed, epoch), each global batch
+    split across processes, starting at any global batch number.
+
+    Hand-written rather than accelerate's seedable sampler + ``skip_first_batches``: the position in the data
+    order must be part of the checkpoint for an exact mid-epoch resume, and the skipping loader restarts the
+    sampler's epoch count (accelerate 1.x), which would replay epoch 0's order.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int, start: int = 0):
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.per_epoch = size // (batch_size * world)               # incomplete last batches are dropped
+        self.start = start
+
+    def __iter__(self):
+        batch, epoch, perm = self.start, None, None
+        span = self.batch_size * self.world
+        while True:
+            e, i = divmod(batch, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
+            lo = i * span + self.rank * self.batch_size
+            yield perm[lo:lo + self.batch_size].tolist()
+            batch += 1
+
+
+def no_accelerator() -> bool:
+    """True on a machine without a GPU. accelerate (1.x) then needs ``cpu=True`` to see several launched
+    processes as MULTI_CPU (gloo); without it each process would train alone, believing it is the main one."""
+    probe = getattr(torch, "accelerator", None)                 # torch >= 2.6
+    return not probe.is_available() if probe is not None else not torch.cuda.is_available()
+
+
+def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
+    """Everything that can be wrong with a config, checked before any compute: model, data, names, numbers."""
+    model = build_model(cfg)
+    for table, value, what in ((BETA_SCHEDULES, cfg.diffusion.beta_schedule, "diffusion.beta_schedule"),
+                               (TARGETS, cfg.diffusion.prediction_type, "diffusion.prediction_type"),
+                               ({"mse": 0, "min_snr": 0}, cfg.diffusion.loss_weighting, "diffusion.loss_weighting"),
+                               (PRECISIONS, cfg.train.mixed_precision, "train.mixed_precision")):
+        try:
+            choose(table, value, what)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 on a CPU")
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "sample_every"):
+        if cfg.train[key] < 1:
+            raise ConfigError(f"train.{key} must be at least 1 (got {cfg.train[key]})")
+    if not 0 <= cfg.train.label_dropout < 1:
+        raise ConfigError(f"train.label_dropout must be in [0, 1) (got {cfg.train.label_dropout})")
+    dataset = build_dataset(cfg.data, model.config.sample_size, model.config.in_channels)
+    if model.config.num_classes and not dataset.num_classes:
+        raise ConfigError(f"model.num_classes={model.config.num_classes} but data.source={cfg.data.source} has no "
+                          f"labels; set model.num_classes=null or give labelled data")
+    if model.config.num_classes and dataset.num_classes > model.config.num_classes:
+        raise ConfigError(f"data has {dataset.num_classes} classes but model.num_classes={model.config.num_classes}")
+    return model, dataset
+
+
+def flat_hparams(cfg: DictConfig) -> dict:
+    """The config as flat scalars, for tensorboard's hparams."""
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    walk(to_dict(cfg), "")
+    return out
+
+
+class Trainer:
+    """One run: its accelerator, model, optimizer, EMA, data order, and the files it writes."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        t = cfg.train
+        set_seed(t.seed)                                # the same initial weights on every process, every run
+        model, dataset = validate(cfg)
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.accelerator = Accelerator(
+            cpu=no_accelerator(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        acc = self.accelerator
+        set_seed(t.seed, device_specific=True)          # then different noise on each process, reproducible
+        self.resume_from = self._find_resume()
+
+        self.world = acc.num_processes
+        self.sampler = EpochSampler(len(dataset), t.batch_size, t.seed, acc.process_index, self.world)
+        if self.sampler.per_epoch == 0:
+            raise ConfigError(f"the dataset has {len(dataset)} images, fewer than one global batch "
+                              f"({t.batch_size} x {self.world} processes); lower train.batch_size")
+        self.dataset = dataset
+        self.noise_scheduler = make_noise_scheduler(cfg.diffusion)
+        self.conditional = bool(model.config.num_classes)
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.weight_decay)
+        # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+        lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps * self.world,
+                                     num_training_steps=t.max_steps * self.world)
+        self.ema = EMAModel(model.parameters(), decay=t.ema_decay, model_cls=UNet, model_config=model.config)
+        self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
+        self.ema.to(acc.device)
+        self.step = 0
+
+    # ---------------------------------------------------------------------------------------- state
+
+    def _find_resume(self) -> Path | None:
+        resume = self.cfg.train.resume
+        existing = ckpt.complete_steps(self.ckpt_root)
+        if resume is None:
+            if existing:
+                raise ConfigError(f"{self.out} already holds checkpoints (up to step {existing[-1][0]}); "
+                                  f"pass --resume latest to continue, or choose another output_dir")
+            return None
+        if resume == "latest":
+            return ckpt.latest_valid(self.ckpt_root, warn=self.accelerator.print)
+        path = Path(resume)
+        ckpt.verify(path)
+        return path
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        tmp, final = ckpt.tmp_dir(self.ckpt_root, self.step), ckpt.step_dir(self.ckpt_root, self.step)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()                         # every process's RNG file is in before sealing
+        if acc.is_main_process:
+            # EMA as safetensors + JSON rather than accelerate's pickled custom state: loading it runs no code.
+            ema = self.ema.state_dict()
+            save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.pop("shadow_params"))},
+                      tmp / "ema.safetensors")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "ema": ema}, indent=1))
+            ckpt.seal(tmp, final)
+            ckpt.rotate(self.ckpt_root, self.cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / "trainer_state.json").read_text())
+        shadow = load_file(path / "ema.safetensors")
+        ema = dict(state["ema"], shadow_params=[shadow[f"{i}"] for i in range(len(shadow))])
+        self.ema.load_state_dict(ema)
+        self.ema.to(self.accelerator.device)
+        self.step = state["step"]
+
+    # ---------------------------------------------------------------------------------------- outputs
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """The unwrapped model with the EMA weights swapped in, in eval mode; restored on exit."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        self.ema.store(model.parameters())
+        self.ema.copy_to(model.parameters())
+        model.eval()
+        try:
+            yield model
+        finally:
+            self.ema.restore(model.parameters())
+            model.train(was_training)
+
+    def sample_grid(self, name: str) -> Path | None:
+        """A grid of EMA samples (balanced classes, one class per column) at ``samples/<name>.png``."""
+        if not self.accelerator.is_main_process:
+            return None
+        s = self.cfg.sample
+        with self._ema_weights() as model:
+            n, labels, nrow = s.num_images, None, None
+            if self.conditional:
+                k = model.config.num_classes
+                nrow = k if n >= k else None
+                labels = torch.arange(n) % k
+            images = generate(model, make_scheduler(s.scheduler, self.noise_scheduler.config), n, steps=s.steps,
+                              seed=s.seed, class_labels=labels, guidance_scale=s.guidance_scale,
+                              batch_size=max(n, 1))
+        return save_grid(to_uint8(images), self.out / "samples" / f"{name}.png", nrow=nrow)
+
+    def save_pipeline(self) -> Path:
+        """The EMA model and the training scheduler as a diffusers pipeline folder, replaced atomically."""
+        final = self.out / "pipeline"
+        if self.accelerator.is_main_process:
+            tmp = self.out / ".pipeline.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            with self._ema_weights() as model:
+                DDPMPipeline(unet=model, scheduler=self.noise_scheduler).save_pretrained(tmp)
+            old = self.out / ".pipeline.old"
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    # ---------------------------------------------------------------------------------------- loop
+
+    def batches(self):
+        """Micro-batches on the device, continuing the data order where the checkpoint left it."""
+        self.sampler.start = self.step * self.cfg.train.grad_accum
+        # The loader's own generator: creating the iterator would otherwise draw from the global RNG, and a
+        # resumed run (which creates it after restoring the RNG) would diverge from an uninterrupted one.
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers,
+                            pin_memory=self.accelerator.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(self.cfg.train.seed))
+        for x, y in loader:
+            yield x.to(self.accelerator.device, non_blocking=True), y.to(self.accelerator.device, non_blocking=True)
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor):
+        """Random horizontal flips (if asked) and label dropout to the null class (for guidance), on the batch."""
+        if self.cfg.data.hflip:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if not self.conditional:
+            return x, None
+        drop = torch.rand(y.shape[0], device=y.device) < self.cfg.train.label_dropout
+        return x, torch.where(drop, torch.full_like(y, self.model_config.num_classes), y)
+
+    @property
+    def model_config(self):
+        return self.accelerator.unwrap_model(self.model).config
+
+    def train(self) -> Path:
+        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.out / "config.yaml")
+        acc.init_trackers("train", config=flat_hparams(cfg))
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+            acc.print(f"resumed from {self.resume_from} at step {self.step}")
+        params = list(self.model.parameters())
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train",
+                   dynamic_ncols=True)
+        loss_sum, micro, seen, clock = torch.zeros((), device=acc.device), 0, 0, time.perf_counter()
+        grad_norm = torch.zeros((), device=acc.device)
+        data = self.batches()
+        self.model.train()
+        while self.step < t.max_steps:
+            x, y = self.augment(*next(data))
+            with acc.accumulate(self.model):
+                loss = diffusion_loss(self.model, self.noise_scheduler, x, y, weighting=cfg.diffusion.loss_weighting,
+                                      gamma=cfg.diffusion.snr_gamma)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    grad_norm = acc.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            micro += 1
+            seen += x.shape[0]
+            if not acc.sync_gradients:
+                continue
+            self.ema.step(params)
+            self.step += 1
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                # the only host sync of the loop: mean loss over the interval, on all processes
+                mean_loss = acc.reduce(loss_sum, reduction="mean").item() / micro
+                elapsed = time.perf_counter() - clock
+                rate = seen * self.world / elapsed
+                logs = {"loss": mean_loss, "lr": self.lr_scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm), "img_per_s": rate}
+                acc.log(logs, step=self.step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
+                loss_sum.zero_()
+                micro, seen, clock = 0, 0, time.perf_counter()
+            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                self.save_checkpoint()
+            if self.step % t.sample_every == 0 and self.step != t.max_steps:
+                self.sample_grid(f"step_{self.step:06d}")
+        bar.close()
+        self.sample_grid("final")
+        path = self.save_pipeline()
+        acc.end_training()
+        acc.print(f"pipeline written to {path}")
+        return path
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train from a resolved config; returns the pipeline folder."""
+    return Trainer(cfg).train()
