@@ -246,3 +246,15 @@ def test_train_py_cli(tmp_path):
     shown = subprocess.run([sys.executable, str(ROOT / "train.py"), "--print-config", "train.lr=1e-4"], env=env,
                            capture_output=True, text=True)
     assert shown.returncode == 0 and "lr: 0.0001" in shown.stdout and "source: digits" in shown.stdout
+
+
+def test_bf16_autocast_and_gradient_accumulation(tmp_path):
+    cfg = fast_cfg(tmp_path, "train.max_steps=2", "train.grad_accum=3", "train.mixed_precision=bf16",
+                   "diffusion.loss_weighting=min_snr", "diffusion.prediction_type=v_prediction")
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["ema"]["optimization_step"] == 2     # 6 micro-batches, 2 updates
+    optimizer = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    assert all(float(s["step"]) == 2 for s in optimizer["state"].values())
+    assert all(torch.isfinite(w).all() for w in load_file(ckpt / "model.safetensors").values())
