@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from diffunet.checkpoint import CheckpointError
 from diffunet.config import ConfigError, load_config
 from diffunet.data import DataError
-from diffunet.training import train
+from diffunet.training import Interrupted, TrainingError, train
 
 
 def main(argv=None) -> int:
@@ -30,7 +30,10 @@ def main(argv=None) -> int:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
         train(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + int(e.signum)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -48,7 +48,14 @@ def tmp_dir(root: Path, step: int) -> Path:
 
 
 def seal(tmp: Path, final: Path) -> Path:
-    """Fsync every file of ``tmp``, write the manifest, and rename it to ``final`` atomically."""
+    """Fsync every file of ``tmp``, write the manifest, and rename it to ``final`` atomically.
+
+    If ``final`` exists (the same step saved before, as when a run stops on bad steps right after saving), it
+    holds the same weights and is kept.
+    """
+    if final.exists():
+        shutil.rmtree(tmp)
+        return final
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {}
     for p in files:
@@ -61,8 +68,6 @@ def seal(tmp: Path, final: Path) -> Path:
         os.fsync(f.fileno())
     for d in {p.parent for p in files} | {tmp}:
         _fsync_dir(d)
-    if final.exists():                     # a re-save of the same step: keep the old one until the new is in
-        shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     return final

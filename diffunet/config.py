@@ -82,6 +82,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_every: int = 500
     resume: Optional[str] = None                # "latest" or a checkpoint folder
+    allow_inexact_resume: bool = False          # resume even if world size / batch size / data changed
+    max_bad_steps: int = 10                     # stop after this many non-finite losses/gradients in a row
 
 
 @dataclass

@@ -8,6 +8,7 @@ for unlabelled data). Random flips happen on the batch in the training loop, not
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,13 +100,38 @@ def to_model_tensor(arr: np.ndarray, size: tuple[int, int], channels: int, where
 
 
 def load_image(path: Path) -> np.ndarray:
+    """Decode one file fully (a truncated file fails here, not later), as ``to_array`` gives it.
+
+    A decompression bomb (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``) is refused rather than decoded.
+    """
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_array(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_array(image)
     except Exception as e:  # PIL raises many types for bad files; all mean the same to the user
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        ) from None
+        reason = str(e).splitlines()[0] if str(e) else "unreadable"
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {reason}") from None
+
+
+BAD_IMAGES = ("strict", "skip")
+
+
+def apply_bad_image_policy(dataset, bad: list[tuple[str, str]], policy: str, warn=print) -> None:
+    """``strict``: stop, naming the first bad file; ``skip``: drop them and warn once with the count."""
+    if not bad:
+        return
+    if policy not in BAD_IMAGES:
+        raise DataError(f"unknown data.bad_images {policy!r}; choose 'strict' or 'skip'")
+    if policy == "strict":
+        raise DataError(f"{len(bad)} unreadable image(s) under {dataset.root}, first {bad[0][1]}; fix or remove "
+                        f"them, or set data.bad_images=skip")
+    dataset.drop({path for path, _ in bad})
+    shown = ", ".join(path for path, _ in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    warn(f"warning: skipping {len(bad)} unreadable image(s) under {dataset.root}: {shown}")
+    if len(dataset) == 0:
+        raise DataError(f"no readable images left under {dataset.root}")
 
 
 # ------------------------------------------------------------------------------------------ datasets
@@ -150,6 +176,23 @@ class ImageFolder(Dataset):
         index = {c: i for i, c in enumerate(self.classes)}
         self.labels = [index[p.relative_to(self.root).parts[0]] if labelled else -1 for p in self.files]
         self.size, self.channels = tuple(size), channels
+
+    def preflight(self, progress: bool = False) -> list[tuple[str, str]]:
+        """Decode every image once, before training: (path, reason) for each that cannot be used."""
+        from tqdm.auto import tqdm
+
+        bad = []
+        for path in tqdm(self.files, desc="checking images", disable=not progress, leave=False):
+            try:
+                load_image(path)
+            except DataError as e:
+                bad.append((str(path), str(e).removeprefix("cannot read image ")))
+        return bad
+
+    def drop(self, paths: set[str]) -> None:
+        keep = [i for i, p in enumerate(self.files) if str(p) not in paths]
+        self.files = [self.files[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
 
     def __len__(self):
         return len(self.files)

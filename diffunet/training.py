@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import math
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers import DDPMPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -23,13 +25,20 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
-from .data import DataError, build_dataset
+from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset
 from .diffusion import BETA_SCHEDULES, TARGETS, diffusion_loss, make_noise_scheduler
 from .nn import choose
 from .sampling import generate, make_scheduler, save_grid, to_uint8
 from .unet import UNet
 
 PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
+
+# What a resumed run must share with the checkpoint for its data order and RNG streams to continue exactly.
+EXACT_RESUME_KEYS = ("world_size", "batch_size", "grad_accum", "seed", "dataset_size")
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop; the message says why and what was kept."""
 
 
 class EpochSampler(Sampler):
@@ -113,14 +122,18 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         t = cfg.train
-        set_seed(t.seed)                                # the same initial weights on every process, every run
-        model, dataset = validate(cfg)
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.accelerator = Accelerator(
-            cpu=no_accelerator(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with="tensorboard",
+        self.accelerator = acc = Accelerator(
+            cpu=no_accelerator(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+            log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
-        acc = self.accelerator
+        set_seed(t.seed)                                # the same initial weights on every process, every run
+        model, dataset = validate(cfg)
+        if isinstance(dataset, ImageFolder):            # decode every file once, on the main process
+            bad = dataset.preflight(progress=acc.is_main_process) if acc.is_main_process else None
+            bad = gather_object([bad])[0] if acc.num_processes > 1 else bad
+            apply_bad_image_policy(dataset, bad, cfg.data.bad_images, warn=acc.print)
         set_seed(t.seed, device_specific=True)          # then different noise on each process, reproducible
         self.resume_from = self._find_resume()
 
@@ -141,7 +154,48 @@ class Trainer:
         self.ema = EMAModel(model.parameters(), decay=t.ema_decay, model_cls=UNet, model_config=model.config)
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
         self.ema.to(acc.device)
-        self.step = 0
+        self.step = 0                   # optimizer updates made
+        self.batches_seen = 0           # micro-batches drawn (more than step * grad_accum once steps are skipped)
+        self.skipped = 0                # non-finite steps skipped, in total
+        self.signal: int | None = None  # SIGTERM / SIGINT received
+
+    # ---------------------------------------------------------------------------------------- agreement
+
+    def agree(self, error: str | None = None) -> bool:
+        """Check in with every process: raise on all of them if any hit ``error`` (so none waits forever on the
+        others), and return whether any received SIGTERM/SIGINT (so all stop together).
+
+        One small all-reduce when several processes run; the messages travel only when something failed.
+        """
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            if error:
+                raise TrainingError(error)
+            return self.signal is not None
+        flags = torch.tensor([float(error is not None), float(self.signal is not None)], device=acc.device)
+        failed, stop = acc.reduce(flags, reduction="sum").tolist()
+        if failed > 0:
+            messages = [m for m in gather_object([error]) if m]
+            raise TrainingError(error or f"another process failed: {messages[0]}")
+        return stop > 0
+
+    @contextlib.contextmanager
+    def signals(self):
+        """SIGTERM and SIGINT ask for a checkpoint and a clean exit at the end of the step; a second one kills."""
+        def ask(signum, frame):
+            self.signal = signum
+            signal.signal(signum, previous[signum])
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, ask)
+            except ValueError:          # not the main thread: no handlers, the run is simply not interruptible
+                pass
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # ---------------------------------------------------------------------------------------- state
 
@@ -160,33 +214,71 @@ class Trainer:
         return path
 
     def save_checkpoint(self) -> Path:
+        """Write the full state to a temporary folder, then seal it (manifest, fsync, rename) and rotate.
+
+        A failed write (a full disk, say) removes the temporary folder, leaves every earlier checkpoint as it
+        was, and stops every process with one message.
+        """
         acc = self.accelerator
         tmp, final = ckpt.tmp_dir(self.ckpt_root, self.step), ckpt.step_dir(self.ckpt_root, self.step)
+        error = None
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except OSError as e:
+            error = str(e)
+        self.agree(error and self._save_failed(final, error))
+        try:
+            acc.save_state(str(tmp), safe_serialization=True)
+        except OSError as e:
+            error = str(e)
+        self.agree(error and self._save_failed(final, error))    # every process's files are in before sealing
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        acc.wait_for_everyone()                         # every process's RNG file is in before sealing
-        if acc.is_main_process:
-            # EMA as safetensors + JSON rather than accelerate's pickled custom state: loading it runs no code.
-            ema = self.ema.state_dict()
-            save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.pop("shadow_params"))},
-                      tmp / "ema.safetensors")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "ema": ema}, indent=1))
-            ckpt.seal(tmp, final)
-            ckpt.rotate(self.ckpt_root, self.cfg.train.keep_checkpoints)
-        acc.wait_for_everyone()
+            try:
+                # EMA as safetensors + JSON rather than accelerate's pickled custom state: loading runs no code.
+                ema = self.ema.state_dict()
+                shadow = {f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.pop("shadow_params"))}
+                save_file(shadow, tmp / "ema.safetensors")
+                state = {"step": self.step, "batches_seen": self.batches_seen, "skipped_steps": self.skipped,
+                         "world_size": self.world, "batch_size": self.cfg.train.batch_size,
+                         "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed,
+                         "dataset_size": len(self.dataset), "ema": ema}
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+                ckpt.seal(tmp, final)
+                ckpt.rotate(self.ckpt_root, self.cfg.train.keep_checkpoints)
+            except OSError as e:
+                error = str(e)
+        self.agree(error and self._save_failed(final, error))
         return final
 
+    def _save_failed(self, final: Path, error: str) -> str:
+        shutil.rmtree(ckpt.tmp_dir(self.ckpt_root, self.step), ignore_errors=True)
+        kept = ckpt.latest_valid(self.ckpt_root, warn=lambda _: None)
+        return (f"could not write checkpoint {final.name} ({error}); "
+                f"{f'the last good checkpoint {kept} is intact' if kept else 'no earlier checkpoint exists'}")
+
     def load_checkpoint(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
+        current = {"world_size": self.world, "batch_size": self.cfg.train.batch_size,
+                   "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed,
+                   "dataset_size": len(self.dataset)}
+        changed = [f"{k} {state[k]} -> {current[k]}" for k in EXACT_RESUME_KEYS if state.get(k) != current[k]]
+        if changed:
+            message = f"resuming from {path} cannot be exact ({', '.join(changed)}): the data order and RNG differ"
+            if not self.cfg.train.allow_inexact_resume:
+                raise ckpt.CheckpointError(f"{message}; set train.allow_inexact_resume=true to continue anyway")
+            self.accelerator.print(f"WARNING: {message}; continuing as train.allow_inexact_resume=true asks")
+        try:
+            self.accelerator.load_state(str(path))
+        except pickle.UnpicklingError as e:
+            raise ckpt.CheckpointError(f"refusing to load {path}: a file holds objects other than plain tensors "
+                                       f"and numbers, which could run code ({str(e).splitlines()[0]})") from None
         shadow = load_file(path / "ema.safetensors")
-        ema = dict(state["ema"], shadow_params=[shadow[f"{i}"] for i in range(len(shadow))])
-        self.ema.load_state_dict(ema)
+        self.ema.load_state_dict(dict(state["ema"], shadow_params=[shadow[f"{i}"] for i in range(len(shadow))]))
         self.ema.to(self.accelerator.device)
-        self.step = state["step"]
+        self.step, self.batches_seen = state["step"], state["batches_seen"]
+        self.skipped = state.get("skipped_steps", 0)
 
     # ---------------------------------------------------------------------------------------- outputs
 
@@ -241,7 +333,7 @@ class Trainer:
 
     def batches(self):
         """Micro-batches on the device, continuing the data order where the checkpoint left it."""
-        self.sampler.start = self.step * self.cfg.train.grad_accum
+        self.sampler.start = self.batches_seen
         # The loader's own generator: creating the iterator would otherwise draw from the global RNG, and a
         # resumed run (which creates it after restoring the RNG) would diverge from an uninterrupted one.
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers,
@@ -273,21 +365,65 @@ class Trainer:
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.step}")
+        with self.signals():
+            finished = self._loop()
+        if not finished:
+            path = self.save_checkpoint()
+            name = signal.Signals(self.signal).name if self.signal else "a signal"
+            acc.end_training()
+            raise Interrupted(f"stopped by {name} at step {self.step}; checkpoint {path} written, continue with "
+                              f"--resume latest", self.signal)
+        self.sample_grid("final")
+        path = self.save_pipeline()
+        acc.end_training()
+        acc.print(f"pipeline written to {path}")
+        return path
+
+    def _loop(self) -> bool:
+        """Train to ``max_steps``; False if a signal stopped it first."""
+        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
         params = list(self.model.parameters())
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train",
                    dynamic_ncols=True)
         loss_sum, micro, seen, clock = torch.zeros((), device=acc.device), 0, 0, time.perf_counter()
-        grad_norm = torch.zeros((), device=acc.device)
+        grad_norm, bad_in_row = torch.zeros((), device=acc.device), 0
         data = self.batches()
         self.model.train()
         while self.step < t.max_steps:
-            x, y = self.augment(*next(data))
+            error = None
+            try:
+                x, y = next(data)
+            except DataError as e:
+                error = str(e)
+            if self.agree(error):
+                bar.close()
+                return False
+            self.batches_seen += 1
+            x, y = self.augment(x, y)
             with acc.accumulate(self.model):
                 loss = diffusion_loss(self.model, self.noise_scheduler, x, y, weighting=cfg.diffusion.loss_weighting,
                                       gamma=cfg.diffusion.snr_gamma)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     grad_norm = acc.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+                    # One host sync per update, for the non-finite guard: a skipped step must leave the weights,
+                    # the optimizer and the EMA exactly as they were, which needs the decision on the host.
+                    # (fp16's GradScaler handles overflowing gradients itself; a non-finite loss is still bad.)
+                    finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (acc.scaler is not None))
+                    if not finite.item():
+                        self.optimizer.zero_grad(set_to_none=True)
+                        bad_in_row, self.skipped = bad_in_row + 1, self.skipped + 1
+                        acc.log({"skipped_steps": self.skipped}, step=self.step)
+                        acc.print(f"warning: non-finite loss or gradient at step {self.step + 1}, step skipped "
+                                  f"({bad_in_row} in a row)")
+                        if bad_in_row >= t.max_bad_steps:
+                            path = self.save_checkpoint()
+                            raise TrainingError(
+                                f"{bad_in_row} non-finite losses/gradients in a row before step {self.step + 1}; "
+                                f"checkpoint {path} holds the weights from before the first; try a lower "
+                                f"train.lr, train.grad_clip, or train.mixed_precision=bf16/no")
+                        continue
+                bad_in_row = 0 if acc.sync_gradients else bad_in_row
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -300,7 +436,6 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                # the only host sync of the loop: mean loss over the interval, on all processes
                 mean_loss = acc.reduce(loss_sum, reduction="mean").item() / micro
                 elapsed = time.perf_counter() - clock
                 rate = seen * self.world / elapsed
@@ -315,11 +450,15 @@ class Trainer:
             if self.step % t.sample_every == 0 and self.step != t.max_steps:
                 self.sample_grid(f"step_{self.step:06d}")
         bar.close()
-        self.sample_grid("final")
-        path = self.save_pipeline()
-        acc.end_training()
-        acc.print(f"pipeline written to {path}")
-        return path
+        return True
+
+
+class Interrupted(TrainingError):
+    """SIGTERM/SIGINT stopped the run after a checkpoint; ``signum`` gives the exit code 128 + signum."""
+
+    def __init__(self, message: str, signum: int | None):
+        super().__init__(message)
+        self.signum = signum or signal.SIGTERM
 
 
 def train(cfg: DictConfig) -> Path:

@@ -21,3 +21,7 @@ def tiny(**overrides) -> UNet:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    yield
+    # accelerate keeps one process-wide state; each test's run builds its own (precision, processes)
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
