@@ -208,7 +208,11 @@ class Trainer:
                                   f"pass --resume latest to continue, or choose another output_dir")
             return None
         if resume == "latest":
-            return ckpt.latest_valid(self.ckpt_root, warn=self.accelerator.print)
+            found = ckpt.latest_valid(self.ckpt_root, warn=self.accelerator.print)
+            if found is None and existing:
+                raise ckpt.CheckpointError(f"every checkpoint under {self.ckpt_root} is damaged (see above); "
+                                           f"refusing to start over silently: move them away or choose another output_dir")
+            return found
         path = Path(resume)
         ckpt.verify(path)
         return path

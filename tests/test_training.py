@@ -236,6 +236,13 @@ def test_two_process_cpu_run_keeps_ranks_identical_and_one_writer(tmp_path):
     assert sorted(p.name for p in ckpt.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert len(list((run / "logs").rglob("events.out.tfevents*"))) >= 1
     assert not list(run.rglob("*.tmp"))
+    # resumed with two processes: still identical on both ranks
+    resumed = subprocess.run(cmd[:-3] + ["train.max_steps=6", "train.checkpoint_every=2", "train.sample_every=100",
+                                         "train.resume=latest"], env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_000004 at step 4" in resumed.stdout
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
 
 
 def test_train_py_cli(tmp_path):
