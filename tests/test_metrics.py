@@ -9,6 +9,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from diffunet import metrics
 from diffunet.data import digits_arrays
+from diffunet.evaluate import main
 from diffunet.metrics import ExtractorUnavailable, digits_extractor, evaluate, extract, inception_extractor
 from diffunet.sampling import write_image
 
@@ -83,9 +84,14 @@ def test_reference_features_are_cached(digits, tmp_path):
     assert len(list((tmp_path / "cache").glob("reference-*.npy"))) == 2
 
 
-def test_missing_inception_weights_one_clear_line(tmp_path):
+def test_missing_inception_weights_one_clear_line(tmp_path, capsys):
     with pytest.raises(ExtractorUnavailable, match="no Inception weights.*--inception-weights FILE.*--extractor digits"):
         inception_extractor(tmp_path / "missing.pt")
+    np.savez(tmp_path / "s.npz", images=noise(20))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "s.npz"), str(tmp_path / "s.npz")])          # not digits: Inception by default
+    message = str(exit_.value.code)
+    assert message.startswith("error: no Inception weights") and "\n" not in message
 
 
 class _FakeInception(nn.Module):
@@ -109,3 +115,9 @@ def test_torchscript_inception_file(tmp_path):
     (tmp_path / "bad.pt").write_text("not a model")
     with pytest.raises(ExtractorUnavailable, match="not a TorchScript Inception"):
         inception_extractor(tmp_path / "bad.pt")
+
+
+def test_cli_on_a_folder_and_an_npz(digits, tmp_path, capsys):
+    np.savez(tmp_path / "real.npz", images=digits[0][:300])
+    result = main([str(tmp_path / "real.npz"), "digits", "--kid-subsets", "5", "--json"])
+    assert result["num_fake"] == 300 and result["fid"] < 5 and '"fid"' in capsys.readouterr().out
