@@ -26,7 +26,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     labels = p.add_mutually_exclusive_group()
-    labels.add_argument("--class-label", dest="classes", type=int, help="class id of every image")
+    labels.add_argument("--class-label", dest="classes", type=int, metavar="K", help="class id of every image")
     labels.add_argument("--classes", choices=["all"], help="a balanced set (the default for conditional models)")
     p.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale,
                    help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")

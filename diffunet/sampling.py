@@ -45,16 +45,17 @@ def make_scheduler(name: str, config) -> object:
     return choose(SCHEDULERS, name, "scheduler").from_config(config)
 
 
-def load_model(path: str | Path, scheduler: str = "ddim", prediction_type: str | None = None):
+def load_model(path: str | Path, scheduler: str = "ddim", prediction_type: str | None = None,
+               dtype: torch.dtype = torch.float32):
     """(unet, scheduler) from a pipeline folder written by ``train.py`` (``model_index.json``, ``unet/``,
     ``scheduler/``) or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
     ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon")."""
     path = Path(path)
     if (path / "model_index.json").is_file():
-        unet = UNet.from_pretrained(path, subfolder="unet")
+        unet = UNet.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
         train_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
     elif (path / "config.json").is_file():
-        unet = UNet.from_pretrained(path)
+        unet = UNet.from_pretrained(path, torch_dtype=dtype)
         train_config = dict(DDPMScheduler().config)
     else:
         raise FileNotFoundError(f"{path} is neither a pipeline folder (model_index.json) nor a model folder "
@@ -158,7 +159,8 @@ def generate(unet, scheduler, num_images: int, *, steps: int = 50, seed: int = 0
              progress: bool = False) -> torch.Tensor:
     """``num_images`` samples in [-1, 1], shape (N, C, H, W) float32 on the CPU: images start_index ..
     start_index + N - 1, each from its own generator seeded by (seed, index), so the result depends on neither
-    the batch size nor the number of processes. ``class_labels``: None, an int, "all" (balanced) or one label per
+    the batch size nor the number of processes (up to float rounding, ~1e-6: batched kernels may sum in
+    another order). ``class_labels``: None, an int, "all" (balanced) or one label per
     image; ``guidance_scale`` 1.0 is the conditional model, 0.0 the unconditional, other values classifier-free
     guidance. ``eta`` is DDIM's noise (other schedulers ignore it). The U-Net runs in its own dtype and device."""
     batches = generate_batches(unet, scheduler, range(start_index, start_index + num_images), steps=steps,
@@ -240,8 +242,8 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, sch
     # force the CPU, so ask for it only where there is no GPU or the CPU is requested
     no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     state = PartialState(cpu=str(device).startswith("cpu") or (device is None and no_gpu))
-    unet, sched = load_model(model, scheduler, prediction_type)
-    unet.to(torch.device(device) if device else state.device, choose(DTYPES, dtype, "dtype"))
+    unet, sched = load_model(model, scheduler, prediction_type, choose(DTYPES, dtype, "dtype"))
+    unet.to(torch.device(device) if device else state.device)
     if classes is None and unet.config.num_classes:
         classes = "all"
     out, channels = Path(out), unet.config.in_channels
