@@ -1,27 +1,43 @@
-"""Sampling: diffusers schedulers by name, a reproducible sample loop, image grids."""
+"""Sampling: diffusers schedulers by name, a reproducible sample loop, image files and grids.
+
+Reproducibility rests on one rule: image i is drawn from its own ``torch.Generator``, seeded from (seed, i), for
+its initial noise and for every noise draw of the scheduler. The images therefore do not depend on the batch
+size, the number of processes, or which indices were already on disk, and a set can be extended later
+(``start_index``) or an interrupted run resumed (indices whose file exists are skipped).
+"""
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        HeunDiscreteScheduler, UniPCMultistepScheduler)
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .nn import choose
+from .unet import UNet
 
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpmpp": DPMSolverMultistepScheduler,
+    "ddim": DDIMScheduler,                  # deterministic at eta=0 (the default); eta=1 is DDPM-like
+    "dpmpp": DPMSolverMultistepScheduler,   # DPM-Solver++(2M)
     "euler": EulerDiscreteScheduler,
-    "heun": HeunDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,          # two model calls per step
     "unipc": UniPCMultistepScheduler,
 }
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}     # channel counts a PNG holds; others are written as .npy
+
+GRID_MAX = 100                                          # images shown in grid.png
 
 
 def make_scheduler(name: str, config) -> object:
@@ -29,56 +45,171 @@ def make_scheduler(name: str, config) -> object:
     return choose(SCHEDULERS, name, "scheduler").from_config(config)
 
 
+def load_model(path: str | Path, scheduler: str = "ddim", prediction_type: str | None = None,
+               dtype: torch.dtype = torch.float32):
+    """(unet, scheduler) from a pipeline folder written by ``train.py`` (``model_index.json``, ``unet/``,
+    ``scheduler/``) or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
+    ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon")."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        unet = UNet.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        train_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
+    elif (path / "config.json").is_file():
+        unet = UNet.from_pretrained(path, torch_dtype=dtype)
+        train_config = dict(DDPMScheduler().config)
+    else:
+        raise FileNotFoundError(f"{path} is neither a pipeline folder (model_index.json) nor a model folder "
+                                "(config.json); pass the <output_dir>/pipeline folder that train.py writes")
+    if prediction_type is not None:
+        train_config["prediction_type"] = prediction_type
+        # from_config gives keys listed as "defaults used" the new class's default: this one is now chosen
+        train_config["_use_default_values"] = [k for k in train_config.get("_use_default_values", [])
+                                               if k != "prediction_type"]
+    return unet.eval(), make_scheduler(scheduler, train_config)
+
+
+# ------------------------------------------------------------------------------------------- seeds, labels
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of image ``index``. SeedSequence mixes (seed, index) so that nearby pairs give unrelated
+    streams and no two pairs collide (a plain ``seed * K + index`` would)."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def class_labels_for(classes, indices: Sequence[int], num_classes: int | None) -> torch.Tensor | None:
+    """Labels of the images at ``indices``. ``classes``: None (unconditional), an int (every image that class),
+    "all" (balanced: image i gets i mod num_classes, so any range of indices is balanced to within one image and
+    an extended set stays balanced) or a sequence / tensor with one label per index."""
+    if classes is None:
+        return None
+    if not num_classes:
+        raise ValueError("class labels given, but this model is unconditional (num_classes=None)")
+    if isinstance(classes, str):
+        if classes != "all":
+            raise ValueError(f"classes must be an int, 'all' or one label per image, got {classes!r}")
+        return torch.tensor([i % num_classes for i in indices])
+    if isinstance(classes, int):
+        if not 0 <= classes < num_classes:
+            raise ValueError(f"class label {classes} is outside 0..{num_classes - 1}")
+        return torch.full((len(indices),), classes)
+    labels = torch.as_tensor(classes)
+    if labels.shape != (len(indices),):
+        raise ValueError(f"expected {len(indices)} class labels, got shape {tuple(labels.shape)}")
+    return labels
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+def _predict(unet, x, t, labels, guidance_scale):
+    """The model output for the scheduler. Classifier-free guidance (Ho & Salimans 2022):
+    uncond + w (cond - uncond), so w = 1 is the conditional model and w = 0 the unconditional (null class);
+    only other w pay for the second pass, batched with the first."""
+    if labels is None or guidance_scale == 1.0:
+        return unet(x, t, labels).sample
+    if guidance_scale == 0.0:
+        return unet(x, t, None).sample                          # class_labels=None is the null class
+    null = torch.full_like(labels, unet.config.num_classes)
+    cond, uncond = unet(torch.cat([x, x]), t, torch.cat([labels, null])).sample.chunk(2)  # (2B, ...) -> 2x (B, ...)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 @torch.no_grad()
-def generate(unet, scheduler, num_images: int, *, steps: int = 50, seed: int = 0, start_index: int = 0,
-             class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0, eta: float = 0.0,
-             batch_size: int = 64, device=None, progress: bool = False) -> torch.Tensor:
-    """``num_images`` samples in [-1, 1], shape (N, C, H, W); image i comes from its own generator seeded by
-    (seed, start_index + i), so the result does not depend on the batch size."""
-    device = device or unet.device
-    images = []
-    for lo in range(0, num_images, batch_size):
-        idx = range(start_index + lo, start_index + min(lo + batch_size, num_images))
-        labels = None if class_labels is None else class_labels[lo:lo + len(idx)].to(device)
-        images.append(_generate_batch(unet, scheduler, idx, steps, seed, labels, guidance_scale, eta, device))
-    return torch.cat(images)
-
-
-def _image_generator(seed: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
-
-
 def _generate_batch(unet, scheduler, indices, steps, seed, labels, guidance_scale, eta, device):
+    """Images ``indices`` in [-1, 1], (B, C, H, W) float32 on the CPU. The U-Net runs in its own dtype; the
+    scheduler's arithmetic stays in float32 (low-precision betas and sigmas visibly hurt few-step samplers)."""
     cfg = unet.config
     h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else cfg.sample_size
-    gens = [_image_generator(seed, i) for i in indices]
-    x = torch.stack([torch.randn(cfg.in_channels, h, w, generator=g) for g in gens]).to(device, unet.dtype)
-    scheduler.set_timesteps(steps, device=device)
+    gens = [image_generator(seed, i) for i in indices]
+    x = torch.stack([torch.randn(cfg.in_channels, h, w, generator=g) for g in gens]).to(device)
+    labels = None if labels is None else labels.to(device)
+    scheduler.set_timesteps(steps, device=device)              # also resets multistep solvers' history
     x = x * scheduler.init_noise_sigma
-    extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        kwargs["generator"] = gens                              # one noise stream per image (randn_tensor)
+    # A low-precision U-Net runs under autocast: the backbone keeps its time features in fp32 (as under
+    # mixed-precision training), and autocast casts them for the layers that follow.
+    low_precision = torch.autocast(torch.device(device).type, unet.dtype, enabled=unet.dtype != torch.float32)
     for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(x, t)
-        if labels is not None and guidance_scale != 1.0:
-            both = unet(torch.cat([inp, inp]), t, torch.cat([labels, torch.full_like(labels, cfg.num_classes)])).sample
-            cond, uncond = both.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        else:
-            out = unet(inp, t, labels).sample
-        step_kwargs = dict(extra)
-        if "generator" in inspect.signature(scheduler.step).parameters:
-            step_kwargs["generator"] = gens if len(gens) > 1 else gens[0]
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
-    return x.float().clamp(-1, 1).cpu()
+        inp = scheduler.scale_model_input(x, t).to(unet.dtype)
+        with low_precision:
+            out = _predict(unet, inp, t, labels, guidance_scale).float()
+        x = scheduler.step(out, t, x, **kwargs).prev_sample
+    return x.clamp(-1, 1).cpu()
 
+
+def generate_batches(unet, scheduler, indices: Sequence[int], *, steps: int = 50, seed: int = 0, classes=None,
+                     guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, device=None,
+                     progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor | None, torch.Tensor]]:
+    """Yield (indices, labels, images) batch by batch for any list of image indices; see ``generate``."""
+    device = device or unet.device
+    indices = list(indices)
+    all_labels = class_labels_for(classes, indices, unet.config.num_classes)
+    with tqdm(total=len(indices), unit="img", disable=not progress, desc="sampling") as bar:
+        for lo in range(0, len(indices), batch_size):
+            idx = indices[lo:lo + batch_size]
+            labels = None if all_labels is None else all_labels[lo:lo + batch_size]
+            yield idx, labels, _generate_batch(unet, scheduler, idx, steps, seed, labels, guidance_scale, eta, device)
+            bar.update(len(idx))
+
+
+def generate(unet, scheduler, num_images: int, *, steps: int = 50, seed: int = 0, start_index: int = 0,
+             class_labels=None, guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, device=None,
+             progress: bool = False) -> torch.Tensor:
+    """``num_images`` samples in [-1, 1], shape (N, C, H, W) float32 on the CPU: images start_index ..
+    start_index + N - 1, each from its own generator seeded by (seed, index), so the result depends on neither
+    the batch size nor the number of processes (up to float rounding, ~1e-6: batched kernels may sum in
+    another order). ``class_labels``: None, an int, "all" (balanced) or one label per
+    image; ``guidance_scale`` 1.0 is the conditional model, 0.0 the unconditional, other values classifier-free
+    guidance. ``eta`` is DDIM's noise (other schedulers ignore it). The U-Net runs in its own dtype and device."""
+    batches = generate_batches(unet, scheduler, range(start_index, start_index + num_images), steps=steps,
+                               seed=seed, classes=class_labels, guidance_scale=guidance_scale, eta=eta,
+                               batch_size=batch_size, device=device, progress=progress)
+    return torch.cat([images for _, _, images in batches])
+
+
+# ------------------------------------------------------------------------------------------- files
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def image_path(folder: str | Path, index: int, channels: int) -> Path:
+    """Where image ``index`` lives: ``000042.png`` (1-4 channels) or ``000042.npy`` (any other count)."""
+    return Path(folder) / f"{index:06d}.{'png' if channels in PIL_MODES else 'npy'}"
+
+
+def write_image(image: np.ndarray, path: str | Path) -> Path:
+    """Write one (H, W, C) uint8 image; atomically, so an interrupted run never leaves a half file behind that a
+    resumed run would take for a finished image."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        if path.suffix == ".npy":
+            np.save(f, image)
+        else:
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image, PIL_MODES[image.shape[-1]]).save(f, "PNG")
+    os.replace(part, path)
+    return path
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One image file (PNG, JPEG, ..., or .npy) as (H, W, C) uint8."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path)
+    image = np.asarray(Image.open(path))
+    return image[..., None] if image.ndim == 2 else image
+
+
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
-    """Write (N, H, W, C) uint8 images as one PNG grid, ``nrow`` images per row (default: about square)."""
+    """Write (N, H, W, C) uint8 images as one PNG grid, ``nrow`` images per row (default: about square).
+    Images of more than 4 channels show their first three."""
     n, h, w, c = images.shape
+    if c not in PIL_MODES:
+        images, c = images[..., :3], 3
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
     grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
@@ -87,5 +218,57 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3]).save(path)
+    Image.fromarray(grid[..., 0] if c == 1 else grid, PIL_MODES[c]).save(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------- sample.py
+
+def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, scheduler: str = "ddim",
+                     steps: int = 50, eta: float = 0.0, batch_size: int = 64, seed: int = 0, start_index: int = 0,
+                     classes=None, guidance_scale: float = 1.0, dtype: str = "float32", device: str | None = None,
+                     prediction_type: str | None = None, npz: str | None = None, grid: bool = True,
+                     progress: bool = True) -> Path:
+    """Images start_index .. start_index + num_images - 1 of ``model`` (see ``load_model``) as ``out/000042.png``,
+    plus ``out/grid.png`` and, with ``npz``, an .npz (path relative to ``out``) of the range: ``images``
+    (N, H, W, C) uint8, ``indices`` and, for class-conditional models, ``labels``.
+
+    Indices whose file exists are skipped, so an interrupted run resumes without duplicates or gaps. Under
+    ``accelerate launch`` the missing indices are split into contiguous, disjoint chunks, one per process.
+    A class-conditional model with ``classes=None`` samples a balanced set ("all")."""
+    from accelerate import PartialState
+
+    # accelerate sets up multi-process CPU runs (gloo) only when told cpu=True; on a GPU machine that would
+    # force the CPU, so ask for it only where there is no GPU or the CPU is requested
+    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    state = PartialState(cpu=str(device).startswith("cpu") or (device is None and no_gpu))
+    unet, sched = load_model(model, scheduler, prediction_type, choose(DTYPES, dtype, "dtype"))
+    unet.to(torch.device(device) if device else state.device)
+    if classes is None and unet.config.num_classes:
+        classes = "all"
+    out, channels = Path(out), unet.config.in_channels
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = range(start_index, start_index + num_images)
+    todo = [i for i in wanted if not image_path(out, i, channels).exists()]
+    state.wait_for_everyone()                                   # every process lists the folder before any writes
+    with state.split_between_processes(todo) as mine:
+        for idx, _, images in generate_batches(unet, sched, mine, steps=steps, seed=seed, classes=classes,
+                                               guidance_scale=guidance_scale, eta=eta, batch_size=batch_size,
+                                               progress=progress and state.is_local_main_process):
+            for i, image in zip(idx, to_uint8(images)):
+                write_image(image, image_path(out, i, channels))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if grid or npz:
+            images = np.stack([read_image(image_path(out, i, channels)) for i in wanted])
+        if grid:
+            save_grid(images[:GRID_MAX], out / "grid.png")
+        if npz:
+            arrays = dict(images=images, indices=np.asarray(wanted))
+            labels = class_labels_for(classes, wanted, unet.config.num_classes)
+            if labels is not None:
+                arrays["labels"] = labels.numpy()
+            np.savez(out / npz, **arrays)
+        print(f"{len(todo)} images written by {state.num_processes} process(es), "
+              f"{num_images - len(todo)} already there: {out}")
+    return out

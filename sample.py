@@ -1,0 +1,45 @@
+"""Sample images from a trained diffunet model.
+
+    python sample.py runs/digits/pipeline --out samples --num-images 100 [--scheduler ddim --steps 50 ...]
+    accelerate launch sample.py runs/digits/pipeline --out samples --num-images 10000    # indices split over processes
+
+Every option is a keyword of ``diffunet.sampling.sample_to_folder``; see docs/sampling.md.
+"""
+
+import argparse
+
+from diffunet.config import SampleConfig
+from diffunet.sampling import DTYPES, SCHEDULERS, sample_to_folder
+
+DEFAULTS = SampleConfig()
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="pipeline folder written by train.py, or a UNet.save_pretrained folder")
+    p.add_argument("--out", required=True, help="output folder: 000000.png, ..., grid.png")
+    p.add_argument("--num-images", type=int, default=DEFAULTS.num_images)
+    p.add_argument("--start-index", type=int, default=0, help="first image index (extend an existing set)")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULTS.scheduler)
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--class-label", dest="classes", type=int, metavar="K", help="class id of every image")
+    labels.add_argument("--classes", choices=["all"], help="a balanced set (the default for conditional models)")
+    p.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale,
+                   help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default=None, help="default: the process's accelerator, else the CPU")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
+                   help="the model's target, for a bare model folder (a pipeline folder records it)")
+    p.add_argument("--npz", nargs="?", const="samples.npz", default=None,
+                   help="also write the images as uint8 in an .npz (default name samples.npz, in --out)")
+    p.add_argument("--no-grid", dest="grid", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sample_to_folder(**vars(parse()))

@@ -1,0 +1,161 @@
+"""sample.py and diffunet.sampling: seeds, schedulers, guidance, class labels, files, resuming, processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+
+from conftest import tiny
+from diffunet.sampling import (SCHEDULERS, _predict, class_labels_for, generate, load_model, make_scheduler,
+                               read_image, sample_to_folder)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = DDPMScheduler(num_train_timesteps=100).config          # a short training schedule keeps steps cheap
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models on a shared 2-core machine: a second OpenMP thread only adds spinning
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return tiny(zero_init=False, num_classes=3).eval()        # random, not zero, weights: outputs depend on input
+
+
+@pytest.fixture(scope="module")
+def pipeline(model, tmp_path_factory):
+    """A pipeline folder as train.py writes it."""
+    path = tmp_path_factory.mktemp("pipeline")
+    DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    return path
+
+
+def folder_images(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: read_image(p) for p in sorted(folder.iterdir()) if p.name[0].isdigit()}
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_images_do_not_depend_on_batch_size_and_extend(model, name):
+    sched = make_scheduler(name, TRAIN)                         # ddpm and ddim eta=1 draw noise at every step
+    kw = dict(steps=4, seed=7, class_labels="all", eta=1.0)
+    whole = generate(model, sched, 5, batch_size=5, **kw)
+    pieces = generate(model, sched, 5, batch_size=2, **kw)
+    tail = generate(model, sched, 2, batch_size=1, start_index=3, **kw)
+    # equal up to float rounding: a batched conv may sum in another order than a single-image one
+    assert torch.allclose(whole, pieces, atol=1e-5) and torch.allclose(whole[3:], tail, atol=1e-5)
+    assert (whole[0] - whole[1]).abs().max() > 0.1                                   # images differ
+    assert (whole - generate(model, sched, 5, **dict(kw, seed=8))).abs().max() > 0.1  # seeds matter
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_runs(model, name):
+    sched = make_scheduler(name, TRAIN)
+    images = generate(model, sched, 2, steps=3, class_labels=1, guidance_scale=2.0)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    assert images.abs().max() <= 1 and (images[0] - images[1]).abs().max() > 0
+
+
+def test_guidance_one_is_conditional_zero_unconditional(model):
+    x, t, labels = torch.randn(3, 1, 16, 16), torch.tensor(40), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        cond, uncond = model(x, t, labels).sample, model(x, t, torch.full((3,), 3)).sample   # 3 = null class
+        assert (cond - uncond).abs().max() > 1e-3                                       # labels matter here
+        assert torch.equal(_predict(model, x, t, labels, 1.0), cond)
+        assert torch.equal(_predict(model, x, t, labels, 0.0), uncond)
+        assert torch.allclose(_predict(model, x, t, labels, 3.0), uncond + 3 * (cond - uncond), atol=1e-5)
+    sched = make_scheduler("ddim", TRAIN)
+    unconditional = generate(model, sched, 3, steps=3, class_labels=None)
+    assert torch.equal(generate(model, sched, 3, steps=3, class_labels="all", guidance_scale=0.0), unconditional)
+    assert not torch.allclose(generate(model, sched, 3, steps=3, class_labels="all"), unconditional)
+
+
+def test_class_labels():
+    labels = class_labels_for("all", range(3, 26), 10)
+    assert labels.tolist()[:3] == [3, 4, 5] and np.ptp(np.bincount(labels.numpy(), minlength=10)) <= 1
+    assert class_labels_for(4, range(3), 10).tolist() == [4, 4, 4]
+    assert class_labels_for(None, range(3), 10) is None
+    with pytest.raises(ValueError, match="unconditional"):
+        class_labels_for("all", range(3), None)
+    with pytest.raises(ValueError, match="outside"):
+        class_labels_for(10, range(3), 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_runs_close_to_float32(dtype):
+    torch.manual_seed(0)
+    model = tiny(zero_init=False).eval()
+    sched = make_scheduler("ddim", TRAIN)
+    ref = generate(model, sched, 2, steps=3)
+    low = generate(model.to(dtype), sched, 2, steps=3)
+    assert low.dtype == torch.float32 and (low - ref).abs().max() < 0.1
+
+
+def test_folder_resume_extend_and_npz(pipeline, tmp_path):
+    kw = dict(steps=3, batch_size=2, seed=3, progress=False)
+    full = sample_to_folder(pipeline, tmp_path / "full", 6, npz="s.npz", **kw)
+    want = folder_images(full)
+    assert sorted(want) == [f"{i:06d}.png" for i in range(6)] and (full / "grid.png").is_file()
+    data = np.load(full / "s.npz")
+    assert np.array_equal(data["images"], np.stack(list(want.values()))) and data["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+
+    part = tmp_path / "part"                           # an interrupted run: 0..3 done, 2 lost
+    sample_to_folder(pipeline, part, 4, **kw)
+    (part / "000002.png").unlink()
+    stamp = (part / "000001.png").stat().st_mtime_ns
+    sample_to_folder(pipeline, part, 6, **dict(kw, batch_size=4))          # resume, other batch size
+    assert (part / "000001.png").stat().st_mtime_ns == stamp             # done images are not redone
+    ext = sample_to_folder(pipeline, tmp_path / "ext", 3, start_index=3, **kw)     # the second half alone
+    for name, image in folder_images(part).items():
+        assert np.abs(image.astype(int) - want[name]).max() <= 1          # <= 1: float rounding at .5
+    for name, image in folder_images(ext).items():
+        assert np.abs(image.astype(int) - want[name]).max() <= 1
+
+
+@pytest.mark.parametrize("channels,size,suffix", [(2, (8, 16), "png"), (5, (16, 8), "npy")])
+def test_any_channel_count_and_non_square(tmp_path, channels, size, suffix):
+    model = tiny(in_channels=channels, sample_size=size, zero_init=False)
+    model.save_pretrained(tmp_path / "model")                            # a bare model folder
+    out = sample_to_folder(tmp_path / "model", tmp_path / "out", 3, scheduler="euler", steps=2, progress=False)
+    image = read_image(out / f"000002.{suffix}")
+    assert image.shape == (*size, channels) and image.dtype == np.uint8 and (out / "grid.png").is_file()
+
+
+def test_bare_model_folder_takes_scheduler_and_prediction_type(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    unet, sched = load_model(tmp_path, "unipc", prediction_type="v_prediction")
+    assert type(sched).__name__ == "UniPCMultistepScheduler"
+    assert sched.config.prediction_type == "v_prediction" and sched.config.num_train_timesteps == 1000
+    with pytest.raises(FileNotFoundError, match="pipeline folder"):
+        load_model(tmp_path / "nothing")
+
+
+def test_pipeline_folder_keeps_training_schedule(pipeline):
+    unet, sched = load_model(pipeline, "dpmpp")
+    assert sched.config.num_train_timesteps == 100 and unet.config.num_classes == 3
+
+
+def test_one_and_two_processes_give_the_same_images(pipeline, tmp_path):
+    args = [str(pipeline), "--steps", "3", "--num-images", "7", "--seed", "5", "--no-progress"]
+    one = sample_to_folder(pipeline, tmp_path / "one", 7, steps=3, seed=5, batch_size=7, progress=False)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          str(ROOT / "sample.py"), *args, "--out", str(tmp_path / "two"), "--batch-size", "2"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "7 images written by 2 process(es)" in run.stdout
+    a, b = folder_images(one), folder_images(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [f"{i:06d}.png" for i in range(7)]                # no gaps, no extras
+    for name in a:
+        assert np.abs(a[name].astype(int) - b[name]).max() <= 1
