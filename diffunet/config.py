@@ -81,6 +81,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     sample_every: int = 500
+    eval_every: int = 0                         # FID/KID of EMA samples every N steps (0: off)
+    eval_num_images: int = 256
+    eval_extractor: str = "digits"              # "digits" (offline) | "inception" | a path to Inception weights
+    eval_reference: Optional[str] = None        # folder | .npz | "digits"; None: the training data
     resume: Optional[str] = None                # "latest" or a checkpoint folder
     allow_inexact_resume: bool = False          # resume even if world size / batch size / data changed
     max_bad_steps: int = 10                     # stop after this many non-finite losses/gradients in a row

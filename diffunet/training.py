@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
 from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset
 from .diffusion import BETA_SCHEDULES, TARGETS, diffusion_loss, make_noise_scheduler
+from .metrics import ExtractorUnavailable, evaluate, load_extractor
 from .nn import choose
 from .sampling import generate, make_scheduler, save_grid, to_uint8
 from .unet import UNet
@@ -94,12 +95,28 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
     if not 0 <= cfg.train.label_dropout < 1:
         raise ConfigError(f"train.label_dropout must be in [0, 1) (got {cfg.train.label_dropout})")
     dataset = build_dataset(cfg.data, model.config.sample_size, model.config.in_channels)
+    if cfg.train.eval_every > 0:
+        if eval_reference(cfg) is None:
+            raise ConfigError(f"train.eval_every needs train.eval_reference (a folder, an .npz or 'digits') for "
+                              f"data.source={cfg.data.source}")
+        try:
+            load_extractor(cfg.train.eval_extractor)
+        except ExtractorUnavailable as e:
+            raise ConfigError(f"train.eval_extractor: {e}") from None
     if model.config.num_classes and not dataset.num_classes:
         raise ConfigError(f"model.num_classes={model.config.num_classes} but data.source={cfg.data.source} has no "
                           f"labels; set model.num_classes=null or give labelled data")
     if model.config.num_classes and dataset.num_classes > model.config.num_classes:
         raise ConfigError(f"data has {dataset.num_classes} classes but model.num_classes={model.config.num_classes}")
     return model, dataset
+
+
+def eval_reference(cfg: DictConfig) -> str | None:
+    """What periodic evaluation compares with: the configured reference, else the training data if it can."""
+    if cfg.train.eval_reference:
+        return cfg.train.eval_reference
+    source = str(cfg.data.source)
+    return source if source == "digits" or Path(source).is_dir() else None
 
 
 def flat_hparams(cfg: DictConfig) -> dict:
@@ -316,6 +333,24 @@ class Trainer:
                               batch_size=max(n, 1))
         return save_grid(to_uint8(images), self.out / "samples" / f"{name}.png", nrow=nrow)
 
+    def evaluate(self) -> dict | None:
+        """FID/KID (and IS) of ``train.eval_num_images`` EMA samples against the reference, logged and appended
+        to ``eval.jsonl``. Main process only."""
+        if not self.accelerator.is_main_process:
+            return None
+        s, t = self.cfg.sample, self.cfg.train
+        with self._ema_weights() as model:
+            images = generate(model, make_scheduler(s.scheduler, self.noise_scheduler.config), t.eval_num_images,
+                              steps=s.steps, seed=s.seed + 1, class_labels="all" if self.conditional else None,
+                              guidance_scale=s.guidance_scale, batch_size=s.num_images)
+        scores = evaluate(to_uint8(images), eval_reference(self.cfg), t.eval_extractor, seed=s.seed)
+        scores = {k: v for k, v in scores.items() if isinstance(v, float) and math.isfinite(v)}
+        self.accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=self.step)
+        with open(self.out / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **scores}) + "\n")
+        self.accelerator.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        return scores
+
     def save_pipeline(self) -> Path:
         """The EMA model and the training scheduler as a diffusers pipeline folder, replaced atomically."""
         final = self.out / "pipeline"
@@ -453,6 +488,8 @@ class Trainer:
                 self.save_checkpoint()
             if self.step % t.sample_every == 0 and self.step != t.max_steps:
                 self.sample_grid(f"step_{self.step:06d}")
+            if t.eval_every > 0 and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                self.evaluate()
         bar.close()
         return True
 

@@ -265,3 +265,13 @@ def test_bf16_autocast_and_gradient_accumulation(tmp_path):
     optimizer = torch.load(ckpt / "optimizer.bin", weights_only=True)
     assert all(float(s["step"]) == 2 for s in optimizer["state"].values())
     assert all(torch.isfinite(w).all() for w in load_file(ckpt / "model.safetensors").values())
+
+
+def test_periodic_evaluation_logs_fid_and_kid(tmp_path):
+    cfg = fast_cfg(tmp_path, "train.max_steps=2", "train.eval_every=1", "train.eval_num_images=20")
+    train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(line["fid"] > 0 and np.isfinite(line["kid_mean"]) for line in lines)
+    with pytest.raises(ConfigError, match="train.eval_extractor: .*no Inception weights"):
+        train(fast_cfg(tmp_path / "x", "train.eval_every=1", "train.eval_extractor=/no/such/inception.pt"))
