@@ -25,3 +25,12 @@ def _seed():
     # accelerate keeps one process-wide state; each test's run builds its own (precision, processes)
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def one_thread():
+    """Small networks: a second OpenMP thread only adds spinning on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

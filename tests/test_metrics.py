@@ -13,16 +13,8 @@ from diffunet.evaluate import main
 from diffunet.metrics import ExtractorUnavailable, digits_extractor, evaluate, extract, inception_extractor
 from diffunet.sampling import write_image
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = dict(kid_subsets=10)                                     # KID over 10 subsets instead of 100: seconds
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small networks on a shared 2-core machine: a second OpenMP thread only adds spinning
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -14,17 +14,9 @@ from conftest import tiny
 from diffunet.sampling import (SCHEDULERS, _predict, class_labels_for, generate, load_model, make_scheduler,
                                read_image, sample_to_folder)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = DDPMScheduler(num_train_timesteps=100).config          # a short training schedule keeps steps cheap
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: a second OpenMP thread only adds spinning
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
