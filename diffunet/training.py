@@ -211,7 +211,7 @@ class Trainer:
         """SIGTERM and SIGINT ask for a checkpoint and a clean exit at the end of the step; a second one kills."""
         def ask(signum, frame):
             self.signal = signum
-            signal.signal(signum, previous[signum])
+            signal.signal(signum, previous[signum] or signal.SIG_DFL)
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
