@@ -135,8 +135,23 @@ class ResBlock(nn.Module):
         return center_crop(self.shortcut(x), h.shape[-2:]) + h     # "valid": the two convs ate 2 px per side
 
 
+# In bf16/fp16 on a CPU, up to this many tokens (16x16 pixels), attention runs faster as matmul, softmax,
+# matmul than through SDPA's tiled kernel (about 1.7x forward + backward; the scores are only heads x 256 x 256
+# per image). In fp32, above it, and always on GPUs, SDPA's fused kernels win, and they never store the
+# (tokens x tokens) scores: that is the memory-efficient path at large resolutions. bench/bench_unet.py measures it.
+CPU_MATMUL_ATTENTION_TOKENS = 256
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors, by the faster route for this device, dtype and N."""
+    if q.device.type != "cpu" or q.dtype == torch.float32 or q.shape[-2] > CPU_MATMUL_ATTENTION_TOKENS:
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)                 # (B, heads, N, N)
+    return scores.softmax(-1) @ v                                          # CPU softmax sums in fp32 for bf16 too
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over all pixels, through ``scaled_dot_product_attention``."""
+    """Multi-head self-attention over all pixels (``attend``: SDPA's fused kernels, or matmuls for few tokens)."""
 
     def __init__(self, channels: int, heads: int, groups: int, zero: bool):
         super().__init__()
@@ -155,10 +170,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         height = x.shape[-2]
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) x y -> three b h (x y) d",
-                            three=3, h=self.heads)                   # each (B, heads, H*W, C/heads)
-        o = F.scaled_dot_product_attention(q, k, v)
-        return x + self.out(rearrange(o, "b h (x y) d -> b (h d) x y", x=height))
+        # The 1x1 convs run as matmuls over pixel tokens, so that q, k, v come out with the head dim contiguous:
+        # SDPA's fused kernels need that (the former "b (three h d) x y" split had stride H*W there and fell back
+        # to the slow math path), and a matmul beats a 1x1 conv on CPU. The weights keep their conv shapes
+        # (C', C, 1, 1), so checkpoints load unchanged. In channels_last the first rearrange is free.
+        tokens = rearrange(self.norm(x), "b c x y -> b (x y) c")                  # (B, C, H, W) -> (B, H*W, C)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)         # (B, H*W, 3C)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)  # each (B, heads, H*W, C/heads)
+        o = rearrange(attend(q, k, v), "b h n d -> b n (h d)")                    # (B, H*W, C)
+        o = F.linear(o, self.out.weight.flatten(1), self.out.bias)
+        return x + rearrange(o, "b (x y) c -> b c x y", x=height)                 # (B, H*W, C) -> (B, C, H, W)
 
 
 # ----------------------------------------------------------------------------------------- resampling

@@ -1,0 +1,178 @@
+"""Every fast path gives the plain model's outputs (within its precision), and the hot path does no needless work."""
+
+import copy
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+from conftest import tiny
+from diffunet.nn import CPU_MATMUL_ATTENTION_TOKENS, attend
+from diffunet.speed import apply_fast_paths, autocast, compiler_missing
+
+
+def model_and_batch(**kw):
+    model = tiny(zero_init=False, **kw)        # attention at 8x8 and in the bottleneck; nonzero output
+    return model, torch.randn(3, 1, 16, 16), torch.tensor([1, 500, 999])
+
+
+def grads(model, x, t, **autocast_kw):
+    model.zero_grad(set_to_none=True)
+    with autocast("cpu", **autocast_kw):
+        out = model(x, t).sample
+    out.float().square().mean().backward()
+    return out.detach().float(), [p.grad.float().clone() for p in model.parameters()]
+
+
+def assert_close_lists(a, b, **tol):
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, **tol)
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients():
+    model, x, t = model_and_batch()
+    out, g = grads(model, x, t)
+    fast = apply_fast_paths(copy.deepcopy(model), channels_last=True)
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    out_cl, g_cl = grads(fast, x, t)
+    torch.testing.assert_close(out_cl, out, atol=1e-5, rtol=1e-4)
+    assert_close_lists(g_cl, g, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_switch_gives_the_same_gradients():
+    model, x, t = model_and_batch(dropout=0.0)
+    out, g = grads(model, x, t)
+    fast = apply_fast_paths(copy.deepcopy(model), gradient_checkpointing=True)
+    assert fast.gradient_checkpointing
+    out_ck, g_ck = grads(fast, x, t)
+    torch.testing.assert_close(out_ck, out)
+    assert_close_lists(g_ck, g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("time_condition", ["scale_shift", "add"])
+def test_bf16_autocast_on_cpu_is_close_and_finite(time_condition):
+    model, x, t = model_and_batch(time_condition=time_condition)
+    out, g = grads(model, x, t)
+    out16, g16 = grads(model, x, t, mixed_precision="bf16")
+    assert torch.isfinite(out16).all() and all(torch.isfinite(p).all() for p in g16)
+    assert (out16 - out).abs().max() <= 0.05 * out.abs().max()             # bf16 keeps ~3 significant digits
+    for a, b in zip(g16, g):
+        assert (a - b).norm() <= 0.1 * b.norm() + 1e-6
+
+
+def test_timestep_features_stay_fp32_under_autocast():
+    model = tiny()
+    with autocast("cpu", "bf16"):
+        assert model.time_embed[0](torch.tensor([1.0, 999.0])).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [16, CPU_MATMUL_ATTENTION_TOKENS, 4 * CPU_MATMUL_ATTENTION_TOKENS])
+def test_both_attention_routes_agree_with_the_fp32_reference(tokens, dtype):
+    q, k, v = (torch.randn(2, 4, tokens, 32) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    out = attend(q.to(dtype), k.to(dtype), v.to(dtype)).float()
+    torch.testing.assert_close(out, ref, atol=1e-5 if dtype == torch.float32 else 3e-2, rtol=1e-4 if dtype == torch.float32 else 3e-2)
+
+
+def test_attention_takes_sdpas_fused_kernel_not_the_math_path():
+    # The fused CPU kernel refuses a head dim that is not contiguous; with it alone enabled, a layout regression
+    # (the math fallback, which stores every token-pair score) raises here.
+    model, x, t = model_and_batch()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        model(x, t).sample.sum().backward()
+    q = torch.randn(1, 2, 4 * CPU_MATMUL_ATTENTION_TOKENS, 16, dtype=torch.bfloat16)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):                            # large N in bf16: the fused kernel too
+        attend(q, q, q)
+
+
+def test_forward_and_backward_have_no_host_syncs_or_table_rebuilds():
+    model, x, t = model_and_batch()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.mse_loss(model(x, t).sample, x).backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_local_scalar_dense" not in ops                           # .item() / bool(tensor): a GPU sync
+    assert "aten::arange" not in ops                                        # the frequency table is a buffer
+
+
+def test_fast_paths_keep_the_state_dict_and_the_class():
+    model = tiny()
+    keys = list(model.state_dict())
+    fast = apply_fast_paths(model, channels_last=True, gradient_checkpointing=True)
+    assert fast is model and list(fast.state_dict()) == keys
+
+
+def test_compile_without_a_compiler_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    model, x, t = model_and_batch()
+    ref = model(x, t).sample
+    with pytest.warns(UserWarning, match="torch.compile unavailable .*C\\+\\+ compiler") as record:
+        fast = apply_fast_paths(model, compile=True)
+    assert len(record) == 1 and fast is model
+    torch.testing.assert_close(fast(x, t).sample, ref)
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",                                                            # traces forward + backward, in seconds
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        compiler_missing("cpu") is not None or not os.environ.get("DIFFUNET_TEST_INDUCTOR"),
+        reason="no compiler here, or DIFFUNET_TEST_INDUCTOR unset (compiling kernels takes ~30 s on a small CPU)")),
+])
+def test_compile_gives_the_same_outputs_gradients_and_state_dict(backend):
+    model, x, t = model_and_batch(channel_mult=(1,), attention_resolutions=())   # the smallest U: compiles fastest
+    out, g = grads(model, x, t)
+    keys = list(model.state_dict())
+    fast = apply_fast_paths(copy.deepcopy(model), compile=True, compile_backend=backend)
+    out_c, g_c = grads(fast, x, t)
+    torch.testing.assert_close(out_c, out, atol=1e-5, rtol=1e-4)
+    assert_close_lists(g_c, g, atol=1e-5, rtol=1e-4)
+    assert list(fast.state_dict()) == keys and type(fast) is type(model)
+
+
+def test_autocast_names():
+    assert not torch.is_autocast_enabled("cpu")
+    with autocast("cpu", "no"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast("cpu", "bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown mixed_precision 'fp8'; choose one of 'no', 'bf16', 'fp16'"):
+        autocast("cpu", "fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision needs CUDA")
+def test_fp16_training_with_grad_scaler_stays_finite():
+    model, x, t = model_and_batch()
+    model, x, t = model.cuda(), x.cuda() * 50, t.cuda()                     # large inputs: overflow bait
+    opt, scaler = torch.optim.AdamW(model.parameters(), lr=1e-3), torch.amp.GradScaler("cuda")
+    for _ in range(5):
+        with autocast("cuda", "fp16"):
+            out = model(x, t).sample
+        assert torch.isfinite(out).all()
+        scaler.scale(F.mse_loss(out.float(), x)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bench_builds_a_matched_diffusers_twin():
+    spec = importlib.util.spec_from_file_location("bench_unet", Path(__file__).parents[1] / "bench" / "bench_unet.py")
+    bench = sys.modules["bench_unet"] = importlib.util.module_from_spec(spec)   # dataclasses look it up there
+    spec.loader.exec_module(bench)
+    for kw in [dict(), dict(time_condition="add", head_dim=8, channel_mult=(1, 2, 2))]:
+        ours = tiny(head_dim=4, **kw) if "head_dim" not in kw else tiny(**kw)
+        twin = bench.diffusers_twin(ours)
+        x, t = torch.randn(1, 1, 16, 16), torch.tensor([3])
+        n_ours, n_twin = (sum(p.numel() for p in m.parameters()) for m in (ours, twin))
+        f_ours, f_twin = (bench.count_flops(m, x, t, backward=False) for m in (ours, twin))
+        assert abs(n_twin / n_ours - 1) < 0.05 and abs(f_twin / f_ours - 1) < 0.05
+        assert twin(x, t).sample.shape == ours(x, t).sample.shape
+    with pytest.raises(ValueError, match="no counterpart"):
+        bench.diffusers_twin(tiny(skip="add"))
