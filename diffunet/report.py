@@ -78,7 +78,8 @@ UNET_DEFAULTS = {k: p.default for k, p in inspect.signature(inspect.unwrap(UNet.
 HELD_OUT = 297                                  # the last digits: never trained on, used for every measurement
 CURVE_T = (1, 3, 10, 30, 100, 200, 300, 500, 700, 900, 999)   # noise levels of the per-level loss curves
 LOW_NOISE_T = (1, 3, 10, 30)                    # the low-noise end: the prediction needs the image's fine detail
-PROBE_T = 200                                   # noise level of spectra, shift and checkerboard probes
+PROBE_T = 200                                   # noise level of the shift and checkerboard probes
+SPECTRUM_T = 30                                 # noise level of the error spectrum: the low-noise end
 BORDER = 2                                      # width of the border ring (pixels) in section 5
 SHIFT_CROP = 3                                  # shift consistency compares the interior, away from the wrap
 
@@ -173,7 +174,7 @@ def nyquist_fraction(x: torch.Tensor) -> float:
     """Share of the power (mean removed) at the Nyquist frequency, (H/2, 0), (0, W/2), (H/2, W/2): a checkerboard.
 
     A 2x upsampler whose output pixels use different weights by parity puts energy exactly there; 2x interpolation
-    has a zero there (nearest exactly, bilinear up to its clamped edge rows). White noise has 3 / (HW - 1) of its power there.
+    has a zero there (nearest exactly, bilinear up to its clamped edge rows). White noise has 3 / (HW - 1) there.
     """
     x = x.double() - x.double().mean(dim=(-2, -1), keepdim=True)
     h, w = x.shape[-2:]
@@ -186,7 +187,6 @@ def nyquist_fraction(x: torch.Tensor) -> float:
 @dataclass
 class Run:
     model: UNet
-    seconds_per_step: float
     grad_log: dict = field(default_factory=dict)      # step -> per-level encoder gradient norms
 
 
@@ -224,7 +224,8 @@ class Lab:
               **overrides) -> Run:
         """A model trained with AdamW on the training digits; the same seed gives the same init, batches, noise."""
         steps, batch = steps or self.s.steps, batch or self.s.batch
-        key = (seed, steps, batch, grad_every, tuple(sorted({**UNET_DEFAULTS, **self.model_kwargs(**overrides)}.items())))
+        config = {**UNET_DEFAULTS, **self.model_kwargs(**overrides)}
+        key = (seed, steps, batch, grad_every, tuple(sorted(config.items())))
         if key in self.runs:
             return self.runs[key]
         model = self.build(seed, **overrides).train()
@@ -246,9 +247,10 @@ class Lab:
         seconds = time.perf_counter() - start
         model.eval()
         changes = {k: v for k, v in overrides.items() if k != "zero_init"}
+        final = f", final loss {loss.item():.3f}" if steps else ""
         self.log(f"[{self.elapsed():6.1f}s] trained {changes or 'baseline'} seed {seed}: {steps} steps, "
-                 f"{seconds / max(steps, 1) * 1000:.0f} ms/step, final loss {loss.item() if steps else float('nan'):.3f}")
-        self.runs[key] = run = Run(model, seconds / max(steps, 1), grad_log)
+                 f"{seconds / max(steps, 1) * 1000:.0f} ms/step{final}")
+        self.runs[key] = run = Run(model, grad_log)
         return run
 
     def elapsed(self) -> float:
@@ -325,7 +327,8 @@ def table(header: list[str], rows: list[list]) -> str:
 def describe(lab: Lab, steps: int | None = None, batch: int | None = None, **changes) -> str:
     kw = lab.model_kwargs(**changes)
     shown = ", ".join(f"{k}={v}" for k, v in kw.items() if k not in ("sample_size", "in_channels"))
-    return (f"`UNet({shown})` on {lab.s.size}x{lab.s.size} digits ({len(lab.train_x)} train, {len(lab.test_x)} held out), "
+    return (f"`UNet({shown})` on {lab.s.size}x{lab.s.size} digits ({len(lab.train_x)} train, "
+            f"{len(lab.test_x)} held out), "
             f"AdamW lr {lab.s.lr}, batch {batch or lab.s.batch}, {steps or lab.s.steps} steps, cosine DDPM noise, "
             f"epsilon target, seeds 0..{lab.s.seeds - 1}")
 
@@ -336,16 +339,15 @@ def section_skips_high_frequencies(lab: Lab, plt) -> Section:
     curves = {v: [] for v in variants}
     spectra, band = {v: [] for v in variants}, {v: [] for v in variants}
     data_f, data_p = radial_power(lab.test_x)
-    nyq = 0.5
     lo, hi = 0.125, 0.25             # the top octave of the digits' own band (they are 8x8, upsampled)
     data_band = band_power(lab.test_x, lo, hi)
     for name, kw in variants.items():
         for seed in seeds:
             model = lab.train(seed, **kw).model
             curves[name].append(lab.loss_curve(model))
-            x0 = lab.x0_hat(model)
-            spectra[name].append(radial_power(x0)[1])
-            band[name].append(band_power(x0, lo, hi) / data_band)
+            error = lab.x0_hat(model, SPECTRUM_T) - lab.test_x              # what the denoiser got wrong
+            spectra[name].append(radial_power(error)[1])
+            band[name].append(band_power(error, lo, hi) / data_band)
     low = [i for i, t in enumerate(CURVE_T) if t in LOW_NOISE_T]
     high = [i for i, t in enumerate(CURVE_T) if t >= 500]
     low_loss = {v: [c[low].mean() for c in curves[v]] for v in variants}
@@ -358,8 +360,8 @@ def section_skips_high_frequencies(lab: Lab, plt) -> Section:
             for i, t in enumerate(CURVE_T)]
     t1 = table(["noise level", "eps-MSE, skip=concat", "eps-MSE, skip=none", "none / concat"], rows)
     t2 = table(["", "skip=concat", "skip=none", "data"],
-               [[f"power in {lo}-{hi} cycles/px of x0-hat at t={PROBE_T}, / data", fmt(band["concat"]),
-                 fmt(band["none"]), "1"]])
+               [[f"error power of x0-hat at t={SPECTRUM_T} in {lo}-{hi} cycles/px, / data's power there",
+                 fmt(band["concat"]), fmt(band["none"]), "1"]])
     checks = [
         paired(f"without skips the loss is higher at the low-noise end (t in {LOW_NOISE_T})",
                [n - c for n, c in zip(low_loss["none"], low_loss["concat"])],
@@ -367,9 +369,9 @@ def section_skips_high_frequencies(lab: Lab, plt) -> Section:
         paired("the gap is wider at the low-noise end than at high noise (t >= 500)",
                [a - b for a, b in zip(rel_low, rel_high)],
                f"none/concat loss ratio {fmt(rel_low)} at low noise vs {fmt(rel_high)} at high noise"),
-        paired("with skips the denoised image keeps more of the data's high-frequency power",
-               [abs(n - 1) - abs(c - 1) for n, c in zip(band["none"], band["concat"])],
-               f"power ratio to data in {lo}-{hi} cycles/px: {fmt(band['concat'])} (concat) vs "
+        paired(f"with skips the low-noise estimate (t={SPECTRUM_T}) gets the high frequencies more right",
+               [np.log(n / c) for n, c in zip(band["none"], band["concat"])],
+               f"error power in {lo}-{hi} cycles/px, relative to the data's: {fmt(band['concat'])} (concat) vs "
                f"{fmt(band['none'])} (none)"),
     ]
 
@@ -379,13 +381,13 @@ def section_skips_high_frequencies(lab: Lab, plt) -> Section:
         a.errorbar(CURVE_T, c.mean(0), yerr=c.std(0, ddof=1) if len(c) > 1 else None, color=color, marker="o",
                    ms=3, capsize=2, label=f"skip={name}")
         p = np.array(spectra[name])
-        b.plot(data_f, p.mean(0), color=color, marker="o", ms=3, label=f"x0-hat, skip={name}")
+        b.plot(data_f, p.mean(0), color=color, marker="o", ms=3, label=f"error of x0-hat, skip={name}")
     b.plot(data_f, data_p, color="k", ls="--", label="data (held out)")
     a.set(xscale="log", yscale="log", xlabel="timestep t (low t = little noise)", ylabel="held-out eps-MSE",
           title="Denoising loss per noise level")
     b.axvspan(lo, hi, color="0.9", zorder=0)
     b.set(yscale="log", xlabel="radial frequency (cycles/px)", ylabel="power",
-          title=f"Radial power spectrum, x0 estimate at t={PROBE_T}", xlim=(0, nyq * math.sqrt(2)))
+          title=f"Radial power spectra, x0 estimate at t={SPECTRUM_T}", xlim=(0, 0.5 * math.sqrt(2)))
     for ax in (a, b):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -395,10 +397,11 @@ def section_skips_high_frequencies(lab: Lab, plt) -> Section:
         1, "skips-high-frequencies", "Skips carry the high frequencies",
         "The skip hands the decoder the encoder's features at full resolution, so fine detail need not squeeze "
         "through the bottleneck; without it the denoiser should fail where fine detail matters most, at low noise, "
-        "and its estimates should lose high-frequency power.",
+        "and its estimates should get the high frequencies wrong.",
         describe(lab) + "; skip=\"concat\" vs \"none\" at equal steps. The loss is measured on the held-out digits "
-        f"at each noise level (same noise for every model); the spectrum is of the model's x0 estimate at t={PROBE_T}"
-        f" (shaded: {lo}-{hi} cycles/px, the top octave of the data's band: digits are 8x8 upsampled, so above "
+        f"at each noise level (same noise for every model); the spectra are of the error of the model's x0 "
+        f"estimate, x0-hat - x0, at t={SPECTRUM_T}, against the data's own spectrum (shaded: {lo}-{hi} cycles/px, "
+        f"the top octave of the data's band: digits are 8x8 upsampled, so above "
         f"{hi} cycles/px the data have almost no power).",
         [t1, t2], checks,
         "The eps-MSE is highest at the low-noise end for every model: there the noise is tiny and predicting it "
@@ -407,7 +410,7 @@ def section_skips_high_frequencies(lab: Lab, plt) -> Section:
            "needs every pixel too, since the target is then nearly the input itself (white noise, all frequencies), "
            "which a network without skips must also squeeze through its bottleneck." if np.mean(rel_high)
            >= np.mean(rel_low) else ""),
-        {"loss_curve": {v: np.array(curves[v]).tolist() for v in variants}, "band_ratio": band,
+        {"loss_curve": {v: np.array(curves[v]).tolist() for v in variants}, "error_band_ratio": band,
          "low_noise_loss": low_loss, "high_noise_loss": high_loss}, fig)
 
 
@@ -490,6 +493,11 @@ def section_gradient_highway(lab: Lab, plt) -> Section:
                f"factor per level added: {fmt(factors[v, 'none'], 2)} (none) vs {fmt(factors[v, 'concat'], 2)} "
                f"(concat)")
         for v in GRAD_VARIANTS]
+    trained_loss = {(k, d): [lab.loss(lab.train(seed, steps=s.grad_steps, grad_every=every, **mult(d), skip=k,
+                                                zero_init=False).model) for seed in range(s.seeds)]
+                    for k in ("concat", "none") for d in depths}
+    t3 = table(["skip"] + [f"held-out loss, depth {d}" for d in depths],
+               [[k] + [fmt(trained_loss[k, d]) for d in depths] for k in ("concat", "none")])
     final = lambda k: [log[max(log)][0] for log in trained[k, deep]]  # noqa: E731
     checks.append(paired(f"the model, trained {s.grad_steps} steps at depth {deep}: the skip brings a larger "
                          "gradient to the finest level",
@@ -550,15 +558,21 @@ def section_gradient_highway(lab: Lab, plt) -> Section:
         f"During training: the model as built, {s.grad_steps} steps, batch {s.batch}, seeds 0..{s.seeds - 1}. The "
         f"factor per level added is exp(slope) of log(level-0 gradient) against depth (a gradient of exactly 0, below "
         f"float32's range, is left out of the fit).",
-        [t1, f"Per-level gradient norms during training, depth {deep}:\n\n" + t2], checks,
+        [t1, f"Per-level gradient norms during training, depth {deep}:\n\n" + t2,
+         f"Held-out loss after {s.grad_steps} steps:\n\n" + t3], checks,
         "Why the model as built shows no exponential fall without skips: every level is a stack of residual blocks, "
         "whose identity shortcuts are themselves a gradient highway through the level, and GroupNorm rescales "
         "activations (and so gradients) at every block, which keeps their size independent of depth. Remove both, "
         "as in a plain network with PyTorch's default initialisation, and the seed's prediction appears: without "
         "skips the finest level's gradient falls by orders of magnitude per level, with skips it stays put. (With "
-        "skips, the deeper levels get smaller gradients than the finest: the output leans on the short path.)",
+        "skips, the deeper levels get smaller gradients than the finest: the output leans on the short path.) "
+        "During training the skip-less model's gradient does collapse, but read that with the loss table: a deep "
+        "model without skips squeezes every pixel through a tiny bottleneck (1x1 at 5 levels), settles near the "
+        "best it can do there (predicting little more than 0, loss near 1), and a model at its optimum has small "
+        "gradients. That is the information argument of section 1, not a failure of gradient flow.",
         {"at_init": {f"{v} | {k} | {d}": at_init[v, k, d] for (v, k, d) in at_init},
          "factor": {f"{v} | {k}": f for (v, k), f in factors.items()},
+         "trained_loss": {f"{k} | {d}": v for (k, d), v in trained_loss.items()},
          "trained": {f"{k} | {d}": [{str(st): n for st, n in log.items()} for log in trained[k, d]]
                      for (k, d) in trained}}, fig)
 
@@ -623,7 +637,11 @@ def section_downsampling(lab: Lab, plt) -> Section:
         "`zero_init=False`. The loss is the held-out eps-MSE over uniform t.",
         [t1], checks,
         "Shift consistency is bounded by the zero padding too (every model knows where the border is), which all "
-        "four variants share; the skips at full resolution are shift-equivariant, so only the coarse paths alias.",
+        "four variants share; the skips at full resolution are shift-equivariant, so only the coarse paths alias."
+        + (" Here the four downsamplers differ by less than the seeds do, in shift consistency and in loss: at "
+           f"{lab.s.size}x{lab.s.size} with three levels the coarse paths are short and the full-resolution skips "
+           "carry most of the output, so this data cannot show the claim either way."
+           if overall(checks).startswith("not resolved") else ""),
         {"shift_error_init": init_err, "shift_error": err, "loss": loss}, fig)
 
 
@@ -700,7 +718,10 @@ def section_upsampling(lab: Lab, plt) -> Section:
         [t1], checks,
         "Nearest 2x interpolation has an exact zero at the output's Nyquist frequency (bilinear too, up to its "
         "clamped edge rows), so those upsampler outputs carry energy there only through the edges and the "
-        "zero-padded border of the 3x3 conv that follows; the transposed conv puts it there by construction.",
+        "zero-padded border of the 3x3 conv that follows; the transposed conv puts it there by construction."
+        + (" After training the checkerboard stays at the transposed conv's own output, but the 3x3 convs after it "
+           f"remove it: the denoised image carries no more Nyquist energy than the data ({data * pct:.3g} %)."
+           if not any(c.verdict == "holds" for c in checks[-2:]) else ""),
         {"nyquist_up_init": init, "nyquist_up_trained": up, "nyquist_x0": out, "nyquist_data": data,
          "loss": loss}, fig)
 
@@ -769,7 +790,10 @@ def section_padding(lab: Lab, plt) -> Section:
         [t1], checks,
         f"The digits' borders are always black, and zero padding tells a \"same\" network where the border is; the "
         f"mirror padding of \"valid\" hides it. The cost of \"valid\" here is {flops['valid'] / flops['same']:.0f}x "
-        f"the FLOPs per image.",
+        f"the FLOPs per image."
+        + (" On digits the border ring is the easiest region for both paddings (border/interior below 1): its "
+           "pixels are always black, so invented zeros have little to corrupt there. Data with content at the "
+           "edges would test the claim harder." if max(np.mean(ratio[n]) for n in names) < 1 else ""),
         {"border": border, "interior": interior, "ratio": ratio, "flops": flops}, fig)
 
 
@@ -833,7 +857,11 @@ def section_concat_1x1(lab: Lab, plt) -> Section:
         f"variants ({lab.s.timing_steps} steps each, one thread, on a machine with load average "
         f"{os.getloadavg()[0]:.1f}).",
         [t1], checks,
-        "`add` is listed as the cheapest fusion for reference; it is not part of the claim.",
+        "`add` is listed as the cheapest fusion for reference; it is not part of the claim. "
+        f"In numbers: the 1x1 saves {1 - params['concat_1x1'] / params['concat']:.0%} of the parameters, "
+        f"{1 - flops['concat_1x1'] / flops['concat']:.0%} of the FLOPs and "
+        f"{1 - ms['concat_1x1'] / ms['concat']:.0%} of the time per step, for a held-out loss "
+        f"{np.mean(loss['concat_1x1']) / np.mean(loss['concat']) - 1:+.1%} at equal steps.",
         {"params": params, "flops": flops, "ms_per_step": ms, "loss": loss}, fig)
 
 
