@@ -30,6 +30,7 @@ from .diffusion import BETA_SCHEDULES, TARGETS, diffusion_loss, make_noise_sched
 from .metrics import ExtractorUnavailable, evaluate, load_extractor
 from .nn import choose
 from .sampling import generate, make_scheduler, save_grid, to_uint8
+from .speed import apply_fast_paths
 from .unet import UNet
 
 PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
@@ -173,6 +174,8 @@ class Trainer:
         self.noise_scheduler = make_noise_scheduler(cfg.diffusion)
         self.conditional = bool(model.config.num_classes)
 
+        apply_fast_paths(model.to(acc.device), channels_last=t.channels_last, compile=t.compile,
+                         gradient_checkpointing=t.gradient_checkpointing)
         optimizer = make_optimizer(model, t)
         # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
         lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps * self.world,

@@ -255,9 +255,10 @@ def test_train_py_cli(tmp_path):
     assert shown.returncode == 0 and "lr: 0.0001" in shown.stdout and "source: digits" in shown.stdout
 
 
-def test_bf16_autocast_and_gradient_accumulation(tmp_path):
+def test_bf16_autocast_gradient_accumulation_and_fast_paths(tmp_path):
     cfg = fast_cfg(tmp_path, "train.max_steps=2", "train.grad_accum=3", "train.mixed_precision=bf16",
-                   "diffusion.loss_weighting=min_snr", "diffusion.prediction_type=v_prediction")
+                   "diffusion.loss_weighting=min_snr", "diffusion.prediction_type=v_prediction",
+                   "train.channels_last=true", "train.gradient_checkpointing=true")
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
     state = json.loads((ckpt / "trainer_state.json").read_text())
