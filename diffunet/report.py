@@ -762,20 +762,21 @@ def section_padding(lab: Lab, plt) -> Section:
                f"border eps-MSE {fmt(border['same'])} (same) vs {fmt(border['valid'])} (valid)"),
     ]
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), gridspec_kw={"width_ratios": [1, 1, 1.2]})
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), gridspec_kw={"width_ratios": [1, 1.2, 1.3]})
     vmax = max(float(torch.stack(maps[n]).mean(0).max()) for n in names)
     for ax, n in zip(axes[:2], names):
         im = ax.imshow(torch.stack(maps[n]).mean(0).numpy(), vmin=0, vmax=vmax, cmap="magma")
         ax.set(title=f"eps-MSE per pixel, padding={n}", xticks=[], yticks=[])
-    fig.colorbar(im, ax=axes[:2], fraction=0.025)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
     x = np.arange(2)
     for off, d, label in ((-0.2, border, f"border ring ({BORDER} px)"), (0.2, interior, "interior")):
         m = [np.mean(d[n]) for n in names]
         sd = [np.std(d[n], ddof=1) if len(d[n]) > 1 else 0 for n in names]
         axes[2].bar(x + off, m, 0.4, yerr=sd, capsize=3, label=label)
     axes[2].set(xticks=x, xticklabels=names, ylabel="held-out eps-MSE", title="Border vs interior")
-    axes[2].legend(fontsize=8)
+    axes[2].legend(fontsize=8, loc="upper left")
     axes[2].grid(alpha=0.3, axis="y")
+    fig.tight_layout()
 
     return Section(
         5, "padding", "Padding at the borders",
