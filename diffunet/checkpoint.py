@@ -11,9 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -114,3 +119,47 @@ def rotate(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
     for leftover in Path(root).glob(".step_*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ RNG state
+# Every process's RNG state, gathered to the main process and written there as safetensors + JSON: one writer,
+# and nothing a load could execute. (accelerate's save_state writes a pickle per process, from each process.)
+
+def rng_state() -> dict:
+    """This process's python, numpy, torch (and CUDA) RNG states, as tensors and plain numbers."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "meta": {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+                      "python": [version, list(internal), gauss_next]}}
+    if torch.cuda.is_available():
+        state.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def save_rng(folder: Path, states: list[dict]) -> None:
+    """Write the states of all processes (index = process rank) into ``folder``."""
+    tensors, meta = {}, {}
+    for rank, state in enumerate(states):
+        meta[str(rank)] = state["meta"]
+        tensors.update({f"{rank}.{k}": v.contiguous() for k, v in state.items() if k != "meta"})
+    save_file(tensors, Path(folder) / "rng.safetensors")
+    (Path(folder) / "rng.json").write_text(json.dumps(meta))
+
+
+def load_rng(folder: Path, rank: int) -> bool:
+    """Restore process ``rank``'s RNG states from ``folder``; False if the checkpoint has none for it."""
+    meta = json.loads((Path(folder) / "rng.json").read_text()).get(str(rank))
+    if meta is None:
+        return False
+    tensors = load_file(Path(folder) / "rng.safetensors")
+    torch.set_rng_state(tensors[f"{rank}.torch"])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors[f"{rank}.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = [tensors[k] for k in sorted(tensors, key=lambda k: int(k.rsplit(".", 1)[1]) if ".cuda." in k else -1)
+            if k.startswith(f"{rank}.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return True

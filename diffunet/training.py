@@ -250,26 +250,20 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write the full state to a temporary folder, then seal it (manifest, fsync, rename) and rotate.
 
-        A failed write (a full disk, say) removes the temporary folder, leaves every earlier checkpoint as it
-        was, and stops every process with one message.
+        Only the main process writes: the other processes send it their RNG states. A failed write (a full disk,
+        say) removes the temporary folder, leaves every earlier checkpoint as it was, and stops every process
+        with one message.
         """
         acc = self.accelerator
         tmp, final = ckpt.tmp_dir(self.ckpt_root, self.step), ckpt.step_dir(self.ckpt_root, self.step)
+        rng = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
         error = None
-        try:
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-        except OSError as e:
-            error = str(e)
-        self.agree(error and self._save_failed(final, error))
-        try:
-            acc.save_state(str(tmp), safe_serialization=True)
-        except OSError as e:
-            error = str(e)
-        self.agree(error and self._save_failed(final, error))    # every process's files are in before sealing
         if acc.is_main_process:
             try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                acc.save_state(str(tmp), safe_serialization=True)    # model, optimizer, lr schedule (DDP: no collective)
+                ckpt.save_rng(tmp, rng)
                 # EMA as safetensors + JSON rather than accelerate's pickled custom state: loading runs no code.
                 ema = self.ema.state_dict()
                 shadow = {f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.pop("shadow_params"))}
@@ -282,8 +276,8 @@ class Trainer:
                 ckpt.seal(tmp, final)
                 ckpt.rotate(self.ckpt_root, self.cfg.train.keep_checkpoints)
             except OSError as e:
-                error = str(e)
-        self.agree(error and self._save_failed(final, error))
+                error = self._save_failed(final, str(e))
+        self.agree(error)
         return final
 
     def _save_failed(self, final: Path, error: str) -> str:
@@ -308,6 +302,7 @@ class Trainer:
         except pickle.UnpicklingError as e:
             raise ckpt.CheckpointError(f"refusing to load {path}: a file holds objects other than plain tensors "
                                        f"and numbers, which could run code ({str(e).splitlines()[0]})") from None
+        ckpt.load_rng(path, self.accelerator.process_index)
         shadow = load_file(path / "ema.safetensors")
         self.ema.load_state_dict(dict(state["ema"], shadow_params=[shadow[f"{i}"] for i in range(len(shadow))]))
         self.ema.to(self.accelerator.device)

@@ -232,8 +232,9 @@ def test_two_process_cpu_run_keeps_ranks_identical_and_one_writer(tmp_path):
     assert result.stdout.count("pipeline written to") == 1                  # printed by the main process only
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["final.png", "step_000002.png"]
     ckpt = run / "checkpoints" / "step_000004"
-    # accelerate writes each process's own RNG state; everything else in the run has one writer, rank 0
-    assert sorted(p.name for p in ckpt.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    # one writer, rank 0: the other process's RNG state travels to it and is written there
+    assert sorted(p.name for p in ckpt.glob("random_states_*")) == ["random_states_0.pkl"]
+    assert set(json.loads((ckpt / "rng.json").read_text())) == {"0", "1"}
     assert len(list((run / "logs").rglob("events.out.tfevents*"))) >= 1
     assert not list(run.rglob("*.tmp"))
     # resumed with two processes: still identical on both ranks
