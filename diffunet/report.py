@@ -591,6 +591,16 @@ def shift_error(lab: Lab, model: UNet) -> float:
     return float(np.mean(errs))
 
 
+def loss_bars(ax, loss: dict, names: list[str]) -> None:
+    """Held-out loss per variant, mean and sd over seeds, on an axis zoomed to the bars' range."""
+    x = np.arange(len(names))
+    m = [np.mean(loss[n]) for n in names]
+    sd = [np.std(loss[n], ddof=1) if len(loss[n]) > 1 else 0 for n in names]
+    ax.bar(x, m, 0.6, yerr=sd, capsize=3, color="C2")
+    ax.set(xticks=x, xticklabels=names, ylabel="held-out eps-MSE", title="Loss at equal steps",
+           ylim=(min(mm - s for mm, s in zip(m, sd)) * 0.97, max(mm + s for mm, s in zip(m, sd)) * 1.01))
+
+
 def section_downsampling(lab: Lab, plt) -> Section:
     names = ("conv", "maxpool", "avgpool", "blur")
     seeds = range(lab.s.seeds)
@@ -616,12 +626,7 @@ def section_downsampling(lab: Lab, plt) -> Section:
         a.bar(x + off, m, 0.4, yerr=sd, capsize=3, label=label)
     a.set(xticks=x, xticklabels=names, ylabel="shift error (%)", title="Shift 1 px: relative change of the output")
     a.legend(fontsize=8)
-    m = [np.mean(loss[n]) for n in names]
-    sd = [np.std(loss[n], ddof=1) if len(loss[n]) > 1 else 0 for n in names]
-    b.bar(x, m, 0.6, yerr=sd, capsize=3, color="C2")
-    lo = min(mm - s for mm, s in zip(m, sd))
-    b.set(xticks=x, xticklabels=names, ylabel="held-out eps-MSE", title="Loss at equal steps",
-          ylim=(lo * 0.97, max(mm + s for mm, s in zip(m, sd)) * 1.01))
+    loss_bars(b, loss, names)
     for ax in (a, b):
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -697,11 +702,7 @@ def section_upsampling(lab: Lab, plt) -> Section:
     a.set(xticks=x, xticklabels=names, yscale="log", ylabel="power at Nyquist (% of total)",
           title="Checkerboard energy")
     a.legend(fontsize=7)
-    m = [np.mean(loss[n]) for n in names]
-    sd = [np.std(loss[n], ddof=1) if len(loss[n]) > 1 else 0 for n in names]
-    b.bar(x, m, 0.6, yerr=sd, capsize=3, color="C2")
-    b.set(xticks=x, xticklabels=names, ylabel="held-out eps-MSE", title="Loss at equal steps",
-          ylim=(min(mm - s for mm, s in zip(m, sd)) * 0.97, max(mm + s for mm, s in zip(m, sd)) * 1.01))
+    loss_bars(b, loss, names)
     for ax in (a, b):
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
