@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 import diffunet.training as training
 from diffunet import checkpoint as ckpt
 from diffunet.checkpoint import CheckpointError
-from diffunet.config import load_config
 from diffunet.data import DataError
 from diffunet.training import TrainingError, train
 from test_training import FAST, ROOT, fast_cfg
