@@ -172,7 +172,8 @@ class Trainer:
                               f"({t.batch_size} x {self.world} processes); lower train.batch_size")
         self.dataset = dataset
         self.noise_scheduler = make_noise_scheduler(cfg.diffusion)
-        self.conditional = bool(model.config.num_classes)
+        self.num_classes = model.config.num_classes     # also the "null" class id that label dropout uses
+        self.conditional = bool(self.num_classes)
 
         apply_fast_paths(model.to(acc.device), channels_last=t.channels_last, compile=t.compile,
                          gradient_checkpointing=t.gradient_checkpointing)
@@ -397,14 +398,10 @@ class Trainer:
         if not self.conditional:
             return x, None
         drop = torch.rand(y.shape[0], device=y.device) < self.cfg.train.label_dropout
-        return x, torch.where(drop, torch.full_like(y, self.model_config.num_classes), y)
-
-    @property
-    def model_config(self):
-        return self.accelerator.unwrap_model(self.model).config
+        return x, torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def train(self) -> Path:
-        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
+        cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self.out / "config.yaml")
