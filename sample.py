@@ -7,6 +7,7 @@ Every option is a keyword of ``diffunet.sampling.sample_to_folder``; see docs/sa
 """
 
 import argparse
+import sys
 
 from diffunet.config import SampleConfig
 from diffunet.sampling import DTYPES, SCHEDULERS, sample_to_folder
@@ -41,5 +42,14 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def main(argv=None) -> int:
+    try:
+        sample_to_folder(**vars(parse(argv)))
+    except (FileNotFoundError, ValueError) as e:       # a bad folder, label or option: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    sample_to_folder(**vars(parse()))
+    sys.exit(main())

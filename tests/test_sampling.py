@@ -151,3 +151,12 @@ def test_one_and_two_processes_give_the_same_images(pipeline, tmp_path):
     assert sorted(a) == sorted(b) == [f"{i:06d}.png" for i in range(7)]                # no gaps, no extras
     for name in a:
         assert np.abs(a[name].astype(int) - b[name]).max() <= 1
+
+
+def test_sample_py_bad_folder_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), str(tmp_path / "nothing"), "--out",
+                             str(tmp_path / "s")], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nothing'} is neither a pipeline folder (model_index.json) nor a model folder "
+        "(config.json); pass the <output_dir>/pipeline folder that train.py writes"]
