@@ -243,8 +243,44 @@ class TransposedConv(nn.Module):
         return self.conv(x)
 
 
+# Nearest 2x upsampling repeats every input row twice, so a 3x3 conv over the upsampled image reads, for output row
+# 2i + a (a = 0, 1 the row's phase), only two distinct input rows, each under a sum of the 3x3 kernel's rows:
+# PHASE_TAPS[a, k, r] = 1 where kernel row r lands on the phase's k-th input row. With padding 1 the rows are
+# i - 1 + a + k; unpadded ("valid") they are i + k and the phases swap. Same for columns.
+PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],
+                           [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+# Below this input size the four-phase conv is not faster (measured: 1.0x at 4x4, 1.4-2x from 8x8 up).
+SUBPIXEL_MIN_SIZE = 8
+
+
+def nearest_up_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding)`` for a 3x3 ``weight``,
+    computed at the input's resolution: one 2x2 conv with four output phases (16 instead of 36 multiply-adds per
+    output pixel, and no upsampled copy of ``x``), then the phases interleaved. Equal up to float rounding."""
+    b, _, h, w = x.shape
+    c = weight.shape[0]
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.autocast(x.device.type, enabled=False):                  # sum the taps in the weights' precision
+        taps = PHASE_TAPS.to(weight)
+        taps = taps if padding else taps.flip(0)                        # "valid": phase a takes the other sums
+        kernel = torch.einsum("akr,bls,ocrs->abockl", taps, taps, weight).reshape(4 * c, -1, 2, 2)
+    phases = F.conv2d(x, kernel.contiguous(memory_format=layout), None if bias is None else bias.expand(4, c).reshape(-1),
+                      padding=padding)
+    phases = phases.unflatten(1, (2, 2, c))                             # (B, 4C, H', W') -> (B, 2, 2, C, H', W')
+    rows, cols = h - 1 + padding, w - 1 + padding                       # output rows per phase
+    out = torch.empty((b, c, 2 * rows, 2 * cols), dtype=phases.dtype, device=x.device, memory_format=layout)
+    for i in (0, 1):
+        for j in (0, 1):
+            out[:, :, i::2, j::2] = phases[:, i, j, :, i * padding : i * padding + rows, j * padding : j * padding + cols]
+    return out
+
+
 class InterpolateConv(nn.Module):
-    """Fixed interpolation to twice the size, then a 3x3 conv (Odena et al. 2016: no checkerboard by design)."""
+    """Fixed interpolation to twice the size, then a 3x3 conv (Odena et al. 2016: no checkerboard by design).
+
+    "nearest" runs as ``nearest_up_conv`` (about 2x faster at 16x16 and up, same weights and outputs)."""
 
     def __init__(self, mode: str, channels: int, padding: str):
         super().__init__()
@@ -255,7 +291,11 @@ class InterpolateConv(nn.Module):
     def size(self, n: int) -> int:
         return conv_size(2 * n, 3, 1, self.pad)
 
+    four_phase = True       # False: upsample, then convolve (the nominal FLOPs; bench/bench_unet.py counts those)
+
     def forward(self, x):
+        if self.four_phase and self.mode == "nearest" and min(x.shape[-2:]) >= SUBPIXEL_MIN_SIZE:
+            return nearest_up_conv(x, self.conv.weight, self.conv.bias, self.pad)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode=self.mode))
 
 

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import tiny
-from diffunet.nn import CPU_MATMUL_ATTENTION_TOKENS, attend
+from diffunet.nn import CPU_MATMUL_ATTENTION_TOKENS, SUBPIXEL_MIN_SIZE, InterpolateConv, attend, nearest_up_conv
 from diffunet.speed import apply_fast_paths, autocast, compiler_missing
 
 
@@ -79,6 +79,38 @@ def test_both_attention_routes_agree_with_the_fp32_reference(tokens, dtype):
     ref = F.scaled_dot_product_attention(q, k, v)
     out = attend(q.to(dtype), k.to(dtype), v.to(dtype)).float()
     torch.testing.assert_close(out, ref, atol=1e-5 if dtype == torch.float32 else 3e-2, rtol=1e-4 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("padding", [1, 0])
+@pytest.mark.parametrize("size", [(1, 1), (5, 7), (8, 8)])
+def test_four_phase_upsampling_equals_interpolate_then_conv(size, padding, channels_last):
+    if padding == 0 and min(size) < 2:
+        pytest.skip("an unpadded 3x3 conv needs 2 input rows (4 upsampled)")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=padding)
+    out = nearest_up_conv(x, w, b, padding)
+    assert out.shape == ref.shape
+    assert out.is_contiguous(memory_format=memory_format) or size == (1, 1)   # 1x1: both layouts at once
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    assert_close_lists(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g),
+                       rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_nearest_upsampler_takes_the_four_phase_route_with_the_same_result(mixed_precision):
+    up = InterpolateConv("nearest", 8, "same")
+    x = torch.randn(2, 8, SUBPIXEL_MIN_SIZE, SUBPIXEL_MIN_SIZE)
+    ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    with profile(activities=[ProfilerActivity.CPU]) as prof, autocast("cpu", mixed_precision):
+        out = up(x)
+    assert "aten::upsample_nearest2d" not in {e.key for e in prof.key_averages()}
+    tol = dict(rtol=1e-5, atol=1e-5) if mixed_precision == "no" else dict(rtol=3e-2, atol=5e-2)
+    torch.testing.assert_close(out.float(), ref, **tol)
 
 
 def test_attention_takes_sdpas_fused_kernel_not_the_math_path():
