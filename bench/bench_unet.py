@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -178,14 +180,15 @@ class RssPeak:
 def return_freed_memory_to_os():
     """glibc keeps freed blocks for reuse, which hides a step's peak from RSS; this makes every block over 64 KiB
     its own mapping, handed back on free, so RSS tracks the tensors alive (torch's CPU allocator does not cache).
-    It cannot be undone, and it makes every large tensor's pages fault in afresh: a training step ran ~1.5x slower
-    with it on this machine. So the run times everything first and measures memory last."""
+    It cannot be undone, and it makes every large tensor's pages fault in afresh (a training step ran ~1.5x slower
+    with it on this machine), so on CPU memory is measured in a child process of its own (``--memory-only``)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 16)     # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 16)     # M_TRIM_THRESHOLD
     except OSError:
         pass
+
 
 
 def peak_memory(fn, device) -> int:
@@ -329,7 +332,37 @@ def say(message: str, start: float) -> None:
     print(f"[{time.perf_counter() - start:5.0f} s] {message}", file=sys.stderr, flush=True)
 
 
-def run(args) -> None:
+def make_jobs(args, device, build, rows) -> list[Job]:
+    # one model instance (and AdamW) per side and per model transform; settings that only change the step share it
+    models, jobs = {}, []
+    for side, make in build.items():
+        for setting in rows:
+            key = (side, setting.model_key)
+            if key not in models:
+                m = apply_fast_paths(make().to(device), channels_last=setting.channels_last, compile=setting.compile)
+                models[key] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
+            model, opt = models[key]
+            jobs.append(Job(side, setting, model, opt, device, args.batch, model.config.in_channels))
+    return jobs
+
+
+def warm_up(jobs, steps: int) -> None:                                  # allocator, oneDNN, the compiler
+    for job in jobs:
+        for _ in range(steps):
+            job.train_step()
+        if not job.setting.gradient_checkpointing:
+            job.forward()
+
+
+def memory_in_child(argv: list[str]) -> dict:
+    """{(side, setting name): bytes} of one training step each, measured by a fresh process of this script."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-only"], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"the memory run failed:\n{out.stderr[-2000:]}")
+    return {tuple(k.split("|")): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def run(args, argv: list[str]) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -341,6 +374,16 @@ def run(args) -> None:
     best = best_row(args, rows)
     t0 = time.perf_counter()
 
+    if args.memory_only:                    # the child: RSS tracks live tensors here, and nothing is timed
+        return_freed_memory_to_os()
+        jobs = make_jobs(args, device, build, rows)
+        warm_up(jobs, 1)
+        print(json.dumps({f"{j.side}|{j.setting.name}": peak_memory(j.train_step, device) for j in jobs}))
+        return
+    if not cuda:
+        say("peak memory of a training step (in a child process)", t0)
+        memory = memory_in_child(argv)
+
     say("counting FLOPs", t0)                                          # per image, on plain fp32 copies
     arch = {}
     for side, make in build.items():
@@ -349,29 +392,20 @@ def run(args) -> None:
         x = torch.randn(1, m.config.in_channels, *((size, size) if isinstance(size, int) else size), device=device)
         t = torch.tensor([500], device=device)
         arch[side] = dict(params=sum(p.numel() for p in m.parameters()), fwd=count_flops(m, x, t, False),
-                          train=count_flops(m, x, t, True), run=count_flops(m, x, t, False, nominal=False),
-                          channels=m.config.in_channels)
+                          train=count_flops(m, x, t, True), run=count_flops(m, x, t, False, nominal=False))
         del m
 
     dtypes = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     peaks = {mp: Peak(device, dtypes[mp]) for mp in sorted({r.mixed_precision for r in rows})}  # per dtype used
+    jobs = make_jobs(args, device, build, rows)
 
-    # one model instance (and AdamW) per side and per model transform; settings that only change the step share it
-    models, jobs = {}, []
-    for side, make in build.items():
-        for setting in rows:
-            key = (side, setting.model_key)
-            if key not in models:
-                m = apply_fast_paths(make().to(device), channels_last=setting.channels_last, compile=setting.compile)
-                models[key] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
-            jobs.append(Job(side, setting, *models[key], device, args.batch, arch[side]["channels"]))
-
-    say(f"warm-up: {len(jobs)} rows x {warmup} steps", t0)            # allocator, oneDNN, the compiler
+    say(f"warm-up: {len(jobs)} rows x {warmup} steps", t0)
+    warm_up(jobs, warmup)
+    if cuda:
+        say("peak memory of a training step", t0)
+        memory = {(j.side, j.setting.name): peak_memory(j.train_step, device) for j in jobs}
     for job in jobs:
-        for _ in range(warmup):
-            job.train_step()
-        if not job.setting.gradient_checkpointing:
-            job.forward()
+        job.result.memory = memory[(job.side, job.setting.name)]
     say(f"timing: {repeats} rounds of training steps, then of forward passes", t0)
     for _ in range(repeats):                                            # the rows (and the peaks) take turns
         for peak in peaks.values():
@@ -388,11 +422,6 @@ def run(args) -> None:
         if job.setting.name in ("fp32", best.name) and args.ddim_steps:
             job.ddim(ddim_batch, 2)                                     # warm-up at this batch size
             job.result.ddim = timed(lambda: job.ddim(ddim_batch, args.ddim_steps), device)
-    say("peak memory of a training step", t0)
-    if device.type == "cpu":
-        return_freed_memory_to_os()         # last: it makes every large allocation a fresh mapping (slower)
-    for job in jobs:
-        job.result.memory = peak_memory(job.train_step, device)
 
     report(args, device, arch, peaks, rows, best, jobs, ddim_batch, time.perf_counter() - t0)
 
@@ -474,11 +503,13 @@ def main(argv=None):
     p.add_argument("--ddim-batch", type=int, default=0, help="batch of the DDIM call (default: 4 on CPU, --batch on CUDA)")
     p.add_argument("--ddim-steps", type=int, default=50, help="0 skips the DDIM calls")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)   # the CPU memory child process
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.best is None:
         on_gpu = torch.device(args.device).type == "cuda"
         args.best = f"{args.dtype},channels_last" + (",compile" if args.compile else "") if on_gpu else args.dtype
-    run(args)
+    run(args, argv)
 
 
 if __name__ == "__main__":
