@@ -82,11 +82,8 @@ def test_both_attention_routes_agree_with_the_fp32_reference(tokens, dtype):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("padding", [1, 0])
-@pytest.mark.parametrize("size", [(1, 1), (5, 7), (8, 8)])
+@pytest.mark.parametrize("size, padding", [((1, 1), 1), ((5, 7), 1), ((8, 8), 1), ((2, 3), 0), ((5, 7), 0)])
 def test_four_phase_upsampling_equals_interpolate_then_conv(size, padding, channels_last):
-    if padding == 0 and min(size) < 2:
-        pytest.skip("an unpadded 3x3 conv needs 2 input rows (4 upsampled)")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
