@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import tiny
-from diffunet.nn import CPU_MATMUL_ATTENTION_TOKENS, SUBPIXEL_MIN_SIZE, InterpolateConv, attend, nearest_up_conv
+from diffunet.nn import CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, InterpolateConv, attend, nearest_up_conv
 from diffunet.speed import apply_fast_paths, autocast, compiler_missing
 
 
@@ -101,7 +101,7 @@ def test_four_phase_upsampling_equals_interpolate_then_conv(size, padding, chann
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_nearest_upsampler_takes_the_four_phase_route_with_the_same_result(mixed_precision):
     up = InterpolateConv("nearest", 8, "same")
-    x = torch.randn(2, 8, SUBPIXEL_MIN_SIZE, SUBPIXEL_MIN_SIZE)
+    x = torch.randn(2, 8, FOUR_PHASE_MIN_SIZE, FOUR_PHASE_MIN_SIZE)
     ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     with profile(activities=[ProfilerActivity.CPU]) as prof, autocast("cpu", mixed_precision):
         out = up(x)
