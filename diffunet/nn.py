@@ -249,7 +249,8 @@ class TransposedConv(nn.Module):
 # unpadded ("valid"), both phases read rows i, i+1, phase 0 with (r0 + r1, r2) and phase 1 with (r0, r1 + r2).
 # The same holds for columns.
 
-# Below this input size the four-phase conv is not faster (measured: 1.0x at 4x4, 1.4-2x from 8x8 up).
+# Below this input size the four-phase conv is not faster on CPU (measured there: 1.0x at 4x4, 1.4-2x from 8x8 up;
+# not tuned on GPUs).
 FOUR_PHASE_MIN_SIZE = 8
 
 
@@ -261,32 +262,46 @@ def fold_taps(weight: torch.Tensor, dim: int, padding: int) -> torch.Tensor:
     return torch.stack(phases if padding else phases[::-1])
 
 
+def four_phase_kernel(weight: torch.Tensor, padding: int) -> torch.Tensor:
+    """(C, C_in, 3, 3) -> (4C, C_in, 2, 2): the 2x2 kernel of each output phase (row phase, column phase, channel).
+    The taps are summed in fp32 at least and rounded to the weight's dtype once (bf16 weights lose no more)."""
+    exact = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    kernel = fold_taps(fold_taps(exact, 2, padding), 4, padding).transpose(0, 1)     # (2, 2, C, C_in, 2, 2)
+    return kernel.reshape(-1, *weight.shape[1:2], 2, 2).to(weight.dtype)
+
+
 def nearest_up_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
     """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding)`` for a 3x3 ``weight``,
-    computed at the input's resolution: one 2x2 conv with four output phases (16 instead of 36 multiply-adds per
-    output pixel, and no upsampled copy of ``x``), then the phases interleaved. Equal up to float rounding."""
+    computed at the input's resolution: one 2x2 conv with four output phases, then the phases interleaved.
+
+    4 instead of 9 multiply-adds per output pixel (with padding 1 the 2x2 conv covers one extra row and column,
+    which the phases drop: (H+1)(W+1)/HW more, 13 % at 16x16), and the backward pass keeps ``x`` rather than its
+    4x upsampled copy. Equal up to float rounding; the output has the plain path's dtype and memory format."""
     b, _, h, w = x.shape
     c = weight.shape[0]
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    with torch.autocast(x.device.type, enabled=False):                  # sum the taps in the weights' precision
-        rows_folded = fold_taps(weight, 2, padding)                      # (2 row phases, C, C_in, 2, 3)
-        kernel = fold_taps(rows_folded, 4, padding).transpose(0, 1)      # (2 row, 2 col phases, C, C_in, 2, 2)
-    kernel = kernel.reshape(4 * c, -1, 2, 2).contiguous(memory_format=layout)
+    kernel = four_phase_kernel(weight, padding)
+    if channels_last:
+        kernel = kernel.contiguous(memory_format=torch.channels_last)
     phases = F.conv2d(x, kernel, None if bias is None else bias.expand(4, c).reshape(-1), padding=padding)
-    phases = phases.unflatten(1, (2, 2, c))                             # (B, 4C, H', W') -> (B, 2, 2, C, H', W')
-    rows, cols = h - 1 + padding, w - 1 + padding                       # output rows per phase
-    out = torch.empty((b, c, 2 * rows, 2 * cols), dtype=phases.dtype, device=x.device, memory_format=layout)
-    for i in (0, 1):
-        for j in (0, 1):
-            out[:, :, i::2, j::2] = phases[:, i, j, :, i * padding : i * padding + rows, j * padding : j * padding + cols]
-    return out
+    # phases[n, (i, j, k), i*padding + r, j*padding + s] is output pixel (n, k, 2r + i, 2s + j): one strided view
+    # (B, C, rows, 2, cols, 2) of it, then a single copy into place.
+    rows, cols = h - 1 + padding, w - 1 + padding
+    sn, sk, sr, ss = phases.stride()
+    phase_i, phase_j = 2 * c * sk + padding * sr, c * sk + padding * ss         # steps to the next phase
+    view = phases.as_strided((b, c, rows, 2, cols, 2), (sn, sk, sr, phase_i, ss, phase_j))
+    if channels_last:
+        return rearrange(view, "n k r i s j -> n (r i) (s j) k").permute(0, 3, 1, 2)
+    return rearrange(view, "n k r i s j -> n k (r i) (s j)")
 
 
 class InterpolateConv(nn.Module):
     """Fixed interpolation to twice the size, then a 3x3 conv (Odena et al. 2016: no checkerboard by design).
 
-    "nearest" runs as ``nearest_up_conv`` (about 2x faster at 16x16 and up, same weights and outputs)."""
+    "nearest" runs as ``nearest_up_conv`` from ``FOUR_PHASE_MIN_SIZE`` inputs up (same weights, same outputs to
+    float rounding; 1.4-2x faster per upsampler on CPU); ``four_phase = False`` runs the plain path instead."""
+
+    four_phase = True
 
     def __init__(self, mode: str, channels: int, padding: str):
         super().__init__()
@@ -296,8 +311,6 @@ class InterpolateConv(nn.Module):
 
     def size(self, n: int) -> int:
         return conv_size(2 * n, 3, 1, self.pad)
-
-    four_phase = True       # False: upsample, then convolve (the nominal FLOPs; bench/bench_unet.py counts those)
 
     def forward(self, x):
         if self.four_phase and self.mode == "nearest" and min(x.shape[-2:]) >= FOUR_PHASE_MIN_SIZE:

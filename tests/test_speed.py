@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import tiny
-from diffunet.nn import CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, InterpolateConv, attend, nearest_up_conv
+from diffunet.nn import (CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, InterpolateConv, attend, four_phase_kernel,
+                         nearest_up_conv)
 from diffunet.speed import apply_fast_paths, autocast, compiler_missing
 
 
@@ -81,33 +82,64 @@ def test_both_attention_routes_agree_with_the_fp32_reference(tokens, dtype):
     torch.testing.assert_close(out, ref, atol=1e-5 if dtype == torch.float32 else 3e-2, rtol=1e-4 if dtype == torch.float32 else 3e-2)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("size, padding", [((1, 1), 1), ((5, 7), 1), ((8, 8), 1), ((2, 3), 0), ((5, 7), 0)])
-def test_four_phase_upsampling_equals_interpolate_then_conv(size, padding, channels_last):
+def test_four_phase_upsampling_equals_interpolate_then_conv(size, padding, channels_last, bias):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
     ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=padding)
     out = nearest_up_conv(x, w, b, padding)
     assert out.shape == ref.shape
     assert out.is_contiguous(memory_format=memory_format) or size == (1, 1)   # 1x1: both layouts at once
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
-    assert_close_lists(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g),
-                       rtol=1e-12, atol=1e-12)
+    inputs = (x, w, b) if bias else (x, w)
+    assert_close_lists(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_nearest_upsampler_takes_the_four_phase_route_with_the_same_result(mixed_precision):
     up = InterpolateConv("nearest", 8, "same")
     x = torch.randn(2, 8, FOUR_PHASE_MIN_SIZE, FOUR_PHASE_MIN_SIZE)
-    ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    with profile(activities=[ProfilerActivity.CPU]) as prof, autocast("cpu", mixed_precision):
-        out = up(x)
+    with autocast("cpu", mixed_precision):
+        up.four_phase = False
+        ref = up(x)
+        up.four_phase = True
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = up(x)
     assert "aten::upsample_nearest2d" not in {e.key for e in prof.key_averages()}
+    assert out.dtype == ref.dtype
     tol = dict(rtol=1e-5, atol=1e-5) if mixed_precision == "no" else dict(rtol=3e-2, atol=5e-2)
-    torch.testing.assert_close(out.float(), ref, **tol)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize("padding", [1, 0])
+def test_four_phase_kernels_are_the_tap_sums_rounded_once(padding):
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    rows = torch.tensor([[[1.0, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float64)   # [phase, tap, row]
+    rows = rows if padding else rows.flip(0)
+    ref = torch.einsum("akr,bls,ocrs->abockl", rows, rows, w).reshape(16, 3, 2, 2)
+    torch.testing.assert_close(four_phase_kernel(w, padding), ref, rtol=1e-15, atol=1e-15)
+    # bf16 weights (a pipeline loaded with torch_dtype=bfloat16): summed in fp32, rounded once
+    w16 = w.to(torch.bfloat16)
+    assert torch.equal(four_phase_kernel(w16, padding), four_phase_kernel(w16.double(), padding).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("padding, size", [("valid", (12, 16)), ("same", (32, 48))])   # upsampler inputs >= 8
+def test_unet_outputs_do_not_depend_on_the_upsampling_route(padding, size):
+    model = tiny(zero_init=False, padding=padding, sample_size=size, upsample="nearest", channel_mult=(1, 2, 2),
+                 attention_resolutions=())
+    ups = [m for m in model.modules() if isinstance(m, InterpolateConv)]
+    x, t = torch.randn(2, 1, *size), torch.tensor([3, 700])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = model(x, t).sample
+    assert "aten::upsample_nearest2d" not in {e.key for e in prof.key_averages()}   # every upsampler took it
+    for m in ups:
+        m.four_phase = False
+    torch.testing.assert_close(out, model(x, t).sample, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_takes_sdpas_fused_kernel_not_the_math_path():
