@@ -9,8 +9,9 @@ measured through the same switches (``diffunet.speed.apply_fast_paths`` and ``au
 fp32 eager, channels_last, mixed precision, torch.compile (``--compile``), gradient checkpointing, and "best"
 (``--best``). Per row: training img/s (forward + backward + AdamW step, median of repeats after warm-up; the rows
 take turns, so a load burst on a shared machine hits them all), forward-only img/s, the wall time of one DDIM-50
-pipeline call, the peak memory of a training step (CUDA: max allocated; CPU: RSS above the pre-step level), and
-achieved FLOP/s and MFU against a conv3x3 / matmul peak measured in the same run, same device and dtype.
+pipeline call, the peak memory of a training step (CUDA: max allocated; CPU: RSS above the pre-step level, in a
+child process run with ``--memory-only``: see ``return_freed_memory_to_os``), and achieved FLOP/s and MFU against
+a conv3x3 / matmul peak measured in the same run, same device and dtype.
 Then the ratios ours / diffusers and the four targets of the performance issue, PASS or FAIL.
 """
 
@@ -190,7 +191,6 @@ def return_freed_memory_to_os():
         pass
 
 
-
 def peak_memory(fn, device) -> int:
     gc.collect()
     if device.type == "cuda":
@@ -211,17 +211,19 @@ def count_flops(model, x, t, backward: bool, nominal: bool = True) -> int:
     ``nominal``: the architecture's FLOPs, the same for both models and the basis of MFU. Ours executes fewer: its
     nearest upsampler convolves at the low resolution (``diffunet.nn.nearest_up_conv``), which ``nominal=False``
     counts."""
-    ups = [m for m in model.modules() if isinstance(m, InterpolateConv)]
-    for m in ups:
-        m.four_phase = not nominal
-    model.train(backward)
-    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
-        out = model(x, t).sample
-        if backward:
-            out.float().square().mean().backward()
-    model.zero_grad(set_to_none=True)
-    for m in ups:
-        m.four_phase = True
+    ups = [(m, m.four_phase) for m in model.modules() if isinstance(m, InterpolateConv)]
+    try:
+        for m, _ in ups:
+            m.four_phase = m.four_phase and not nominal
+        model.train(backward)
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
+            out = model(x, t).sample
+            if backward:
+                out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+    finally:
+        for m, before in ups:
+            m.four_phase = before
     return counter.get_total_flops()
 
 
@@ -356,9 +358,9 @@ def warm_up(jobs, steps: int) -> None:                                  # alloca
 
 def memory_in_child(argv: list[str]) -> dict:
     """{(side, setting name): bytes} of one training step each, measured by a fresh process of this script."""
-    out = subprocess.run([sys.executable, __file__, *argv, "--memory-only"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-only"], stdout=subprocess.PIPE, text=True)
     if out.returncode:
-        raise SystemExit(f"the memory run failed:\n{out.stderr[-2000:]}")
+        raise SystemExit(f"the memory run failed (exit status {out.returncode}; its messages are above)")
     return {tuple(k.split("|")): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
@@ -377,7 +379,7 @@ def run(args, argv: list[str]) -> None:
     if args.memory_only:                    # the child: RSS tracks live tensors here, and nothing is timed
         return_freed_memory_to_os()
         jobs = make_jobs(args, device, build, rows)
-        warm_up(jobs, 1)
+        warm_up(jobs, warmup)
         print(json.dumps({f"{j.side}|{j.setting.name}": peak_memory(j.train_step, device) for j in jobs}))
         return
     if not cuda:
@@ -434,7 +436,7 @@ def report(args, device, arch, peaks, rows, best, jobs, ddim_batch, seconds):
     name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     import diffusers
     print(f"\npreset {args.preset}, batch {args.batch}, {name}, torch {torch.__version__}, "
-          f"diffusers {diffusers.__version__}")
+          f"diffusers {diffusers.__version__}" + ("" if args.four_phase else ", ours without four-phase upsampling"))
     o, d = arch["ours"], arch["diffusers"]
     print(f"{'model':<10} {'parameters':>12} {'fwd GFLOP/img':>14} {'train GFLOP/img':>16}")
     for side, a in arch.items():
@@ -503,12 +505,15 @@ def main(argv=None):
     p.add_argument("--ddim-batch", type=int, default=0, help="batch of the DDIM call (default: 4 on CPU, --batch on CUDA)")
     p.add_argument("--ddim-steps", type=int, default=50, help="0 skips the DDIM calls")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--no-four-phase", dest="four_phase", action="store_false",
+                   help="run our nearest upsampler the plain way (interpolate, then conv), to measure what it gains")
     p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)   # the CPU memory child process
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.best is None:
         on_gpu = torch.device(args.device).type == "cuda"
         args.best = f"{args.dtype},channels_last" + (",compile" if args.compile else "") if on_gpu else args.dtype
+    InterpolateConv.four_phase = args.four_phase
     run(args, argv)
 
 
