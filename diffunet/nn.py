@@ -106,6 +106,30 @@ TIME_CONDITION = {
 PADDING = {"same": lambda k: (k - 1) // 2, "valid": lambda k: 0}
 
 
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``F.dropout(x, p, training=True)`` with a mask from half the random draws, for CPU tensors.
+
+    Written here because torch's CPU dropout draws one 32-bit Mersenne-Twister number per element, which made
+    dropout 6-7 % of a ddpm-cifar10 training step on 2 cores; each draw's two 16-bit halves give two keep/drop
+    decisions instead (P(drop) = p to 1/65536), and ``where`` keeps only the boolean mask for the backward pass, as
+    torch's kernel does. About 1.6-1.9x faster forward + backward. Same generator, so seeds and RNG-state replay
+    (resume, activation checkpointing) work as before."""
+    n = x.numel()
+    draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_(-2**31, 2**31 - 1)
+    keep = draws.view(torch.int16)[:n] >= -32768 + round(p * 65536)
+    return torch.where(keep.as_strided(x.shape, x.stride()), x, 0).mul_(1 / (1 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that takes ``cpu_dropout`` for dense CPU tensors in training (GPUs keep torch's fused kernel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        if self.training and 0 < self.p < 1 and x.device.type == "cpu" and dense and not self.inplace:
+            return cpu_dropout(x, self.p)
+        return super().forward(x)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, time-conditioned GroupNorm-SiLU-dropout-conv, plus a (cropped) shortcut."""
 
@@ -118,7 +142,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=p)
         self.emb = nn.Linear(emb_dim, width * c_out)
         self.norm2 = nn.GroupNorm(groups, c_out)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=p)
         if zero:
             zeroed(self.conv2)

@@ -13,8 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import tiny
-from diffunet.nn import (CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, InterpolateConv, attend, four_phase_kernel,
-                         nearest_up_conv)
+from diffunet.nn import (CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, Dropout, InterpolateConv, attend,
+                         cpu_dropout, four_phase_kernel, nearest_up_conv)
 from diffunet.speed import apply_fast_paths, autocast, compiler_missing
 
 
@@ -46,11 +46,14 @@ def test_channels_last_gives_the_same_outputs_and_gradients():
     assert_close_lists(g_cl, g, atol=1e-5, rtol=1e-4)
 
 
-def test_gradient_checkpointing_switch_gives_the_same_gradients():
-    model, x, t = model_and_batch(dropout=0.0)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradient_checkpointing_switch_gives_the_same_gradients(dropout):
+    model, x, t = model_and_batch(dropout=dropout)
+    torch.manual_seed(1)
     out, g = grads(model, x, t)
     fast = apply_fast_paths(copy.deepcopy(model), gradient_checkpointing=True)
     assert fast.gradient_checkpointing
+    torch.manual_seed(1)                                    # the recompute replays the same dropout masks
     out_ck, g_ck = grads(fast, x, t)
     torch.testing.assert_close(out_ck, out)
     assert_close_lists(g_ck, g, atol=1e-6, rtol=1e-5)
@@ -140,6 +143,37 @@ def test_unet_outputs_do_not_depend_on_the_upsampling_route(padding, size):
     for m in ups:
         m.four_phase = False
     torch.testing.assert_close(out, model(x, t).sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_dropout_is_dropout(p, channels_last):
+    x = torch.rand(5, 8, 99, 101) + 1                                          # odd size; no zeros of its own
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = cpu_dropout(x, p)
+    kept = out != 0
+    assert abs(1 - kept.float().mean().item() - p) < 5e-3                      # 400k draws: 5e-3 is > 6 sigma
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p))
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g = torch.randn_like(x)
+    (dx,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(dx, torch.where(kept, g / (1 - p), 0))
+    # the mask is not tied to the layout: two halves of one tensor are independent
+    a, b = kept[:2].flatten(), kept[2:4].flatten()
+    assert abs((a == b).float().mean().item() - (p**2 + (1 - p) ** 2)) < 1e-2
+
+
+def test_dropout_module_follows_the_seed_and_the_mode():
+    drop, x = Dropout(0.2), torch.randn(4, 3, 8, 8)
+    torch.manual_seed(5)
+    a = drop(x)
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), a)
+    assert not torch.equal(drop(x), a)
+    drop.eval()
+    assert torch.equal(drop(x), x)
 
 
 def test_attention_takes_sdpas_fused_kernel_not_the_math_path():
