@@ -291,7 +291,7 @@ def four_phase_kernel(weight: torch.Tensor, padding: int) -> torch.Tensor:
     The taps are summed in fp32 at least and rounded to the weight's dtype once (bf16 weights lose no more)."""
     exact = weight.to(torch.promote_types(weight.dtype, torch.float32))
     kernel = fold_taps(fold_taps(exact, 2, padding), 4, padding).transpose(0, 1)     # (2, 2, C, C_in, 2, 2)
-    return kernel.reshape(-1, *weight.shape[1:2], 2, 2).to(weight.dtype)
+    return kernel.reshape(-1, weight.shape[1], 2, 2).to(weight.dtype)
 
 
 def nearest_up_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
