@@ -131,10 +131,13 @@ class Dropout(nn.Dropout):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, time-conditioned GroupNorm-SiLU-dropout-conv, plus a (cropped) shortcut."""
+    """GroupNorm-SiLU-conv, time-conditioned GroupNorm-SiLU-dropout-conv, plus a (cropped) shortcut.
+
+    ``residual=False`` drops the shortcut: the plain conv pair of the 2015 U-Net (its last conv is then never
+    zeroed, since the block would output nothing)."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, *, groups: int, dropout: float, padding: str,
-                 time_condition: str, zero: bool):
+                 time_condition: str, zero: bool, residual: bool = True):
         super().__init__()
         p = PADDING[padding](3)
         width, self.condition = choose(TIME_CONDITION, time_condition, "time_condition")
@@ -144,9 +147,9 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, c_out)
         self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=p)
-        if zero:
+        if zero and residual:
             zeroed(self.conv2)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.shortcut = (nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()) if residual else None
         self.pad = p
 
     def size(self, n: int) -> int:
@@ -156,6 +159,8 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))                       # (B, Cin, H, W) -> (B, Cout, H', W')
         e = self.emb(F.silu(emb))[:, :, None, None]                 # (B, E) -> (B, k*Cout, 1, 1)
         h = self.conv2(self.dropout(F.silu(self.condition(self.norm2, h, e))))
+        if self.shortcut is None:
+            return h
         return center_crop(self.shortcut(x), h.shape[-2:]) + h     # "valid": the two convs ate 2 px per side
 
 

@@ -164,6 +164,7 @@ class UNet(ModelMixin, ConfigMixin):
         time_condition: str = "scale_shift",            # "scale_shift" (AdaGN) | "add" (DDPM)
         num_classes: Optional[int] = None,              # class-conditional; id num_classes is the "null" class
         zero_init: bool = True,                         # residual branches and output conv start at zero
+        residual: bool = True,                          # False: blocks without shortcut (the 2015 U-Net's conv pairs)
     ):
         super().__init__()
         for name, table in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("skip", SKIP), ("padding", PADDING)):
@@ -185,7 +186,7 @@ class UNet(ModelMixin, ConfigMixin):
         emb_dim = 4 * base_channels
         pad = PADDING[padding](3)
         res = functools.partial(ResBlock, emb_dim=emb_dim, groups=norm_groups, dropout=dropout, padding=padding,
-                                time_condition=time_condition, zero=zero_init)
+                                time_condition=time_condition, zero=zero_init, residual=residual)
 
         def attn(c):
             return Attention(c, c // head_dim if head_dim else num_heads, norm_groups, zero_init)

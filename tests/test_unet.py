@@ -55,6 +55,26 @@ def test_zero_init_gives_zero_output_and_identity_branches():
     assert torch.equal(block(x, torch.randn(2, 32)), x)                      # residual branch starts as identity
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_residual_false_is_the_branch_alone(padding):
+    from diffunet.nn import ResBlock
+
+    kw = dict(emb_dim=32, groups=4, dropout=0.0, padding=padding, time_condition="scale_shift", zero=True)
+    torch.manual_seed(1)
+    res = ResBlock(8, 8, **kw, residual=True)
+    torch.manual_seed(1)
+    plain = ResBlock(8, 8, **kw, residual=False)
+    assert plain.shortcut is None and torch.count_nonzero(plain.conv2.weight) > 0     # never zeroed: it is all
+    plain.conv2.load_state_dict(res.conv2.state_dict())
+    x, e = torch.randn(2, 8, 16, 16), torch.randn(2, 32)
+    crop = 0 if padding == "same" else 2
+    assert torch.allclose(res(x, e) - plain(x, e), x[..., crop:16 - crop, crop:16 - crop])
+    model = tiny(residual=False, padding=padding, channel_mult=(1, 2, 2))
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in tiny(padding=padding,
+                                                                                     channel_mult=(1, 2, 2)).parameters())
+    assert model(torch.randn(2, 1, 16, 16), 5).sample.shape == (2, 1, 16, 16)
+
+
 def test_concat_1x1_has_fewer_parameters_than_concat():
     def count(m):
         return sum(p.numel() for p in m.parameters())
