@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from diffunet.config import SampleConfig
-from diffunet.sampling import DTYPES, SCHEDULERS, sample_to_folder
+from diffunet.fast import ALIASES, PRECISION
+from diffunet.sampling import SCHEDULERS, sample_to_folder
 
 DEFAULTS = SampleConfig()
 
@@ -31,7 +32,7 @@ def parse(argv=None) -> argparse.Namespace:
     labels.add_argument("--classes", choices=["all"], help="a balanced set (the default for conditional models)")
     p.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale,
                    help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=[*PRECISION, *ALIASES], default="float32")
     p.add_argument("--device", default=None, help="default: the process's accelerator, else the CPU")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
                    help="the model's target, for a bare model folder (a pipeline folder records it)")

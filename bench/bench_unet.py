@@ -5,7 +5,7 @@
     python bench/bench_unet.py --device cuda --dtype fp16 --batch 128 --compile
 
 Both models are built from one config (same levels, channels, blocks, attention placement and head width) and
-measured through the same switches (``diffunet.speed.apply_fast_paths`` and ``autocast``), one setting per row:
+measured through the same switches (``diffunet.fast.apply_fast_paths`` and ``autocast``), one setting per row:
 fp32 eager, channels_last, mixed precision, torch.compile (``--compile``), gradient checkpointing, and "best"
 (``--best``). Per row: training img/s (forward + backward + AdamW step, median of repeats after warm-up; the rows
 take turns, so a load burst on a shared machine hits them all), forward-only img/s, the wall time of one DDIM-50
@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode                    # noqa: 
 
 from diffunet.config import model_from_preset                           # noqa: E402
 from diffunet.nn import Attention, InterpolateConv                      # noqa: E402
-from diffunet.speed import apply_fast_paths, autocast                   # noqa: E402
+from diffunet.fast import apply_fast_paths, autocast                   # noqa: E402
 
 # Keyword overrides that make a preset expressible in diffusers: UNet2DModel takes one head width for every
 # attention layer, ours takes a head count; "small" has 4 heads of 32 at 16x16, so head_dim=32 keeps that.

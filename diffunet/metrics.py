@@ -31,7 +31,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .nn import choose
+from .tables import choose
 
 ASSETS = Path(__file__).parent / "assets"
 DIGITS_WEIGHTS = ASSETS / "digits_classifier.safetensors"

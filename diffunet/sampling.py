@@ -21,7 +21,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .nn import choose
+from .fast import precision
+from .tables import choose
 from .unet import UNet
 
 SCHEDULERS = {
@@ -32,8 +33,6 @@ SCHEDULERS = {
     "heun": HeunDiscreteScheduler,          # two model calls per step
     "unipc": UniPCMultistepScheduler,
 }
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}     # channel counts a PNG holds; others are written as .npy
 
@@ -242,7 +241,7 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, sch
     # force the CPU, so ask for it only where there is no GPU or the CPU is requested
     no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     state = PartialState(cpu=str(device).startswith("cpu") or (device is None and no_gpu))
-    unet, sched = load_model(model, scheduler, prediction_type, choose(DTYPES, dtype, "dtype"))
+    unet, sched = load_model(model, scheduler, prediction_type, precision(dtype, "dtype")[1])
     unet.to(torch.device(device) if device else state.device)
     if classes is None and unet.config.num_classes:
         classes = "all"

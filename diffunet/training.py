@@ -30,7 +30,7 @@ from .diffusion import BETA_SCHEDULES, TARGETS, diffusion_loss, make_noise_sched
 from .metrics import ExtractorUnavailable, evaluate, load_extractor
 from .nn import choose
 from .sampling import generate, make_scheduler, save_grid, to_uint8
-from .speed import apply_fast_paths
+from .fast import apply_fast_paths
 from .unet import UNet
 
 PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16"}

@@ -17,12 +17,13 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from .nn import (DOWNSAMPLE, PADDING, SKIP, UPSAMPLE, Attention, ResBlock, SinusoidalEmbedding, SizeError, choose,
-                 conv_size, mirror_pad, zeroed)
+from .nn import DOWNSAMPLE, PADDING, SKIP, UPSAMPLE, Attention, ResBlock, SizeError, conv_size, mirror_pad, zeroed
+from .tables import choose
 
 
 def _pair(size) -> tuple[int, int]:
@@ -194,7 +195,9 @@ class UNet(ModelMixin, ConfigMixin):
         def block(c_in, c_out, level):
             return Block(res(c_in, c_out), attn(c_out) if heights[level] in attention_resolutions else None)
 
-        self.time_embed = nn.Sequential(SinusoidalEmbedding(base_channels), nn.Linear(base_channels, emb_dim),
+        # diffusers' sinusoidal features (cos first, as UNet2DModel's flip_sin_to_cos): fp32 under autocast too
+        self.time_embed = nn.Sequential(Timesteps(base_channels, flip_sin_to_cos=True, downscale_freq_shift=0),
+                                        nn.Linear(base_channels, emb_dim),
                                         nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=pad)

@@ -13,9 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import tiny
-from diffunet.nn import (CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, Dropout, InterpolateConv, attend,
-                         cpu_dropout, four_phase_kernel, nearest_up_conv)
-from diffunet.speed import apply_fast_paths, autocast, compiler_missing
+from diffunet.fast import (CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, Dropout, apply_fast_paths, attend,
+                           autocast, compiler_missing, cpu_dropout, four_phase_kernel, nearest_up_conv)
+from diffunet.nn import InterpolateConv
 
 
 def model_and_batch(**kw):
@@ -193,7 +193,19 @@ def test_forward_and_backward_have_no_host_syncs_or_table_rebuilds():
         F.mse_loss(model(x, t).sample, x).backward()
     ops = {e.key for e in prof.key_averages()}
     assert "aten::_local_scalar_dense" not in ops                           # .item() / bool(tensor): a GPU sync
-    assert "aten::arange" not in ops                                        # the frequency table is a buffer
+
+
+def test_time_features_are_the_checkpoints_sinusoids_in_fp32_under_autocast():
+    # diffusers' Timesteps replaced our own embedding: the features must be bitwise the formula checkpoints were
+    # trained with (cos first, frequencies exp(-ln(10^4) i / half)), and stay fp32 under bf16 autocast.
+    import math
+
+    embed = tiny().time_embed[0]                                            # base_channels=8: 4 frequencies
+    t = torch.tensor([0, 1, 7, 999, 250.5])
+    args = t[:, None] * torch.exp(-math.log(10000.0) * torch.arange(4, dtype=torch.float32) / 4)[None]
+    assert torch.equal(embed(t), torch.cat([args.cos(), args.sin()], dim=-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert embed(torch.randint(0, 1000, (3,))).dtype == torch.float32
 
 
 def test_fast_paths_keep_the_state_dict_and_the_class():
