@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import DiffusionConfig
 from .data import digits_arrays
 from .diagnostics import encoder_grad_norms
-from .diffusion import diffusion_loss, make_noise_scheduler
+from .objectives import diffusion_loss, make_noise_scheduler
 from .nn import ResBlock
 from .unet import UNet
 

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
 from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset
-from .diffusion import BETA_SCHEDULES, TARGETS, diffusion_loss, make_noise_scheduler
+from .objectives import diffusion_loss, make_noise_scheduler
+from . import objectives
 from .metrics import ExtractorUnavailable, evaluate, load_extractor
 from .nn import choose
 from .sampling import generate, make_scheduler, save_grid, to_uint8
@@ -80,14 +81,11 @@ def no_accelerator() -> bool:
 def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
     """Everything that can be wrong with a config, checked before any compute: model, data, names, numbers."""
     model = build_model(cfg)
-    for table, value, what in ((BETA_SCHEDULES, cfg.diffusion.beta_schedule, "diffusion.beta_schedule"),
-                               (TARGETS, cfg.diffusion.prediction_type, "diffusion.prediction_type"),
-                               ({"mse": 0, "min_snr": 0}, cfg.diffusion.loss_weighting, "diffusion.loss_weighting"),
-                               (PRECISIONS, cfg.train.mixed_precision, "train.mixed_precision")):
-        try:
-            choose(table, value, what)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    try:
+        objectives.check(cfg.diffusion)
+        choose(PRECISIONS, cfg.train.mixed_precision, "train.mixed_precision")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 on a CPU")
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "sample_every"):
@@ -445,7 +443,7 @@ class Trainer:
             self.batches_seen += 1
             x, y = self.augment(x, y)
             with acc.accumulate(self.model):
-                loss = diffusion_loss(self.model, self.noise_scheduler, x, y, weighting=cfg.diffusion.loss_weighting,
+                loss = diffusion_loss(self.model, self.noise_scheduler, x, {"class_labels": y}, weighting=cfg.diffusion.loss_weighting,
                                       gamma=cfg.diffusion.snr_gamma)
                 acc.backward(loss)
                 if acc.sync_gradients:

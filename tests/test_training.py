@@ -19,7 +19,7 @@ import diffunet
 from conftest import tiny
 from diffunet.config import ConfigError, load_config
 from diffunet.data import DataError, build_dataset
-from diffunet.diffusion import diffusion_loss, make_noise_scheduler
+from diffunet.objectives import diffusion_loss, make_noise_scheduler
 from diffunet.training import EpochSampler, train
 
 ROOT = Path(__file__).resolve().parents[1]
