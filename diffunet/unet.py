@@ -26,7 +26,8 @@ from .nn import DOWNSAMPLE, PADDING, SKIP, UPSAMPLE, Attention, ResBlock, SizeEr
 from .tables import choose
 
 
-def _pair(size) -> tuple[int, int]:
+def as_size(size) -> tuple[int, int]:
+    """(H, W) from an int, a pair, or a config list."""
     if isinstance(size, int):
         return (size, size)
     h, w = size
@@ -170,7 +171,7 @@ class UNet(ModelMixin, ConfigMixin):
         super().__init__()
         for name, table in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("skip", SKIP), ("padding", PADDING)):
             choose(table, locals()[name], name)
-        height, _ = _pair(sample_size)
+        height, _ = as_size(sample_size)
         levels = len(channel_mult)
         if levels < 1 or num_res_blocks < 1:
             raise ValueError("a U-Net needs at least one level (channel_mult) and one block per level (num_res_blocks)")
@@ -249,7 +250,7 @@ class UNet(ModelMixin, ConfigMixin):
         emb = self.time_embed(t)                                        # (B,) -> (B, 4*base)
         if self.class_embed is not None:
             if class_labels is None:                                    # unconditional: the "null" class
-                class_labels = torch.full((batch,), self.config.num_classes, device=sample.device)
+                class_labels = torch.full((batch,), self.null_class, device=sample.device)
             emb = emb + self.class_embed(class_labels.to(sample.device).long())
         elif class_labels is not None:
             raise ValueError("class_labels given, but this UNet was built with num_classes=None")
@@ -314,13 +315,23 @@ class UNet(ModelMixin, ConfigMixin):
         except SizeError:
             return False
 
+    @property
+    def null_class(self) -> int | None:
+        """The class id meaning "no label" (unconditional, and label dropout for guidance); None without classes."""
+        return self.config.num_classes or None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images the model is built for."""
+        return as_size(self.config.sample_size)
+
     def tiling(self, size) -> Tiling:
         """The input size and margins this model needs to produce an output of ``size`` (int or (H, W)).
 
         "same": the input is the output, and each side must be divisible by 2^(levels-1).
         "valid": the smallest network input whose output covers ``size``, mirror-padded around the image.
         """
-        size = _pair(tuple(size) if not isinstance(size, int) else size)
+        size = as_size(size)
         if size not in self._tilings:
             axes = [self._tile_axis(n, name) for n, name in zip(size, ("height", "width"))]
             (nh, fh), (nw, fw) = axes
@@ -356,7 +367,7 @@ class UNet(ModelMixin, ConfigMixin):
         """Level by level: channels, feature size, parameters of encoder / skip fusion / decoder, and the crop."""
         tiling = self.tiling(self.config.sample_size if size is None else size)
         rows_axis, cols_axis = (self._axis(n) for n in tiling.input_size)
-        heights = [_pair(self.config.sample_size)[0] // 2**i for i in range(len(self.encoder))]
+        heights = [self.image_size[0] // 2**i for i in range(len(self.encoder))]
         rows = []
         for i, enc in enumerate(self.encoder):
             dec = self.decoder[len(self.decoder) - 1 - i]
