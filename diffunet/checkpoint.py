@@ -1,4 +1,7 @@
-"""Checkpoint folders that are never half-written: a temporary folder, fsync, a sha256 manifest, an atomic rename.
+"""Everything a run saves and loads: checkpoints (model, optimizer, schedule, EMA, every process's RNG, the
+trainer's counters), finding the one to resume from, and the exported pipeline folder.
+
+Checkpoint folders are never half-written: a temporary folder, fsync, a sha256 manifest, an atomic rename.
 
 A folder ``step_XXXXXX`` under ``<run>/checkpoints`` exists only once complete; its ``manifest.json`` (written
 last, inside the temporary folder) lists every file's size and sha256, so a file damaged later is detected by
@@ -11,17 +14,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
+
+from .config import ConfigError
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# What a resumed run must share with the checkpoint for its data order and RNG streams to continue exactly.
+EXACT_RESUME_KEYS = ("world_size", "batch_size", "grad_accum", "seed", "dataset_size")
 
 
 class CheckpointError(RuntimeError):
@@ -163,3 +174,103 @@ def load_rng(folder: Path, rank: int) -> bool:
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     return True
+
+
+# ------------------------------------------------------------------------------------------ a run's state
+
+def find_resume(resume: str | None, root: Path, warn=print) -> Path | None:
+    """The checkpoint ``train.resume`` asks for: None (start fresh, refused over existing checkpoints),
+    "latest" (the newest that verifies) or a folder (verified)."""
+    existing = complete_steps(root)
+    if resume is None:
+        if existing:
+            raise ConfigError(f"{Path(root).parent} already holds checkpoints (up to step {existing[-1][0]}); "
+                              f"pass --resume latest to continue, or choose another output_dir")
+        return None
+    if resume == "latest":
+        found = latest_valid(root, warn=warn)
+        if found is None and existing:
+            raise CheckpointError(f"every checkpoint under {root} is damaged (see above); refusing to start over "
+                                  f"silently: move them away or choose another output_dir")
+        return found
+    verify(Path(resume))
+    return Path(resume)
+
+
+def save(root: Path, step: int, accelerator, ema, state: dict, keep: int) -> tuple[Path, str | None]:
+    """Write the run's full state as checkpoint ``step`` under ``root``, then rotate to the ``keep`` newest.
+
+    Call it on every process: the others send the main process their RNG states, and only it writes (model,
+    optimizer and lr schedule through accelerate, EMA and RNG as safetensors + JSON, ``state`` as
+    trainer_state.json). Returns (folder, None), or (folder, message) if the write failed (a full disk, say):
+    the temporary folder is then removed and every earlier checkpoint left as it was.
+    """
+    tmp, final = tmp_dir(root, step), step_dir(root, step)
+    rng = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    if not accelerator.is_main_process:
+        return final, None
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        accelerator.save_state(str(tmp), safe_serialization=True)   # model, optimizer, lr schedule (no collective)
+        save_rng(tmp, rng)
+        (tmp / "trainer_state.json").write_text(json.dumps(dict(state, ema=_save_ema(tmp, ema)), indent=1))
+        seal(tmp, final)
+        rotate(root, keep)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_valid(root, warn=lambda _: None)
+        return final, (f"could not write checkpoint {final.name} ({e}); "
+                       f"{f'the last good checkpoint {kept} is intact' if kept else 'no earlier checkpoint exists'}")
+    return final, None
+
+
+def load(path: Path, accelerator, ema, current: dict, allow_inexact: bool, warn=print) -> dict:
+    """Restore checkpoint ``path`` into the accelerator's objects, ``ema`` and this process's RNG; returns the
+    trainer state saved with it. Refused (CheckpointError) where ``current`` differs from the saved run in an
+    ``EXACT_RESUME_KEYS`` entry, unless ``allow_inexact``; refused where a file holds pickled objects."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    changed = [f"{k} {state[k]} -> {current[k]}" for k in EXACT_RESUME_KEYS if state.get(k) != current[k]]
+    if changed:
+        message = f"resuming from {path} cannot be exact ({', '.join(changed)}): the data order and RNG differ"
+        if not allow_inexact:
+            raise CheckpointError(f"{message}; set train.allow_inexact_resume=true to continue anyway")
+        warn(f"WARNING: {message}; continuing as train.allow_inexact_resume=true asks")
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {path}: a file holds objects other than plain tensors and "
+                              f"numbers, which could run code ({str(e).splitlines()[0]})") from None
+    load_rng(path, accelerator.process_index)
+    _load_ema(path, ema, state["ema"])
+    ema.to(accelerator.device)
+    return state
+
+
+# EMA as safetensors + JSON rather than accelerate's pickled custom state: loading it runs no code.
+
+def _save_ema(folder: Path, ema) -> dict:
+    """Write ``ema``'s shadow weights to ``folder``; returns the rest of its state (decay, step counts)."""
+    meta = ema.state_dict()
+    shadow = {f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(meta.pop("shadow_params"))}
+    save_file(shadow, Path(folder) / "ema.safetensors")
+    return meta
+
+
+def _load_ema(folder: Path, ema, meta: dict) -> None:
+    shadow = load_file(Path(folder) / "ema.safetensors")
+    ema.load_state_dict(dict(meta, shadow_params=[shadow[f"{i}"] for i in range(len(shadow))]))
+
+
+def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
+    """Replace folder ``final`` atomically with what ``write(tmp)`` puts in a temporary folder beside it: a
+    reader finds the old folder or the new one, never a mix."""
+    tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -105,6 +105,7 @@ class SampleConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/default"
+    task: str = "generate"                      # what a batch means: a name in diffunet.tasks.TASKS
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -19,25 +17,21 @@ from diffusers import DDPMPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
 from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset
-from .objectives import diffusion_loss, make_noise_scheduler
 from . import objectives
-from .metrics import ExtractorUnavailable, evaluate, load_extractor
-from .nn import choose
-from .sampling import generate, make_scheduler, save_grid, to_uint8
 from .fast import apply_fast_paths
+from .objectives import make_noise_scheduler
+from .sampling import generate, make_scheduler, save_grid, to_uint8
+from .tables import choose
+from .tasks import task_of
 from .unet import UNet
 
 PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
-
-# What a resumed run must share with the checkpoint for its data order and RNG streams to continue exactly.
-EXACT_RESUME_KEYS = ("world_size", "batch_size", "grad_accum", "seed", "dataset_size")
 
 
 class TrainingError(RuntimeError):
@@ -81,6 +75,7 @@ def no_accelerator() -> bool:
 def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
     """Everything that can be wrong with a config, checked before any compute: model, data, names, numbers."""
     model = build_model(cfg)
+    task = task_of(cfg)
     try:
         objectives.check(cfg.diffusion)
         choose(PRECISIONS, cfg.train.mixed_precision, "train.mixed_precision")
@@ -93,20 +88,8 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
             raise ConfigError(f"train.{key} must be at least 1 (got {cfg.train[key]})")
     if not 0 <= cfg.train.label_dropout < 1:
         raise ConfigError(f"train.label_dropout must be in [0, 1) (got {cfg.train.label_dropout})")
-    dataset = build_dataset(cfg.data, model.config.sample_size, model.config.in_channels)
-    if cfg.train.eval_every > 0:
-        if eval_reference(cfg) is None:
-            raise ConfigError(f"train.eval_every needs train.eval_reference (a folder, an .npz or 'digits') for "
-                              f"data.source={cfg.data.source}")
-        try:
-            load_extractor(cfg.train.eval_extractor)
-        except ExtractorUnavailable as e:
-            raise ConfigError(f"train.eval_extractor: {e}") from None
-    if model.config.num_classes and not dataset.num_classes:
-        raise ConfigError(f"model.num_classes={model.config.num_classes} but data.source={cfg.data.source} has no "
-                          f"labels; set model.num_classes=null or give labelled data")
-    if model.config.num_classes and dataset.num_classes > model.config.num_classes:
-        raise ConfigError(f"data has {dataset.num_classes} classes but model.num_classes={model.config.num_classes}")
+    dataset = build_dataset(cfg.data, model.image_size, model.config.in_channels)
+    task.check(cfg, model, dataset)
     return model, dataset
 
 
@@ -118,14 +101,6 @@ def make_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
         return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(model.parameters(), **kwargs)
-
-
-def eval_reference(cfg: DictConfig) -> str | None:
-    """What periodic evaluation compares with: the configured reference, else the training data if it can."""
-    if cfg.train.eval_reference:
-        return cfg.train.eval_reference
-    source = str(cfg.data.source)
-    return source if source == "digits" or Path(source).is_dir() else None
 
 
 def flat_hparams(cfg: DictConfig) -> dict:
@@ -143,7 +118,11 @@ def flat_hparams(cfg: DictConfig) -> dict:
 
 
 class Trainer:
-    """One run: its accelerator, model, optimizer, EMA, data order, and the files it writes."""
+    """One run: its accelerator, model, optimizer, EMA, data order, and the files it writes.
+
+    ``train()`` reads top to bottom: resume, the loop, then the final grid and the pipeline. The loop asks the
+    task what a batch means and the objective for the loss; checkpoints are ``checkpoint.save`` / ``load``.
+    """
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -161,7 +140,7 @@ class Trainer:
             bad = gather_object([bad])[0] if acc.num_processes > 1 else bad
             apply_bad_image_policy(dataset, bad, cfg.data.bad_images, warn=acc.print)
         set_seed(t.seed, device_specific=True)          # then different noise on each process, reproducible
-        self.resume_from = self._find_resume()
+        self.resume_from = ckpt.find_resume(t.resume, self.ckpt_root, warn=acc.print)
 
         self.world = acc.num_processes
         self.sampler = EpochSampler(len(dataset), t.batch_size, t.seed, acc.process_index, self.world)
@@ -169,9 +148,9 @@ class Trainer:
             raise ConfigError(f"the dataset has {len(dataset)} images, fewer than one global batch "
                               f"({t.batch_size} x {self.world} processes); lower train.batch_size")
         self.dataset = dataset
+        self.task = task_of(cfg)
         self.noise_scheduler = make_noise_scheduler(cfg.diffusion)
-        self.num_classes = model.config.num_classes     # also the "null" class id that label dropout uses
-        self.conditional = bool(self.num_classes)
+        self.unet = model                               # unwrapped: its config and properties, for the task
 
         apply_fast_paths(model.to(acc.device), channels_last=t.channels_last, compile=t.compile,
                          gradient_checkpointing=t.gradient_checkpointing)
@@ -186,7 +165,129 @@ class Trainer:
         self.step = 0                   # optimizer updates made
         self.batches_seen = 0           # micro-batches drawn (more than step * grad_accum once steps are skipped)
         self.skipped = 0                # non-finite steps skipped, in total
+        self.bad_in_row = 0             # non-finite steps skipped since the last good one
         self.signal: int | None = None  # SIGTERM / SIGINT received
+
+    # ---------------------------------------------------------------------------------------- the run
+
+    def train(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.out / "config.yaml")
+        acc.init_trackers("train", config=flat_hparams(cfg))
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+            acc.print(f"resumed from {self.resume_from} at step {self.step}")
+        with self.signals():
+            finished = self._loop()
+        if not finished:
+            path = self.save_checkpoint()
+            name = signal.Signals(self.signal).name if self.signal else "a signal"
+            acc.end_training()
+            raise Interrupted(f"stopped by {name} at step {self.step}; checkpoint {path} written, continue with "
+                              f"--resume latest", self.signal)
+        self.sample_grid("final")
+        path = self.save_pipeline()
+        acc.end_training()
+        acc.print(f"pipeline written to {path}")
+        return path
+
+    def _loop(self) -> bool:
+        """Train to ``max_steps``; False if a signal stopped it first."""
+        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
+        params = list(self.model.parameters())
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train",
+                   dynamic_ncols=True)
+        meter = Meter(acc.device)
+        data = self.batches()
+        self.model.train()
+        while self.step < t.max_steps:
+            batch = self._next_batch(data)
+            if batch is None:                           # a signal: every process stops here, together
+                bar.close()
+                return False
+            x0, cond = self.task.training_batch(batch, self.unet, cfg)
+            with acc.accumulate(self.model):
+                loss = self.task.loss(self.model, self.noise_scheduler, x0, cond, cfg)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    meter.grad_norm = acc.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+                    if not self._finite(loss, meter.grad_norm):
+                        continue                        # skipped: weights, optimizer and EMA as they were
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            meter.add(loss, x0.shape[0])
+            if not acc.sync_gradients:
+                continue
+            self.ema.step(params)
+            self.step += 1
+            bar.update(1)
+            self._after_step(meter, bar)
+        bar.close()
+        return True
+
+    def _next_batch(self, data):
+        """The next micro-batch, or None if any process received a signal. An unreadable image on any process
+        stops every process with its message."""
+        error, batch = None, None
+        try:
+            batch = next(data)
+        except DataError as e:
+            error = str(e)
+        if self.agree(error):
+            return None
+        self.batches_seen += 1
+        return batch
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """The non-finite-step guard: False (and the gradients dropped) for a non-finite loss or gradient, so the
+        update is skipped; ``train.max_bad_steps`` in a row stop the run with a checkpoint of the weights from
+        before the first. One host sync per update: a skipped step must leave the weights, the optimizer and
+        the EMA exactly as they were, which needs the decision on the host. (fp16's GradScaler handles
+        overflowing gradients itself; a non-finite loss is still bad.)"""
+        finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (self.accelerator.scaler is not None))
+        if finite.item():
+            self.bad_in_row = 0
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_in_row, self.skipped = self.bad_in_row + 1, self.skipped + 1
+        self.accelerator.log({"skipped_steps": self.skipped}, step=self.step)
+        self.accelerator.print(f"warning: non-finite loss or gradient at step {self.step + 1}, step skipped "
+                               f"({self.bad_in_row} in a row)")
+        if self.bad_in_row >= self.cfg.train.max_bad_steps:
+            path = self.save_checkpoint()
+            raise TrainingError(f"{self.bad_in_row} non-finite losses/gradients in a row before step "
+                                f"{self.step + 1}; checkpoint {path} holds the weights from before the first; try "
+                                f"a lower train.lr, train.grad_clip, or train.mixed_precision=bf16/no")
+        return False
+
+    def _after_step(self, meter: "Meter", bar) -> None:
+        """What the schedule asks for after optimizer step ``self.step``: logs, checkpoint, grid, evaluation."""
+        t, last = self.cfg.train, self.step == self.cfg.train.max_steps
+        if self.step % t.log_every == 0 or last:
+            logs = meter.read(self.accelerator, self.world)
+            logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+            self.accelerator.log(logs, step=self.step)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['img_per_s']:.0f}")
+        if self.step % t.checkpoint_every == 0 or last:
+            self.save_checkpoint()
+        if self.step % t.sample_every == 0 and not last:
+            self.sample_grid(f"step_{self.step:06d}")
+        if t.eval_every > 0 and (self.step % t.eval_every == 0 or last):
+            self.evaluate()
+
+    def batches(self):
+        """Micro-batches on the device, continuing the data order where the checkpoint left it."""
+        self.sampler.start = self.batches_seen
+        # The loader's own generator: creating the iterator would otherwise draw from the global RNG, and a
+        # resumed run (which creates it after restoring the RNG) would diverge from an uninterrupted one.
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers,
+                            pin_memory=self.accelerator.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(self.cfg.train.seed))
+        for x, y in loader:
+            yield x.to(self.accelerator.device, non_blocking=True), y.to(self.accelerator.device, non_blocking=True)
 
     # ---------------------------------------------------------------------------------------- agreement
 
@@ -228,83 +329,25 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- state
 
-    def _find_resume(self) -> Path | None:
-        resume = self.cfg.train.resume
-        existing = ckpt.complete_steps(self.ckpt_root)
-        if resume is None:
-            if existing:
-                raise ConfigError(f"{self.out} already holds checkpoints (up to step {existing[-1][0]}); "
-                                  f"pass --resume latest to continue, or choose another output_dir")
-            return None
-        if resume == "latest":
-            found = ckpt.latest_valid(self.ckpt_root, warn=self.accelerator.print)
-            if found is None and existing:
-                raise ckpt.CheckpointError(f"every checkpoint under {self.ckpt_root} is damaged (see above); "
-                                           f"refusing to start over silently: move them away or choose another output_dir")
-            return found
-        path = Path(resume)
-        ckpt.verify(path)
-        return path
+    def identity(self) -> dict:
+        """What a checkpoint must share with this run to resume it exactly (``checkpoint.EXACT_RESUME_KEYS``)."""
+        t = self.cfg.train
+        return {"world_size": self.world, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "seed": t.seed,
+                "dataset_size": len(self.dataset)}
 
     def save_checkpoint(self) -> Path:
-        """Write the full state to a temporary folder, then seal it (manifest, fsync, rename) and rotate.
-
-        Only the main process writes: the other processes send it their RNG states. A failed write (a full disk,
-        say) removes the temporary folder, leaves every earlier checkpoint as it was, and stops every process
-        with one message.
-        """
-        acc = self.accelerator
-        tmp, final = ckpt.tmp_dir(self.ckpt_root, self.step), ckpt.step_dir(self.ckpt_root, self.step)
-        rng = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
-        error = None
-        if acc.is_main_process:
-            try:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-                acc.save_state(str(tmp), safe_serialization=True)    # model, optimizer, lr schedule (DDP: no collective)
-                ckpt.save_rng(tmp, rng)
-                # EMA as safetensors + JSON rather than accelerate's pickled custom state: loading runs no code.
-                ema = self.ema.state_dict()
-                shadow = {f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.pop("shadow_params"))}
-                save_file(shadow, tmp / "ema.safetensors")
-                state = {"step": self.step, "batches_seen": self.batches_seen, "skipped_steps": self.skipped,
-                         "world_size": self.world, "batch_size": self.cfg.train.batch_size,
-                         "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed,
-                         "dataset_size": len(self.dataset), "ema": ema}
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-                ckpt.seal(tmp, final)
-                ckpt.rotate(self.ckpt_root, self.cfg.train.keep_checkpoints)
-            except OSError as e:
-                error = self._save_failed(final, str(e))
+        """The full state as checkpoint ``step`` (see ``checkpoint.save``); a failed write stops every process
+        with one message, every earlier checkpoint intact."""
+        state = {"step": self.step, "batches_seen": self.batches_seen, "skipped_steps": self.skipped,
+                 **self.identity()}
+        path, error = ckpt.save(self.ckpt_root, self.step, self.accelerator, self.ema, state,
+                                keep=self.cfg.train.keep_checkpoints)
         self.agree(error)
-        return final
-
-    def _save_failed(self, final: Path, error: str) -> str:
-        shutil.rmtree(ckpt.tmp_dir(self.ckpt_root, self.step), ignore_errors=True)
-        kept = ckpt.latest_valid(self.ckpt_root, warn=lambda _: None)
-        return (f"could not write checkpoint {final.name} ({error}); "
-                f"{f'the last good checkpoint {kept} is intact' if kept else 'no earlier checkpoint exists'}")
+        return path
 
     def load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / "trainer_state.json").read_text())
-        current = {"world_size": self.world, "batch_size": self.cfg.train.batch_size,
-                   "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed,
-                   "dataset_size": len(self.dataset)}
-        changed = [f"{k} {state[k]} -> {current[k]}" for k in EXACT_RESUME_KEYS if state.get(k) != current[k]]
-        if changed:
-            message = f"resuming from {path} cannot be exact ({', '.join(changed)}): the data order and RNG differ"
-            if not self.cfg.train.allow_inexact_resume:
-                raise ckpt.CheckpointError(f"{message}; set train.allow_inexact_resume=true to continue anyway")
-            self.accelerator.print(f"WARNING: {message}; continuing as train.allow_inexact_resume=true asks")
-        try:
-            self.accelerator.load_state(str(path))
-        except pickle.UnpicklingError as e:
-            raise ckpt.CheckpointError(f"refusing to load {path}: a file holds objects other than plain tensors "
-                                       f"and numbers, which could run code ({str(e).splitlines()[0]})") from None
-        ckpt.load_rng(path, self.accelerator.process_index)
-        shadow = load_file(path / "ema.safetensors")
-        self.ema.load_state_dict(dict(state["ema"], shadow_params=[shadow[f"{i}"] for i in range(len(shadow))]))
-        self.ema.to(self.accelerator.device)
+        state = ckpt.load(path, self.accelerator, self.ema, self.identity(),
+                          allow_inexact=self.cfg.train.allow_inexact_resume, warn=self.accelerator.print)
         self.step, self.batches_seen = state["step"], state["batches_seen"]
         self.skipped = state.get("skipped_steps", 0)
 
@@ -324,33 +367,31 @@ class Trainer:
             self.ema.restore(model.parameters())
             model.train(was_training)
 
+    def _sample(self, model, n: int, conditions: dict, seed: int, batch_size: int) -> torch.Tensor:
+        s = self.cfg.sample
+        return generate(model, make_scheduler(s.scheduler, self.noise_scheduler.config), n, steps=s.steps,
+                        seed=seed, guidance_scale=s.guidance_scale, batch_size=batch_size, **conditions)
+
     def sample_grid(self, name: str) -> Path | None:
-        """A grid of EMA samples (balanced classes, one class per column) at ``samples/<name>.png``."""
+        """A grid of EMA samples, laid out as the task says, at ``samples/<name>.png``. Main process only."""
         if not self.accelerator.is_main_process:
             return None
-        s = self.cfg.sample
+        n = self.cfg.sample.num_images
         with self._ema_weights() as model:
-            n, labels, nrow = s.num_images, None, None
-            if self.conditional:
-                k = model.config.num_classes
-                nrow = k if n >= k else None
-                labels = torch.arange(n) % k
-            images = generate(model, make_scheduler(s.scheduler, self.noise_scheduler.config), n, steps=s.steps,
-                              seed=s.seed, class_labels=labels, guidance_scale=s.guidance_scale,
-                              batch_size=max(n, 1))
+            conditions, nrow = self.task.grid(model, n)
+            images = self._sample(model, n, conditions, seed=self.cfg.sample.seed, batch_size=max(n, 1))
         return save_grid(to_uint8(images), self.out / "samples" / f"{name}.png", nrow=nrow)
 
     def evaluate(self) -> dict | None:
-        """FID/KID (and IS) of ``train.eval_num_images`` EMA samples against the reference, logged and appended
-        to ``eval.jsonl``. Main process only."""
+        """The task's score of ``train.eval_num_images`` EMA samples, logged and appended to ``eval.jsonl``.
+        Main process only."""
         if not self.accelerator.is_main_process:
             return None
         s, t = self.cfg.sample, self.cfg.train
         with self._ema_weights() as model:
-            images = generate(model, make_scheduler(s.scheduler, self.noise_scheduler.config), t.eval_num_images,
-                              steps=s.steps, seed=s.seed + 1, class_labels="all" if self.conditional else None,
-                              guidance_scale=s.guidance_scale, batch_size=s.num_images)
-        scores = evaluate(to_uint8(images), eval_reference(self.cfg), t.eval_extractor, seed=s.seed)
+            images = self._sample(model, t.eval_num_images, self.task.evaluation(model), seed=s.seed + 1,
+                                  batch_size=s.num_images)
+        scores = self.task.score(to_uint8(images), self.cfg)
         scores = {k: v for k, v in scores.items() if isinstance(v, float) and math.isfinite(v)}
         self.accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=self.step)
         with open(self.out / "eval.jsonl", "a") as f:
@@ -362,139 +403,31 @@ class Trainer:
         """The EMA model and the training scheduler as a diffusers pipeline folder, replaced atomically."""
         final = self.out / "pipeline"
         if self.accelerator.is_main_process:
-            tmp = self.out / ".pipeline.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
             with self._ema_weights() as model:
-                DDPMPipeline(unet=model, scheduler=self.noise_scheduler).save_pretrained(tmp)
-            old = self.out / ".pipeline.old"
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+                ckpt.replace_folder(final, DDPMPipeline(unet=model, scheduler=self.noise_scheduler).save_pretrained)
         self.accelerator.wait_for_everyone()
         return final
 
-    # ---------------------------------------------------------------------------------------- loop
 
-    def batches(self):
-        """Micro-batches on the device, continuing the data order where the checkpoint left it."""
-        self.sampler.start = self.batches_seen
-        # The loader's own generator: creating the iterator would otherwise draw from the global RNG, and a
-        # resumed run (which creates it after restoring the RNG) would diverge from an uninterrupted one.
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers,
-                            pin_memory=self.accelerator.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(self.cfg.train.seed))
-        for x, y in loader:
-            yield x.to(self.accelerator.device, non_blocking=True), y.to(self.accelerator.device, non_blocking=True)
+class Meter:
+    """The loss, gradient norm and throughput since the last log line; one host sync per log line."""
 
-    def augment(self, x: torch.Tensor, y: torch.Tensor):
-        """Random horizontal flips (if asked) and label dropout to the null class (for guidance), on the batch."""
-        if self.cfg.data.hflip:
-            flip = torch.rand(x.shape[0], device=x.device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if not self.conditional:
-            return x, None
-        drop = torch.rand(y.shape[0], device=y.device) < self.cfg.train.label_dropout
-        return x, torch.where(drop, torch.full_like(y, self.num_classes), y)
+    def __init__(self, device):
+        self.loss_sum, self.grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.micro, self.seen, self.clock = 0, 0, time.perf_counter()
 
-    def train(self) -> Path:
-        cfg, acc = self.cfg, self.accelerator
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, self.out / "config.yaml")
-        acc.init_trackers("train", config=flat_hparams(cfg))
-        if self.resume_from is not None:
-            self.load_checkpoint(self.resume_from)
-            acc.print(f"resumed from {self.resume_from} at step {self.step}")
-        with self.signals():
-            finished = self._loop()
-        if not finished:
-            path = self.save_checkpoint()
-            name = signal.Signals(self.signal).name if self.signal else "a signal"
-            acc.end_training()
-            raise Interrupted(f"stopped by {name} at step {self.step}; checkpoint {path} written, continue with "
-                              f"--resume latest", self.signal)
-        self.sample_grid("final")
-        path = self.save_pipeline()
-        acc.end_training()
-        acc.print(f"pipeline written to {path}")
-        return path
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss_sum += loss.detach()
+        self.micro, self.seen = self.micro + 1, self.seen + images
 
-    def _loop(self) -> bool:
-        """Train to ``max_steps``; False if a signal stopped it first."""
-        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
-        params = list(self.model.parameters())
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train",
-                   dynamic_ncols=True)
-        loss_sum, micro, seen, clock = torch.zeros((), device=acc.device), 0, 0, time.perf_counter()
-        grad_norm, bad_in_row = torch.zeros((), device=acc.device), 0
-        data = self.batches()
-        self.model.train()
-        while self.step < t.max_steps:
-            error = None
-            try:
-                x, y = next(data)
-            except DataError as e:
-                error = str(e)
-            if self.agree(error):
-                bar.close()
-                return False
-            self.batches_seen += 1
-            x, y = self.augment(x, y)
-            with acc.accumulate(self.model):
-                loss = diffusion_loss(self.model, self.noise_scheduler, x, {"class_labels": y}, weighting=cfg.diffusion.loss_weighting,
-                                      gamma=cfg.diffusion.snr_gamma)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
-                    # One host sync per update, for the non-finite guard: a skipped step must leave the weights,
-                    # the optimizer and the EMA exactly as they were, which needs the decision on the host.
-                    # (fp16's GradScaler handles overflowing gradients itself; a non-finite loss is still bad.)
-                    finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (acc.scaler is not None))
-                    if not finite.item():
-                        self.optimizer.zero_grad(set_to_none=True)
-                        bad_in_row, self.skipped = bad_in_row + 1, self.skipped + 1
-                        acc.log({"skipped_steps": self.skipped}, step=self.step)
-                        acc.print(f"warning: non-finite loss or gradient at step {self.step + 1}, step skipped "
-                                  f"({bad_in_row} in a row)")
-                        if bad_in_row >= t.max_bad_steps:
-                            path = self.save_checkpoint()
-                            raise TrainingError(
-                                f"{bad_in_row} non-finite losses/gradients in a row before step {self.step + 1}; "
-                                f"checkpoint {path} holds the weights from before the first; try a lower "
-                                f"train.lr, train.grad_clip, or train.mixed_precision=bf16/no")
-                        continue
-                bad_in_row = 0 if acc.sync_gradients else bad_in_row
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            micro += 1
-            seen += x.shape[0]
-            if not acc.sync_gradients:
-                continue
-            self.ema.step(params)
-            self.step += 1
-            bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                mean_loss = acc.reduce(loss_sum, reduction="mean").item() / micro
-                elapsed = time.perf_counter() - clock
-                rate = seen * self.world / elapsed
-                logs = {"loss": mean_loss, "lr": self.lr_scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm), "img_per_s": rate}
-                acc.log(logs, step=self.step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
-                loss_sum.zero_()
-                micro, seen, clock = 0, 0, time.perf_counter()
-            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
-                self.save_checkpoint()
-            if self.step % t.sample_every == 0 and self.step != t.max_steps:
-                self.sample_grid(f"step_{self.step:06d}")
-            if t.eval_every > 0 and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                self.evaluate()
-        bar.close()
-        return True
+    def read(self, accelerator, world: int) -> dict:
+        """The means across processes, then a fresh start."""
+        loss = accelerator.reduce(self.loss_sum, reduction="mean").item() / self.micro
+        rate = self.seen * world / (time.perf_counter() - self.clock)
+        logs = {"loss": loss, "grad_norm": float(self.grad_norm), "img_per_s": rate}
+        self.loss_sum.zero_()
+        self.micro, self.seen, self.clock = 0, 0, time.perf_counter()
+        return logs
 
 
 class Interrupted(TrainingError):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import diffunet.training as training
 from diffunet import checkpoint as ckpt
+from diffunet import objectives
 from diffunet.checkpoint import CheckpointError
 from diffunet.data import DataError
 from diffunet.training import TrainingError, train
@@ -176,14 +177,14 @@ def test_disk_full_while_saving(tmp_path, monkeypatch):
 
 def _nan_at(monkeypatch, bad_calls):
     calls = {"n": 0}
-    real = training.diffusion_loss
+    real = objectives.diffusion_loss
 
     def loss(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] in bad_calls else value
 
-    monkeypatch.setattr(training, "diffusion_loss", loss)
+    monkeypatch.setattr(objectives, "diffusion_loss", loss)
 
 
 # 8. Non-finite loss: the step is skipped (state unchanged) and counted; K in a row stop the run.

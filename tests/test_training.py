@@ -20,6 +20,7 @@ from conftest import tiny
 from diffunet.config import ConfigError, load_config
 from diffunet.data import DataError, build_dataset
 from diffunet.objectives import diffusion_loss, make_noise_scheduler
+from diffunet.sampling import generate, load_model
 from diffunet.training import EpochSampler, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +149,15 @@ def test_training_on_an_image_folder(tmp_path):
     _images(tmp_path / "imgs")
     cfg = fast_cfg(tmp_path, f"data.source={tmp_path / 'imgs'}", "train.batch_size=2", "train.max_steps=2",
                    "model.num_classes=2", "data.hflip=true", "sample.num_images=2")
-    assert (train(cfg) / "model_index.json").exists()
+    pipe_dir = train(cfg)
+    assert (pipe_dir / "model_index.json").exists()
+    # the folder loads back as a diffusers pipeline, and its class-conditional U-Net samples each class
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir)
+    assert isinstance(pipe.unet, diffunet.UNet) and pipe.unet.config.num_classes == 2
+    unet, sched = load_model(pipe_dir, scheduler="ddim")
+    images = generate(unet, sched, 4, steps=2, class_labels="all")
+    assert images.shape == (4, 1, 16, 16) and torch.isfinite(images).all() and images.abs().max() <= 1
+    assert not torch.equal(images[0], images[1])
 
 
 def test_checks_run_before_any_compute(tmp_path):
