@@ -6,50 +6,48 @@ import numpy as np
 from torch import nn
 
 from diffunet import UNet
-from diffunet.nn import ResBlock
 
 from .lab import Lab, Section, fmt, paired, table
 
 
-class NoShortcut(nn.Module):
-    """Measurement-only stand-in for a residual block's shortcut: zeros, so the block is its branch alone."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.channels = channels
-
-    def forward(self, x):
-        return x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
-
-
-def plain(model: UNet, norm: bool = True) -> UNet:
-    """Measurement-only variants (not UNet switches): residual shortcuts removed, a plain conv stack as in the
-    2015 U-Net; with ``norm=False`` every GroupNorm removed as well (PyTorch's default conv init)."""
+def without_norm(model: UNet) -> UNet:
+    """A measurement-only variant the UNet does not offer: every ``nn.GroupNorm`` replaced by the identity (with
+    ``zero_init=False``, PyTorch's default conv init then sets the activations' scale level by level)."""
+    found = 0
     for module in list(model.modules()):
-        if isinstance(module, ResBlock):
-            module.shortcut = NoShortcut(module.conv2.out_channels)
         for name, child in list(module.named_children()):
-            if not norm and isinstance(child, nn.GroupNorm):
+            if isinstance(child, nn.GroupNorm):
                 setattr(module, name, nn.Identity())
+                found += 1
+    if not found:
+        raise RuntimeError("the UNet has no nn.GroupNorm left to remove; the no-norm variant would be the model")
     return model
 
 
+# name -> (UNet switches, normalization kept). residual=False: blocks without shortcut, the plain conv pairs of
+# the 2015 U-Net.
 GRAD_VARIANTS = {
-    "residual + GroupNorm (the model)": lambda m: m,
-    "plain convs + GroupNorm": lambda m: plain(m),
-    "plain convs, no norm": lambda m: plain(m, norm=False),
+    "residual + GroupNorm (the model)": ({}, True),
+    "plain convs + GroupNorm": ({"residual": False}, True),
+    "plain convs, no norm": ({"residual": False}, False),
 }
+
+
+def build_variant(lab: Lab, variant: str, seed: int, **kw) -> UNet:
+    switches, norm = GRAD_VARIANTS[variant]
+    model = lab.build(seed, **kw, **switches)
+    return model if norm else without_norm(model)
 
 
 def section_gradient_highway(lab: Lab, plt) -> Section:
     depths, s = lab.s.grad_depths, lab.s
     mult = lambda d: dict(channel_mult=(1,) + (2,) * (d - 1), base_channels=s.small_channels)  # noqa: E731
     at_init = {}                                        # (variant, skip, depth) -> [per seed: per-level norms]
-    for variant, make in GRAD_VARIANTS.items():
+    for variant in GRAD_VARIANTS:
         for skip in ("concat", "none"):
             for d in depths:
-                at_init[variant, skip, d] = [lab.grad_norms(make(lab.build(seed, **mult(d), skip=skip,
-                                                                              zero_init=False)))
+                at_init[variant, skip, d] = [lab.grad_norms(build_variant(lab, variant, seed, **mult(d), skip=skip,
+                                                                          zero_init=False))
                                              for seed in range(s.grad_init_seeds)]
     lab.log(f"[{lab.elapsed():6.1f}s] gradients at init measured")
     every = max(s.grad_steps // s.grad_probes, 1)
@@ -150,8 +148,9 @@ def section_gradient_highway(lab: Lab, plt) -> Section:
         f"channels, one residual block per level), `zero_init=False` (with zero-init every gradient is exactly zero "
         f"before the first update). Gradient norm of the eps-MSE over each encoder level's parameters, on 64 held-out "
         f"digits with fixed noise and timesteps (`diffunet.diagnostics.encoder_grad_norms`). At init: "
-        f"{s.grad_init_seeds} seeds per cell, and besides the model two measurement-only variants the UNet does not "
-        f"offer: residual shortcuts removed (a plain conv stack, as in the 2015 U-Net), and also GroupNorm removed. "
+        f"{s.grad_init_seeds} seeds per cell, and besides the model two variants: `residual=False` (blocks without "
+        "shortcut, a plain conv stack as in the 2015 U-Net), and that with every GroupNorm removed as well (a "
+        "measurement-only variant the UNet does not offer). "
         f"During training: the model as built, {s.grad_steps} steps, batch {s.batch}, seeds 0..{s.seeds - 1}. The "
         f"factor per level added is exp(slope) of log(level-0 gradient) against depth (a gradient of exactly 0, below "
         f"float32's range, is left out of the fit).",
