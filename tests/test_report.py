@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffunet import report
+from experiments import report
 
 # Smaller than --quick: the report's structure, not its evidence.
 TINY = dataclasses.replace(report.QUICK, name="test", steps=2, batch=8, probe_images=24, grad_depths=(2, 3),
