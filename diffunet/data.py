@@ -1,4 +1,5 @@
-"""Datasets: the embedded digits, image folders, Hugging Face ``datasets``, CIFAR-10; one transform to tensors.
+"""Datasets (the embedded digits, image folders, Hugging Face ``datasets``, CIFAR-10; one transform to tensors) and
+every image file diffunet reads or writes: one decoder (``decode``) for training images and sample files alike.
 
 Every dataset yields ``(image, label)``: a (C, H, W) float tensor in [-1, 1] at the model's size and channel
 count, and an int class id (-1 where the data has none). ``num_classes`` says how many classes there are (None
@@ -8,6 +9,8 @@ for unlabelled data). Random flips happen on the batch in the training loop, not
 from __future__ import annotations
 
 import functools
+import math
+import os
 import warnings
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}     # channel counts a PNG holds; others are written as .npy
 
 
 class DataError(ValueError):
@@ -99,20 +103,26 @@ def to_model_tensor(arr: np.ndarray, size: tuple[int, int], channels: int, where
     return fit(x, size) * 2 - 1
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Decode one file fully (a truncated file fails here, not later), as ``to_array`` gives it.
+def decode(path: str | Path, convert):
+    """Decode one image file fully (a truncated file fails here, not later) and return ``convert(image)``.
 
-    A decompression bomb (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``) is refused rather than decoded.
+    A decompression bomb (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``) is refused rather than decoded. Every
+    failure is one DataError that names the file.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                return to_array(image)
+                return convert(image)
     except Exception as e:  # PIL raises many types for bad files; all mean the same to the user
         reason = str(e).splitlines()[0] if str(e) else "unreadable"
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {reason}") from None
+
+
+def load_image(path: Path) -> np.ndarray:
+    """One file for training, as ``to_array`` gives it: (H, W, C) float32 in [0, 1], alpha composited."""
+    return decode(path, to_array)
 
 
 BAD_IMAGES = ("strict", "skip")
@@ -132,6 +142,59 @@ def apply_bad_image_policy(dataset, bad: list[tuple[str, str]], policy: str, war
     warn(f"warning: skipping {len(bad)} unreadable image(s) under {dataset.root}: {shown}")
     if len(dataset) == 0:
         raise DataError(f"no readable images left under {dataset.root}")
+
+
+# ------------------------------------------------------------------------------------------ image files
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def image_path(folder: str | Path, index: int, channels: int) -> Path:
+    """Where image ``index`` lives: ``000042.png`` (1-4 channels) or ``000042.npy`` (any other count)."""
+    return Path(folder) / f"{index:06d}.{'png' if channels in PIL_MODES else 'npy'}"
+
+
+def write_image(image: np.ndarray, path: str | Path) -> Path:
+    """Write one (H, W, C) uint8 image; atomically, so an interrupted run never leaves a half file behind that a
+    resumed run would take for a finished image."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        if path.suffix == ".npy":
+            np.save(f, image)
+        else:
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image, PIL_MODES[image.shape[-1]]).save(f, "PNG")
+    os.replace(part, path)
+    return path
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One image file (PNG, JPEG, ..., or .npy) as (H, W, C) uint8, its channels as stored (samples, metrics)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path)
+    image = decode(path, np.asarray)                            # as stored: RGBA keeps its alpha, no compositing
+    return image[..., None] if image.ndim == 2 else image
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
+    """Write (N, H, W, C) uint8 images as one PNG grid, ``nrow`` images per row (default: about square).
+    Images of more than 4 channels show their first three."""
+    n, h, w, c = images.shape
+    if c not in PIL_MODES:
+        images, c = images[..., :3], 3
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid, PIL_MODES[c]).save(path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------ datasets

@@ -31,6 +31,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from .data import digits_arrays, read_image
 from .tables import choose
 
 ASSETS = Path(__file__).parent / "assets"
@@ -172,11 +173,7 @@ def _image_files(folder: Path) -> list[Path]:
 def image_batches(source, batch_size: int = 256) -> Iterator[np.ndarray]:
     """(B, H, W, C) uint8 batches of ``source``: an array (N, H, W, C) or (N, H, W), ``"digits"`` (the embedded
     set at 16x16), an .npz (its ``images`` array, else its first) or a folder of image files."""
-    from .sampling import read_image
-
     if isinstance(source, str) and source == "digits":
-        from .data import digits_arrays
-
         source = digits_arrays(16)[0]
     elif not isinstance(source, np.ndarray) and Path(source).suffix == ".npz":
         with np.load(source) as f:

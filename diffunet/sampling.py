@@ -1,4 +1,5 @@
-"""Sampling: diffusers schedulers by name, a reproducible sample loop, image files and grids.
+"""Sampling: diffusers schedulers by name, a reproducible sample loop, and sample folders (their image files and
+grids are written and read by ``diffunet.data``).
 
 Reproducibility rests on one rule: image i is drawn from its own ``torch.Generator``, seeded from (seed, i), for
 its initial noise and for every noise draw of the scheduler. The images therefore do not depend on the batch
@@ -9,8 +10,6 @@ size, the number of processes, or which indices were already on disk, and a set 
 from __future__ import annotations
 
 import inspect
-import math
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,9 +17,9 @@ import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        HeunDiscreteScheduler, UniPCMultistepScheduler)
-from PIL import Image
 from tqdm.auto import tqdm
 
+from .data import image_path, read_image, save_grid, to_uint8, write_image
 from .fast import precision
 from .tables import choose
 from .unet import UNet
@@ -33,8 +32,6 @@ SCHEDULERS = {
     "heun": HeunDiscreteScheduler,          # two model calls per step
     "unipc": UniPCMultistepScheduler,
 }
-
-PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}     # channel counts a PNG holds; others are written as .npy
 
 GRID_MAX = 100                                          # images shown in grid.png
 
@@ -166,59 +163,6 @@ def generate(unet, scheduler, num_images: int, *, steps: int = 50, seed: int = 0
                                seed=seed, classes=class_labels, guidance_scale=guidance_scale, eta=eta,
                                batch_size=batch_size, device=device, progress=progress)
     return torch.cat([images for _, _, images in batches])
-
-
-# ------------------------------------------------------------------------------------------- files
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def image_path(folder: str | Path, index: int, channels: int) -> Path:
-    """Where image ``index`` lives: ``000042.png`` (1-4 channels) or ``000042.npy`` (any other count)."""
-    return Path(folder) / f"{index:06d}.{'png' if channels in PIL_MODES else 'npy'}"
-
-
-def write_image(image: np.ndarray, path: str | Path) -> Path:
-    """Write one (H, W, C) uint8 image; atomically, so an interrupted run never leaves a half file behind that a
-    resumed run would take for a finished image."""
-    path = Path(path)
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        if path.suffix == ".npy":
-            np.save(f, image)
-        else:
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image, PIL_MODES[image.shape[-1]]).save(f, "PNG")
-    os.replace(part, path)
-    return path
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """One image file (PNG, JPEG, ..., or .npy) as (H, W, C) uint8."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        return np.load(path)
-    image = np.asarray(Image.open(path))
-    return image[..., None] if image.ndim == 2 else image
-
-
-def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
-    """Write (N, H, W, C) uint8 images as one PNG grid, ``nrow`` images per row (default: about square).
-    Images of more than 4 channels show their first three."""
-    n, h, w, c = images.shape
-    if c not in PIL_MODES:
-        images, c = images[..., :3], 3
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid, PIL_MODES[c]).save(path)
-    return path
 
 
 # ------------------------------------------------------------------------------------------- sample.py

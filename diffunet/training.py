@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
-from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset
+from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset, save_grid, to_uint8
 from . import objectives
 from .fast import apply_fast_paths
 from .objectives import make_noise_scheduler
-from .sampling import generate, make_scheduler, save_grid, to_uint8
+from .sampling import generate, make_scheduler
 from .tables import choose
 from .tasks import task_of
 from .unet import UNet

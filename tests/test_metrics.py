@@ -8,10 +8,9 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from diffunet import metrics
-from diffunet.data import digits_arrays
+from diffunet.data import digits_arrays, write_image
 from diffunet.evaluate import main
 from diffunet.metrics import ExtractorUnavailable, digits_extractor, evaluate, extract, inception_extractor
-from diffunet.sampling import write_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = dict(kid_subsets=10)                                     # KID over 10 subsets instead of 100: seconds

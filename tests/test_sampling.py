@@ -11,8 +11,9 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from conftest import tiny
+from diffunet.data import read_image
 from diffunet.sampling import (SCHEDULERS, _predict, class_labels_for, generate, load_model, make_scheduler,
-                               read_image, sample_to_folder)
+                               sample_to_folder)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
