@@ -63,7 +63,7 @@ def diffusers_twin(ours) -> UNet2DModel:
     if len(widths) != 1:
         raise ValueError(f"UNet2DModel takes one attention head width, this model has {sorted(widths)}; "
                          "set head_dim")
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    size = ours.image_size[0]
     attn = [size // 2**i in cfg.attention_resolutions for i in range(len(cfg.channel_mult))]
     return UNet2DModel(
         sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels or cfg.in_channels,
@@ -291,8 +291,7 @@ class Job:
         self.side, self.setting, self.model, self.opt, self.device = side, setting, model, opt, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=setting.mixed_precision == "fp16")
         g = torch.Generator(device).manual_seed(1)
-        size = model.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
+        size = model.image_size
         self.x = torch.randn(batch, channels, *size, device=device, generator=g)
         self.noise = torch.randn(batch, channels, *size, device=device, generator=g)
         self.t = torch.randint(0, 1000, (batch,), device=device, generator=g)
@@ -390,8 +389,7 @@ def run(args, argv: list[str]) -> None:
     arch = {}
     for side, make in build.items():
         m = make().to(device)
-        size = m.config.sample_size
-        x = torch.randn(1, m.config.in_channels, *((size, size) if isinstance(size, int) else size), device=device)
+        x = torch.randn(1, m.config.in_channels, *m.image_size, device=device)
         t = torch.tensor([500], device=device)
         arch[side] = dict(params=sum(p.numel() for p in m.parameters()), fwd=count_flops(m, x, t, False),
                           train=count_flops(m, x, t, True), run=count_flops(m, x, t, False, nominal=False))

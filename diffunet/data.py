@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .unet import as_size
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}     # channel counts a PNG holds; others are written as .npy
 
@@ -35,7 +37,7 @@ def digits_arrays(size: int | tuple[int, int] = 16) -> tuple[np.ndarray, np.ndar
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = as_size(size)
     x = torch.from_numpy(digits.images).float()[:, None] / 16.0                 # (N, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
     images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -335,7 +337,7 @@ def cifar10_dataset(size, channels: int, root: str | Path = "~/.cache/diffunet/c
 
 def build_dataset(data_cfg, sample_size, channels: int) -> Dataset:
     """The dataset ``data.source`` names, at the model's size and channel count."""
-    size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    size = as_size(sample_size)
     source = str(data_cfg.source)
     if source == "digits":
         return digits_dataset(size, channels)

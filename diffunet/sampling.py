@@ -105,7 +105,7 @@ def _predict(unet, x, t, labels, guidance_scale):
         return unet(x, t, labels).sample
     if guidance_scale == 0.0:
         return unet(x, t, None).sample                          # class_labels=None is the null class
-    null = torch.full_like(labels, unet.config.num_classes)
+    null = torch.full_like(labels, unet.null_class)
     cond, uncond = unet(torch.cat([x, x]), t, torch.cat([labels, null])).sample.chunk(2)  # (2B, ...) -> 2x (B, ...)
     return uncond + guidance_scale * (cond - uncond)
 
@@ -114,10 +114,8 @@ def _predict(unet, x, t, labels, guidance_scale):
 def _generate_batch(unet, scheduler, indices, steps, seed, labels, guidance_scale, eta, device):
     """Images ``indices`` in [-1, 1], (B, C, H, W) float32 on the CPU. The U-Net runs in its own dtype; the
     scheduler's arithmetic stays in float32 (low-precision betas and sigmas visibly hurt few-step samplers)."""
-    cfg = unet.config
-    h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else cfg.sample_size
     gens = [image_generator(seed, i) for i in indices]
-    x = torch.stack([torch.randn(cfg.in_channels, h, w, generator=g) for g in gens]).to(device)
+    x = torch.stack([torch.randn(unet.config.in_channels, *unet.image_size, generator=g) for g in gens]).to(device)
     labels = None if labels is None else labels.to(device)
     scheduler.set_timesteps(steps, device=device)              # also resets multistep solvers' history
     x = x * scheduler.init_noise_sigma

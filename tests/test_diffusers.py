@@ -7,6 +7,7 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,
 
 import diffunet
 from conftest import tiny
+from diffunet.unet import as_size
 
 
 @pytest.mark.parametrize("channels,size", [(1, 16), (3, (8, 16))])
@@ -15,7 +16,7 @@ def test_pipelines_run_unchanged(pipeline, channels, size):
     model = tiny(in_channels=channels, sample_size=size, zero_init=False)
     pipe = pipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=50))
     out = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = as_size(size)
     assert out.images.shape == (2, h, w, channels)
     assert out.images.min() >= 0 and out.images.max() <= 1
     pil = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
