@@ -24,15 +24,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--start-index", type=int, default=0, help="first image index (extend an existing set)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULTS.scheduler)
     p.add_argument("--steps", type=int, default=DEFAULTS.steps)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--eta", type=float, default=DEFAULTS.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--class-label", dest="classes", type=int, metavar="K", help="class id of every image")
     labels.add_argument("--classes", choices=["all"], help="a balanced set (the default for conditional models)")
     p.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale,
                    help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")
-    p.add_argument("--dtype", choices=[*PRECISION, *ALIASES], default="float32")
+    p.add_argument("--dtype", choices=[*PRECISION, *ALIASES], default=DEFAULTS.dtype)
     p.add_argument("--device", default=None, help="default: the process's accelerator, else the CPU")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
                    help="the model's target, for a bare model folder (a pipeline folder records it)")

@@ -13,7 +13,7 @@ import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -95,11 +95,27 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
+    """The ``sample`` section (a run's sample grids and evaluation samples) and the defaults of ``sample.py`` and
+    ``diffunet.sampling``. The ClassVars are defaults only, not config keys: the training loop does not take them."""
     scheduler: str = "ddim"                     # "ddpm" | "ddim" | "dpmpp" | "euler" | "heun" | "unipc"
     steps: int = 50
     num_images: int = 64
-    guidance_scale: float = 1.0
+    guidance_scale: float = 1.0                 # 1: the conditional model, 0: unconditional, > 1: stronger guidance
     seed: int = 0
+    eta: ClassVar[float] = 0.0                  # DDIM noise: 0 deterministic, 1 DDPM-like
+    batch_size: ClassVar[int] = 64              # images per forward pass per process; does not change the images
+    dtype: ClassVar[str] = "float32"            # the U-Net's precision while sampling (a name fast.PRECISION takes)
+
+
+@dataclass
+class EvalConfig:
+    """The defaults of ``diffunet.metrics`` and ``python -m diffunet.evaluate``; not a config section (a run's
+    evaluation, ``train.eval_*``, uses them as they are)."""
+    batch_size: int = 256                       # images per feature-extractor forward pass
+    kid_subset_size: int = 1000                 # KID: MMD^2 over random subsets of min(this, N_real, N_fake) images
+    kid_subsets: int = 100                      # ... averaged over this many subsets
+    is_splits: int = 10                         # IS: at most this many splits (fewer, so each holds >= 100 images)
+    seed: int = 0                               # fixes KID's subsets and IS's splits
 
 
 @dataclass

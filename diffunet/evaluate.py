@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from .config import EvalConfig
 from .metrics import EXTRACTORS, ExtractorUnavailable, evaluate
 
 
@@ -21,11 +22,11 @@ def main(argv=None) -> dict:
     p.add_argument("reference", help="folder, .npz or 'digits' (its features are cached)")
     p.add_argument("--extractor", choices=list(EXTRACTORS), help="default: digits for 'digits', else inception")
     p.add_argument("--inception-weights", metavar="FILE", help="TorchScript inception-2015-12-05.pt")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     p.add_argument("--device", default=None)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kid-subset-size", type=int, default=EvalConfig.kid_subset_size)
+    p.add_argument("--kid-subsets", type=int, default=EvalConfig.kid_subsets)
+    p.add_argument("--seed", type=int, default=EvalConfig.seed)
     p.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the reference's features")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)

@@ -31,6 +31,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from .config import EvalConfig
 from .data import digits_arrays, read_image
 from .tables import choose
 
@@ -170,7 +171,7 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != "grid.png")
 
 
-def image_batches(source, batch_size: int = 256) -> Iterator[np.ndarray]:
+def image_batches(source, batch_size: int = EvalConfig.batch_size) -> Iterator[np.ndarray]:
     """(B, H, W, C) uint8 batches of ``source``: an array (N, H, W, C) or (N, H, W), ``"digits"`` (the embedded
     set at 16x16), an .npz (its ``images`` array, else its first) or a folder of image files."""
     if isinstance(source, str) and source == "digits":
@@ -194,7 +195,8 @@ def image_batches(source, batch_size: int = 256) -> Iterator[np.ndarray]:
 
 
 @torch.no_grad()
-def extract(extractor: nn.Module, source, batch_size: int = 256, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(extractor: nn.Module, source, batch_size: int = EvalConfig.batch_size,
+            device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, d) and logits (N, k) of every image of ``source`` (see ``image_batches``), float64 on CPU."""
     device = device or next(extractor.parameters(), torch.empty(0)).device
     feats, logits = [], []
@@ -206,8 +208,8 @@ def extract(extractor: nn.Module, source, batch_size: int = 256, device=None) ->
     return torch.cat(feats), torch.cat(logits)
 
 
-def reference_features(reference, extractor, net: nn.Module | None = None, *, batch_size: int = 256, device=None,
-                       cache: bool = True) -> torch.Tensor:
+def reference_features(reference, extractor, net: nn.Module | None = None, *, batch_size: int = EvalConfig.batch_size,
+                       device=None, cache: bool = True) -> torch.Tensor:
     """Features of the reference set, cached in ``CACHE_DIR`` (``$DIFFUNET_CACHE``) under a hash of the
     extractor's weights and the reference's identity (name, or file names, sizes and modification times)."""
     net = net if net is not None else load_extractor(extractor)
@@ -245,7 +247,8 @@ class Precomputed(nn.Module):
 
 
 def scores(real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor | None = None, *,
-           kid_subset_size: int = 1000, kid_subsets: int = 100, is_splits: int = 10, seed: int = 0) -> dict:
+           kid_subset_size: int = EvalConfig.kid_subset_size, kid_subsets: int = EvalConfig.kid_subsets,
+           is_splits: int = EvalConfig.is_splits, seed: int = EvalConfig.seed) -> dict:
     """FID, KID (and IS with logits) of feature sets (N, d), by torchmetrics. KID's subsets are min(
     ``kid_subset_size``, N_real, N_fake) images; IS uses up to ``is_splits`` splits of at least 100 images; the
     random subsets and split order come from ``seed``."""
@@ -273,9 +276,9 @@ def scores(real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor | N
     return out
 
 
-def evaluate(fake, reference="digits", extractor="digits", *, batch_size: int = 256, device=None,
-             kid_subset_size: int = 1000, kid_subsets: int = 100, is_splits: int = 10, cache: bool = True,
-             seed: int = 0) -> dict:
+def evaluate(fake, reference="digits", extractor="digits", *, batch_size: int = EvalConfig.batch_size, device=None,
+             kid_subset_size: int = EvalConfig.kid_subset_size, kid_subsets: int = EvalConfig.kid_subsets,
+             is_splits: int = EvalConfig.is_splits, cache: bool = True, seed: int = EvalConfig.seed) -> dict:
     """Score generated images against a reference set.
 
     Args:

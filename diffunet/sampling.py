@@ -19,6 +19,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        HeunDiscreteScheduler, UniPCMultistepScheduler)
 from tqdm.auto import tqdm
 
+from .config import SampleConfig
 from .data import image_path, read_image, save_grid, to_uint8, write_image
 from .fast import precision
 from .tables import choose
@@ -41,7 +42,7 @@ def make_scheduler(name: str, config) -> object:
     return choose(SCHEDULERS, name, "scheduler").from_config(config)
 
 
-def load_model(path: str | Path, scheduler: str = "ddim", prediction_type: str | None = None,
+def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, prediction_type: str | None = None,
                dtype: torch.dtype = torch.float32):
     """(unet, scheduler) from a pipeline folder written by ``train.py`` (``model_index.json``, ``unet/``,
     ``scheduler/``) or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
@@ -133,8 +134,9 @@ def _generate_batch(unet, scheduler, indices, steps, seed, labels, guidance_scal
     return x.clamp(-1, 1).cpu()
 
 
-def generate_batches(unet, scheduler, indices: Sequence[int], *, steps: int = 50, seed: int = 0, classes=None,
-                     guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, device=None,
+def generate_batches(unet, scheduler, indices: Sequence[int], *, steps: int = SampleConfig.steps,
+                     seed: int = SampleConfig.seed, classes=None, guidance_scale: float = SampleConfig.guidance_scale,
+                     eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size, device=None,
                      progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor | None, torch.Tensor]]:
     """Yield (indices, labels, images) batch by batch for any list of image indices; see ``generate``."""
     device = device or unet.device
@@ -148,8 +150,9 @@ def generate_batches(unet, scheduler, indices: Sequence[int], *, steps: int = 50
             bar.update(len(idx))
 
 
-def generate(unet, scheduler, num_images: int, *, steps: int = 50, seed: int = 0, start_index: int = 0,
-             class_labels=None, guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, device=None,
+def generate(unet, scheduler, num_images: int, *, steps: int = SampleConfig.steps, seed: int = SampleConfig.seed,
+             start_index: int = 0, class_labels=None, guidance_scale: float = SampleConfig.guidance_scale,
+             eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size, device=None,
              progress: bool = False) -> torch.Tensor:
     """``num_images`` samples in [-1, 1], shape (N, C, H, W) float32 on the CPU: images start_index ..
     start_index + N - 1, each from its own generator seeded by (seed, index), so the result depends on neither
@@ -165,11 +168,12 @@ def generate(unet, scheduler, num_images: int, *, steps: int = 50, seed: int = 0
 
 # ------------------------------------------------------------------------------------------- sample.py
 
-def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, scheduler: str = "ddim",
-                     steps: int = 50, eta: float = 0.0, batch_size: int = 64, seed: int = 0, start_index: int = 0,
-                     classes=None, guidance_scale: float = 1.0, dtype: str = "float32", device: str | None = None,
-                     prediction_type: str | None = None, npz: str | None = None, grid: bool = True,
-                     progress: bool = True) -> Path:
+def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, scheduler: str = SampleConfig.scheduler,
+                     steps: int = SampleConfig.steps, eta: float = SampleConfig.eta,
+                     batch_size: int = SampleConfig.batch_size, seed: int = SampleConfig.seed, start_index: int = 0,
+                     classes=None, guidance_scale: float = SampleConfig.guidance_scale,
+                     dtype: str = SampleConfig.dtype, device: str | None = None, prediction_type: str | None = None,
+                     npz: str | None = None, grid: bool = True, progress: bool = True) -> Path:
     """Images start_index .. start_index + num_images - 1 of ``model`` (see ``load_model``) as ``out/000042.png``,
     plus ``out/grid.png`` and, with ``npz``, an .npz (path relative to ``out``) of the range: ``images``
     (N, H, W, C) uint8, ``indices`` and, for class-conditional models, ``labels``.
