@@ -19,6 +19,21 @@ def test_every_preset_builds():
         build_model(load_config(name))
 
 
+@pytest.mark.parametrize("name", presets())
+def test_every_preset_runs_a_forward_pass_at_a_tiny_size(name):
+    model = model_from_preset(name, zero_init=False).eval()   # random, not zero, output: finiteness means something
+    c = model.config
+    n = 2 ** (len(c.channel_mult) - 1)                        # the smallest side "same" takes; "valid" mirror-pads
+    x = torch.randn(2, c.in_channels, n, n)
+    labels = torch.tensor([0, model.null_class]) if model.null_class else None
+    with torch.no_grad():
+        out = model(x, torch.tensor([10, 900]), labels).sample
+        other_t = model(x, torch.tensor([500, 500]), labels).sample
+    assert out.shape == (2, c.out_channels or c.in_channels, n, n)           # the input's shape where out = in
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+    assert not torch.allclose(out, other_t)                         # the time conditioning reaches the output
+
+
 def test_ddpm_cifar10_preset_has_the_papers_parameter_count():
     assert count(model_from_preset("ddpm-cifar10")) == pytest.approx(35.7e6, rel=0.005)
 
