@@ -32,6 +32,7 @@ import os
 import shutil
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -120,19 +121,25 @@ def device_class(device: torch.device | str) -> str:
     return f"cpu {cpu_class()}" if kind == "cpu" else "other"
 
 
-def resolve_precision(name: str, device: torch.device | str, what: str = "train.mixed_precision") -> str:
+def resolve_precision(name: str, device: torch.device | str, what: str = "train.mixed_precision",
+                      warn: Callable[[str], object] | None = None) -> str:
     """accelerate's mixed_precision name ("no" | "fp16" | "bf16") for ``name`` on ``device``.
 
     "auto" picks by ``DEVICES``; explicit names and aliases (``ALIASES``) pass through. An explicit bf16 on a CPU
-    without native bf16 runs as asked, with one ``PrecisionWarning`` that says why and what to set instead
-    (``what``: the option's name in that message and in the error for an unknown name)."""
+    without native bf16 runs as asked, with one line that says why and what to set instead, given to ``warn``
+    (e.g. ``accelerator.print``: once per run, not per process) or, by default, ``warnings.warn`` as a
+    ``PrecisionWarning``. ``what`` names the option in that line and in the error for an unknown name."""
     name = ALIASES.get(name, name)
     choose({"auto": None, **PRECISION}, name, what)
     cls = device_class(device)
     hardware = DEVICES[cls]
     if name == "bf16" and hardware.bf16_slowdown:
-        warnings.warn(f"bf16 on this CPU ({cls.removeprefix('cpu ')}, no native bf16) is emulated and "
-                      f"{hardware.bf16_slowdown} than fp32; use {what}=auto or no", PrecisionWarning, stacklevel=2)
+        message = (f"bf16 on this CPU ({cls.removeprefix('cpu ')}, no native bf16) is emulated and "
+                   f"{hardware.bf16_slowdown} than fp32; use {what}=auto or no")
+        if warn is None:
+            warnings.warn(message, PrecisionWarning, stacklevel=2)
+        else:
+            warn(message)
     return hardware.auto if name == "auto" else name
 
 

@@ -70,10 +70,17 @@ def test_bf16_warns_exactly_on_a_cpu_without_native_bf16(monkeypatch, cls, spec,
         assert m.endswith(" than fp32; use --dtype=auto or no") and "\n" not in m
 
 
-def test_the_avx2_warning_reads_as_documented(monkeypatch):
+def test_the_avx2_warning_reads_as_documented_and_goes_to_warn_when_given(monkeypatch):
     mock(monkeypatch, "AVX2", {}, False, False)
-    assert resolve("bf16", "cpu")[1] == ["bf16 on this CPU (AVX2, no native bf16) is emulated and ~10-35x slower "
-                                         "than fp32; use train.mixed_precision=auto or no"]
+    line = ("bf16 on this CPU (AVX2, no native bf16) is emulated and ~10-35x slower than fp32; "
+            "use train.mixed_precision=auto or no")
+    assert resolve("bf16", "cpu") == ("bf16", [line])
+    printed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                 # nothing through warnings.warn
+        assert fast.resolve_precision("bf16", "cpu", warn=printed.append) == "bf16"
+        assert fast.resolve_precision("auto", "cpu", warn=printed.append) == "no"
+    assert printed == [line]
 
 
 @pytest.mark.parametrize("name", ["fp8", "Auto", "", "float64"])
