@@ -1,18 +1,24 @@
 """Our UNet against diffusers' UNet2DModel at a matched architecture, side by side in one process.
 
     python bench/bench_unet.py                                   # preset small, batch 16, CUDA if present
+    python bench/bench_unet.py --full                            # every row, 5 rounds (as before issue 17)
     python bench/bench_unet.py --preset ddpm-cifar10 --batch 16
     python bench/bench_unet.py --device cuda --dtype fp16 --batch 128 --compile
 
 Both models are built from one config (same levels, channels, blocks, attention placement and head width) and
 measured through the same switches (``diffunet.fast.apply_fast_paths`` and ``autocast``), one setting per row:
-fp32 eager, channels_last, mixed precision, torch.compile (``--compile``), gradient checkpointing, and "best"
-(``--best``). Per row: training img/s (forward + backward + AdamW step, median of repeats after warm-up; the rows
-take turns, so a load burst on a shared machine hits them all), forward-only img/s, the wall time of one DDIM-50
-pipeline call, the peak memory of a training step (CUDA: max allocated; CPU: RSS above the pre-step level, in a
-child process run with ``--memory-only``: see ``return_freed_memory_to_os``), and achieved FLOP/s and MFU against
-a conv3x3 / matmul peak measured in the same run, same device and dtype.
-Then the ratios ours / diffusers and the four targets of the performance issue, PASS or FAIL.
+fp32 eager, the mixed precision ``--dtype`` resolves to on this device (``fast.resolve_precision``: "auto" is
+bf16 only where the hardware has it natively), torch.compile (``--compile``), gradient checkpointing, and
+``--also`` combinations; ``--full`` (and CUDA) adds channels_last, and bf16 where "auto" picked fp32, so the table
+shows what that choice avoids. Each model's fastest setting is the row it measured fastest, not a name. Per row:
+training img/s (forward + backward + AdamW step, median of repeats after warm-up; the rows take turns, so a load
+burst on a shared machine hits them all), forward-only img/s, the wall time of one DDIM-50 pipeline call, the peak
+memory of a training step (CUDA: max allocated; CPU: RSS above the pre-step level, in a child process run with
+``--memory-only``: see ``return_freed_memory_to_os``), and achieved FLOP/s and MFU against a conv3x3 / matmul peak
+measured in the same run, same device and dtype.
+Then the ratios ours / diffusers and the four targets of the performance issue, PASS or FAIL, each naming the
+settings it compares. The header names the device (``fast.describe_device``: CPU kernels or GPU, and what "auto"
+picks there). The default run takes about 1-2 minutes on a 2-core CPU; ``--full`` several times that.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode                    # noqa: 
 
 from diffunet.config import model_from_preset                           # noqa: E402
 from diffunet.nn import Attention, InterpolateConv                      # noqa: E402
-from diffunet.fast import apply_fast_paths, autocast                   # noqa: E402
+from diffunet.fast import (PRECISION, apply_fast_paths, autocast,  # noqa: E402
+                           describe_device, precision, resolve_precision)
 
 # Keyword overrides that make a preset expressible in diffusers: UNet2DModel takes one head width for every
 # attention layer, ours takes a head count; "small" has 4 heads of 32 at 16x16, so head_dim=32 keeps that.
@@ -105,36 +112,50 @@ class Setting:
         return (self.channels_last, self.compile, self.gradient_checkpointing, self.mixed_precision)
 
 
-def parse_flags(text: str, name: str) -> Setting:
-    """"bf16,channels_last,compile" -> Setting; also "fp16", "checkpointing", "fp32" (nothing)."""
-    s = Setting(name)
-    for tok in filter(None, (t.strip() for t in text.split(","))):
-        if tok in ("bf16", "fp16"):
-            s = replace(s, mixed_precision=tok)
-        elif tok in ("channels_last", "compile"):
-            s = replace(s, **{tok: True})
-        elif tok == "checkpointing":
-            s = replace(s, gradient_checkpointing=True)
-        elif tok != "fp32":
-            raise SystemExit(f"unknown flag {tok!r} in {text!r}: use bf16, fp16, channels_last, compile, checkpointing")
+# --also tokens -> the Setting fields they switch on; precision names (bf16, fp16, fp32, ...) set mixed_precision.
+FLAGS = {"channels_last": dict(channels_last=True), "compile": dict(compile=True),
+         "checkpointing": dict(gradient_checkpointing=True)}
+
+
+def parse_flags(text: str) -> Setting:
+    """"bf16,channels_last,compile" -> Setting named "bf16+channels_last+compile"; fp32 (or "no") is the plain one."""
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    s = Setting("+".join(tokens))
+    for tok in tokens:
+        if tok in FLAGS:
+            s = replace(s, **FLAGS[tok])
+        else:
+            try:
+                s = replace(s, mixed_precision=precision(tok)[0])
+            except ValueError:
+                raise SystemExit(f"unknown flag {tok!r} in {text!r}: use a precision ({', '.join(PRECISION)}) or "
+                                 f"{', '.join(FLAGS)}") from None
     return s
 
 
-def settings(args) -> list[Setting]:
-    rows = [Setting("fp32"), Setting("channels_last", channels_last=True),
-            Setting(args.dtype, mixed_precision=args.dtype)]
+def settings(args, mixed: str, cuda: bool) -> list[Setting]:
+    """The rows, in order; ``mixed`` is the resolved ``--dtype`` ("no" where "auto" picked fp32)."""
+    full = args.full or cuda                                    # GPUs run the whole set in seconds
+    rows = [Setting("fp32")]
+    if full:
+        rows.append(Setting("channels_last", channels_last=True))
+    shown = mixed if mixed != "no" else "bf16" if full else None   # bf16 where auto picked fp32: what it avoids
+    if shown:
+        rows.append(Setting(shown, mixed_precision=shown))
     if args.compile:
         rows.append(Setting("compile", compile=True))
     rows.append(Setting("checkpointing", gradient_checkpointing=True))
-    best = parse_flags(args.best, "best")
-    if all(r.flags() != best.flags() for r in rows):
-        rows.append(best)
+    for text in args.also:
+        extra = parse_flags(text)
+        if all(r.flags() != extra.flags() for r in rows):
+            rows.append(extra)
     return rows
 
 
-def best_row(args, rows) -> Setting:
-    flags = parse_flags(args.best, "best").flags()
-    return next(r for r in rows if r.flags() == flags)
+def fastest(res: dict, side: str, rows: list[Setting]) -> Setting:
+    """The setting ``side`` trained fastest in, by measured img/s (checkpointing trades speed for memory: not a
+    candidate)."""
+    return max((r for r in rows if not r.gradient_checkpointing), key=lambda r: res[(side, r.name)].train_ips)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -365,14 +386,11 @@ def memory_in_child(argv: list[str]) -> dict:
 
 def run(args, argv: list[str]) -> None:
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
-    repeats = args.repeats or (10 if cuda else 5)
+    repeats = args.repeats or (10 if cuda else 5 if args.full else 3)
     warmup = args.warmup or (3 if cuda else 1)
     build = builders(args.preset)
-    rows = settings(args)
-    best = best_row(args, rows)
+    rows = settings(args, args.mixed, cuda)
     t0 = time.perf_counter()
 
     if args.memory_only:                    # the child: RSS tracks live tensors here, and nothing is timed
@@ -395,8 +413,7 @@ def run(args, argv: list[str]) -> None:
                           train=count_flops(m, x, t, True), run=count_flops(m, x, t, False, nominal=False))
         del m
 
-    dtypes = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    peaks = {mp: Peak(device, dtypes[mp]) for mp in sorted({r.mixed_precision for r in rows})}  # per dtype used
+    peaks = {mp: Peak(device, PRECISION[mp]) for mp in sorted({r.mixed_precision for r in rows})}  # per dtype used
     jobs = make_jobs(args, device, build, rows)
 
     say(f"warm-up: {len(jobs)} rows x {warmup} steps", t0)
@@ -416,25 +433,27 @@ def run(args, argv: list[str]) -> None:
         for job in jobs:
             if not job.setting.gradient_checkpointing:                  # no grad: checkpointing does nothing
                 job.result.sample.append(job.batch / timed(job.forward, device))
+    res = {(j.side, j.setting.name): j.result for j in jobs}
+    best = {side: fastest(res, side, rows) for side in build}           # by measured training img/s
     say("DDIM pipeline calls", t0)
     ddim_batch = args.ddim_batch or (args.batch if cuda else min(args.batch, 4))
-    for job in jobs:
-        if job.setting.name in ("fp32", best.name) and args.ddim_steps:
+    for job in jobs:                                                    # both sides, so each row has its ratio
+        if job.setting.name in {"fp32", *(b.name for b in best.values())} and args.ddim_steps:
             job.ddim(ddim_batch, 2)                                     # warm-up at this batch size
             job.result.ddim = timed(lambda: job.ddim(ddim_batch, args.ddim_steps), device)
 
-    report(args, device, arch, peaks, rows, best, jobs, ddim_batch, time.perf_counter() - t0)
+    report(args, device, arch, peaks, rows, best, res, ddim_batch, time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------ the table
 
-def report(args, device, arch, peaks, rows, best, jobs, ddim_batch, seconds):
+def report(args, device, arch, peaks, rows, best, res, ddim_batch, seconds):
     cuda = device.type == "cuda"
     unit, scale = ("TFLOP/s", 1e12) if cuda else ("GFLOP/s", 1e9)
-    name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     import diffusers
-    print(f"\npreset {args.preset}, batch {args.batch}, {name}, torch {torch.__version__}, "
+    print(f"\npreset {args.preset}, batch {args.batch}, {device.type}, torch {torch.__version__}, "
           f"diffusers {diffusers.__version__}" + ("" if args.four_phase else ", ours without four-phase upsampling"))
+    print(f"device: {describe_device(device)}; --dtype {args.dtype} -> {args.mixed!r}")
     o, d = arch["ours"], arch["diffusers"]
     print(f"{'model':<10} {'parameters':>12} {'fwd GFLOP/img':>14} {'train GFLOP/img':>16}")
     for side, a in arch.items():
@@ -448,9 +467,10 @@ def report(args, device, arch, peaks, rows, best, jobs, ddim_batch, seconds):
         print(f"peak {'fp32' if mp == 'no' else mp}: {peak.rate / scale:.1f} {unit} ({peak.what}; median of "
               f"{len(peak.rates)} rounds, best {max(peak.rates) / scale:.1f})")
 
-    res = {(j.side, j.setting.name): j.result for j in jobs}
-    print(f"\n{'setting':<14} {'model':<10} {'train img/s':>11} {unit:>8} {'MFU':>6} {'peak MB':>8} "
-          f"{'sample img/s':>12} {'DDIM-50 s':>9}   (DDIM batch {ddim_batch}; best = {best.name})")
+    ours, diff = best["ours"].name, best["diffusers"].name
+    w = max(14, *(len(r.name) + 1 for r in rows))                      # the setting column
+    print(f"\n{'setting':<{w}} {'model':<10} {'train img/s':>11} {unit:>8} {'MFU':>6} {'peak MB':>8} "
+          f"{'sample img/s':>12} {'DDIM-50 s':>9}   (DDIM batch {ddim_batch}; fastest: ours {ours}, diffusers {diff})")
     for s in rows:
         rate = peaks[s.mixed_precision].rate
         for side in ("ours", "diffusers"):
@@ -458,12 +478,12 @@ def report(args, device, arch, peaks, rows, best, jobs, ddim_batch, seconds):
             flops = arch[side]["train"] * r.train_ips
             sample = f"{r.sample_ips:12.1f}" if r.sample_ips else f"{'-':>12}"
             ddim = f"{r.ddim:9.2f}" if r.ddim is not None else f"{'-':>9}"
-            print(f"{s.name:<14} {side:<10} {r.train_ips:11.2f} {flops / scale:8.1f} {100 * flops / rate:5.1f}% "
+            print(f"{s.name:<{w}} {side:<10} {r.train_ips:11.2f} {flops / scale:8.1f} {100 * flops / rate:5.1f}% "
                   f"{r.memory / 2**20:8.0f} {sample} {ddim}")
         ro, rd = res[("ours", s.name)], res[("diffusers", s.name)]
         ratio_s = f"{ro.sample_ips / rd.sample_ips:11.2f}x" if ro.sample_ips else f"{'-':>12}"
         ratio_d = f"{rd.ddim / ro.ddim:8.2f}x" if ro.ddim else f"{'-':>9}"
-        print(f"{'':<14} {'ours/diff':<10} {ro.train_ips / rd.train_ips:10.2f}x {'':>8} {'':>6} "
+        print(f"{'':<{w}} {'ours/diff':<10} {ro.train_ips / rd.train_ips:10.2f}x {'':>8} {'':>6} "
               f"{ro.memory / max(rd.memory, 1):7.2f}x {ratio_s} {ratio_d}")
 
     def ips(side, setting, what="train_ips"):
@@ -473,16 +493,17 @@ def report(args, device, arch, peaks, rows, best, jobs, ddim_batch, seconds):
     ckpt = res[("ours", "checkpointing")]
     t1 = ips("ours", "fp32") / ips("diffusers", "fp32")
     s1 = ips("ours", "fp32", "sample_ips") / ips("diffusers", "fp32", "sample_ips")
-    t2 = ips("ours", best.name) / ips("diffusers", "fp32")
-    t3 = ips("ours", best.name) / ips("diffusers", best.name)
+    t2 = ips("ours", ours) / ips("diffusers", "fp32")
+    t3 = ips("ours", ours) / ips("diffusers", diff)
     mem = 1 - ckpt.memory / max(plain.memory, 1)
     slow = plain.train_ips / ckpt.train_ips - 1
     verdict = {True: "PASS", False: "FAIL"}
-    print("\ntargets (ratios from this run)")
+    print("\ntargets (ratios from this run; fastest = the setting each model measured fastest above)")
     print(f"1. fp32 eager, ours/diffusers: train {t1:.2f}x, sample {s1:.2f}x (>= 1.0)   {verdict[t1 >= 1 and s1 >= 1]}")
-    print(f"2. ours best ({best.name}) / diffusers fp32 eager: train {t2:.2f}x (>= 1.5)   {verdict[t2 >= 1.5]}")
-    print(f"3. both best ({best.name}), ours/diffusers: train {t3:.2f}x (>= 1.1)   {verdict[t3 >= 1.1]}")
-    print(f"4. ours checkpointing vs fp32: memory -{100 * mem:.0f} % (>= 40 %), training +{100 * slow:.0f} % "
+    print(f"2. ours fastest ({ours}) / diffusers fp32 eager: train {t2:.2f}x (>= 1.5)   {verdict[t2 >= 1.5]}")
+    print(f"3. each at its fastest (ours {ours}, diffusers {diff}), ours/diffusers: train {t3:.2f}x (>= 1.1)   "
+          f"{verdict[t3 >= 1.1]}")
+    print(f"4. ours checkpointing vs ours fp32: memory -{100 * mem:.0f} % (>= 40 %), training +{100 * slow:.0f} % "
           f"slower (<= 35 %)   {verdict[mem >= 0.4 and slow <= 0.35]}")
     print(f"({seconds:.0f} s)")
 
@@ -493,12 +514,18 @@ def main(argv=None):
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="mixed precision of the autocast row")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16"],
+                   help="mixed precision of the autocast row; auto: what fast.resolve_precision picks for the device "
+                        "(no row where that is fp32, unless --full)")
+    p.add_argument("--full", action="store_true",
+                   help="every row (channels_last; bf16 where auto picks fp32) and 5 rounds: several times longer")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
                    help="add torch.compile rows (default on CUDA; on CPU compiling takes minutes)")
-    p.add_argument("--best", default=None, help="flags of the 'best' row, e.g. bf16,channels_last,compile "
-                   "(default: bf16 on CPU; DTYPE,channels_last[,compile] on CUDA)")
-    p.add_argument("--repeats", type=int, default=0, help="timed steps per row (default 5 on CPU, 10 on CUDA)")
+    p.add_argument("--also", action="append", default=None, metavar="FLAGS",
+                   help="one more row of combined flags, e.g. bf16,channels_last,compile (repeatable; default on "
+                        "CUDA: DTYPE,channels_last[,compile])")
+    p.add_argument("--repeats", type=int, default=0, help="timed steps per row (default 3 on CPU, 5 with --full, "
+                   "10 on CUDA)")
     p.add_argument("--warmup", type=int, default=0, help="untimed steps per row (default 1 on CPU, 3 on CUDA)")
     p.add_argument("--ddim-batch", type=int, default=0, help="batch of the DDIM call (default: 4 on CPU, --batch on CUDA)")
     p.add_argument("--ddim-steps", type=int, default=50, help="0 skips the DDIM calls")
@@ -508,9 +535,16 @@ def main(argv=None):
     p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)   # the CPU memory child process
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    if args.best is None:
+    if args.threads:                        # before the precision query: describe_device reports the threads
+        torch.set_num_threads(args.threads)
+    def warn(message):                      # one line, from the parent only (the memory child repeats its rows)
+        if not args.memory_only:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    args.mixed = resolve_precision(args.dtype, args.device, "--dtype", warn=warn)
+    if args.also is None:
         on_gpu = torch.device(args.device).type == "cuda"
-        args.best = f"{args.dtype},channels_last" + (",compile" if args.compile else "") if on_gpu else args.dtype
+        args.also = [f"{args.mixed},channels_last" + (",compile" if args.compile else "")] if on_gpu else []
     InterpolateConv.four_phase = args.four_phase
     run(args, argv)
 

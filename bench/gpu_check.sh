@@ -29,7 +29,7 @@ step env 60 python3 -c "import torch, diffusers; print(torch.__version__, diffus
 step tests 120 python3 -m pytest -q -p no:warnings tests/test_speed.py tests/test_training.py -k "cuda or fp16 or bf16 or compile"
 step bench-cifar-fp16 240 python3 bench/bench_unet.py --preset ddpm-cifar10 --device cuda --dtype fp16 --batch 128 --compile
 step bench-cifar-bf16 150 python3 bench/bench_unet.py --preset ddpm-cifar10 --device cuda --dtype bf16 --batch 128 --no-compile \
-    --best bf16,channels_last --ddim-steps 0
+    --also bf16,channels_last --ddim-steps 0
 for precision in fp16 bf16; do
     step "train-$precision" 90 python3 train.py output_dir="/tmp/gpu-check-$precision" train.mixed_precision=$precision \
         train.max_steps=500

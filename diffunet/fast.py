@@ -1,7 +1,7 @@
 """Speed: the fast paths as switches, the one precision table, and the CPU kernels the building blocks call.
 
 Switches (``apply_fast_paths``): memory format, torch.compile, gradient checkpointing; precision (``PRECISION``,
-``autocast``). Kernels: ``Dropout`` (cheaper CPU dropout), ``attend`` (attention by the faster route for the
+``autocast``), and the one place that picks it for the hardware (``DEVICES``, ``resolve_precision``: "auto"). Kernels: ``Dropout`` (cheaper CPU dropout), ``attend`` (attention by the faster route for the
 device), ``nearest_up_conv`` (nearest 2x upsampling + 3x3 conv at the low resolution). ``nn.py`` builds the
 architecture from these; nothing here knows the U-Net.
 
@@ -31,6 +31,8 @@ import importlib.util
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,111 @@ def precision(name: str, what: str = "mixed_precision") -> tuple[str, torch.dtyp
     """(accelerate's name, dtype) of a precision name or alias; a one-line error listing the valid names."""
     name = ALIASES.get(name, name)
     return name, choose(PRECISION, name, what)
+
+
+# ------------------------------------------------------------------------------------------ precision by hardware
+
+@dataclass(frozen=True)
+class DeviceClass:
+    auto: str                           # what mixed_precision="auto" resolves to here
+    bf16_slowdown: str | None = None    # bf16 is emulated here: a step's time against fp32; None: native (or a GPU)
+
+
+# Device class -> what "auto" picks, and why bf16 is slow there. bf16 autocast pays off only where the hardware
+# multiplies bf16 natively; on other CPUs oneDNN emulates it (AVX-512: converts to fp32 per tile; AVX2: reference
+# kernels) and a training step runs slower than in fp32. Slowdowns are training steps measured by
+# bench/bench_unet.py and the issue-17 report (README "Performance"); the AVX2 one also with the emulation
+# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 machine.
+DEVICES = {
+    "cuda bf16":       DeviceClass("bf16"),    # Ampere and later, ROCm: bf16 tensor cores, fp32's range, no scaler
+    "cuda fp16":       DeviceClass("fp16"),    # before Ampere: fp16 tensor cores, with accelerate's GradScaler
+    "cpu AMX":         DeviceClass("bf16"),    # Sapphire Rapids and later: bf16 tile matmuls
+    "cpu AVX512_BF16": DeviceClass("bf16"),    # Cooper Lake, Zen 4 and later: convolutions ~2x fp32
+    "cpu AVX512":      DeviceClass("no", "~1.5x slower"),          # Skylake-SP, Cascade Lake, Ice Lake
+    "cpu AVX2":        DeviceClass("no", "~10-35x slower"),        # Haswell to Alder Lake laptops, Zen 1-3
+    "cpu DEFAULT":     DeviceClass("no", "likely slower"),         # no x86 vector kernels: ARM, POWER, ... unmeasured
+    "other":           DeviceClass("no"),      # MPS, XPU, ...: not measured; fp32 unless asked
+}
+
+# cpuinfo flag (torch.cpu.get_capabilities) -> the class it makes an AVX-512 CPU, best first.
+NATIVE_BF16 = {"amx_bf16": "AMX", "avx512_bf16": "AVX512_BF16"}
+
+
+class PrecisionWarning(UserWarning):
+    """An explicit precision that runs much slower on this device than fp32 (bf16 on a CPU without native bf16)."""
+
+
+def cpu_class() -> str:
+    """This CPU's key in ``DEVICES`` (less the "cpu "): "AMX", "AVX512_BF16", "AVX512", "AVX2" or "DEFAULT".
+
+    Decided from torch's capability queries, not a timing probe: they are free, deterministic and mockable, while a
+    sub-second probe on a shared 2-core VM would be noisy and add a startup cost to every run. They also say what
+    torch will run, not only what the chip has: ``get_cpu_capability()`` is the kernel set ATen dispatches to
+    (``ATEN_CPU_CAPABILITY`` caps it); oneDNN's bf16 check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``, which
+    honours ``ONEDNN_MAX_CPU_ISA`` down to AVX2) says its bf16 kernels exist at all; cpuinfo's flags tell native
+    bf16 from oneDNN's AVX-512 emulation, which both of the others accept. Not seen: ``ONEDNN_MAX_CPU_ISA`` capped
+    between AVX512_CORE and AVX512_CORE_BF16 on a bf16 CPU (an unusual setting that we would still call native).
+    """
+    kernels = torch.backends.cpu.get_cpu_capability()                 # "AVX512", "AVX2", "DEFAULT", "SVE256", ...
+    flags = torch.cpu.get_capabilities()
+    native = [name for flag, name in NATIVE_BF16.items() if flags.get(flag)]
+    if kernels == "AVX512" and native and onednn_bf16():
+        return native[0]
+    return kernels if f"cpu {kernels}" in DEVICES else "DEFAULT"
+
+
+def onednn_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (under ``ONEDNN_MAX_CPU_ISA``); False in builds without it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def device_class(device: torch.device | str) -> str:
+    """``device``'s key in ``DEVICES``. CUDA asks ``torch.cuda.is_bf16_supported`` of the current device (the one
+    accelerate sets for each process), natively only: pre-Ampere GPUs emulate bf16 slowly."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "cuda bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "cuda fp16"
+    return f"cpu {cpu_class()}" if kind == "cpu" else "other"
+
+
+def resolve_precision(name: str, device: torch.device | str, what: str = "train.mixed_precision",
+                      warn: Callable[[str], object] | None = None) -> str:
+    """accelerate's mixed_precision name ("no" | "fp16" | "bf16") for ``name`` on ``device``.
+
+    "auto" picks by ``DEVICES``; explicit names and aliases (``ALIASES``) pass through. An explicit bf16 on a CPU
+    without native bf16 runs as asked, with one line that says why and what to set instead, given to ``warn``
+    (e.g. ``accelerator.print``: once per run, not per process) or, by default, ``warnings.warn`` as a
+    ``PrecisionWarning``. ``what`` names the option in that line and in the error for an unknown name."""
+    name = ALIASES.get(name, name)
+    choose({"auto": None, **PRECISION}, name, what)
+    cls = device_class(device)
+    hardware = DEVICES[cls]
+    if name == "bf16" and hardware.bf16_slowdown:
+        message = (f"bf16 on this CPU ({cls.removeprefix('cpu ')}, no native bf16) is emulated and "
+                   f"{hardware.bf16_slowdown} than fp32; use {what}=auto or no")
+        if warn is None:
+            warnings.warn(message, PrecisionWarning, stacklevel=2)
+        else:
+            warn(message)
+    return hardware.auto if name == "auto" else name
+
+
+def describe_device(device: torch.device | str | None = None) -> str:
+    """One line for headers and logs: the GPU's name, or the CPU's name, threads and kernel set; then its class and
+    what "auto" picks there. ``device`` defaults to CUDA when present."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device is None else device)
+    cls = device_class(device)
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        what = (f"{torch.cpu.get_capabilities().get('cpu_name', 'CPU')}, {torch.get_num_threads()} threads, "
+                f"torch kernels {torch.backends.cpu.get_cpu_capability()}")
+    else:
+        what = device.type
+    return f"{what}; class {cls!r}, precision auto -> {DEVICES[cls].auto!r}"
 
 
 def compiler_missing(device: torch.device | str) -> str | None:

@@ -1,0 +1,97 @@
+"""The precision decision table: what "auto" picks per device class, and when an explicit bf16 warns.
+
+torch's capability queries are mocked, so every class is checked on any machine."""
+
+import warnings
+
+import pytest
+import torch
+
+from diffunet import fast
+
+# class -> (device, ATen kernels, cpuinfo flags, oneDNN bf16, CUDA native bf16), the "auto" pick, bf16 emulated?
+CLASSES = {
+    "cuda bf16":             (("cuda", "AVX2", {}, False, True), "bf16", False),
+    "cuda fp16":             (("cuda", "AVX512", {"avx512_bf16": True}, True, False), "fp16", False),
+    "cpu AMX":               (("cpu", "AVX512", {"amx_bf16": True, "avx512_bf16": True}, True, False), "bf16", False),
+    "cpu AVX512_BF16":       (("cpu", "AVX512", {"avx512_bf16": True}, True, True), "bf16", False),
+    "cpu AVX512":            (("cpu", "AVX512", {"avx512_bf16": False}, True, False), "no", True),
+    "cpu AVX2":              (("cpu", "AVX2", {}, False, False), "no", True),
+    "cpu DEFAULT":           (("cpu", "DEFAULT", {}, False, False), "no", True),
+}
+# Look-alikes that must not pass for native bf16: the chip has it, but torch will not run it.
+LOOKALIKES = {
+    "cpu AVX2":   ("cpu", "AVX2", {"avx512_bf16": True}, False, False),     # ATEN_CPU_CAPABILITY=avx2 emulation
+    "cpu AVX512": ("cpu", "AVX512", {"avx512_bf16": True}, False, False),   # oneDNN capped below AVX-512 bf16
+    "cpu DEFAULT": ("cpu", "SVE256", {"bf16": True}, True, False),          # a kernel set the table does not know
+}
+CASES = [(cls, *spec) for cls, spec in CLASSES.items()] + \
+        [(cls, spec, CLASSES[cls][1], CLASSES[cls][2]) for cls, spec in LOOKALIKES.items()]
+IDS = [*CLASSES, *(f"{cls} look-alike ({spec[1]})" for cls, spec in LOOKALIKES.items())]
+NAMES = ["auto", *fast.PRECISION, *fast.ALIASES]
+
+
+def mock(monkeypatch, kernels, flags, onednn, cuda_bf16):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: kernels)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"cpu_name": "Mock CPU", **flags})
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mock GPU")
+
+
+def resolve(name, device, what="train.mixed_precision"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fast.resolve_precision(name, device, what)
+    return got, [str(w.message) for w in caught if issubclass(w.category, fast.PrecisionWarning)]
+
+
+@pytest.mark.parametrize("cls, spec, auto, emulated", CASES, ids=IDS)
+def test_auto_picks_by_device_class(monkeypatch, cls, spec, auto, emulated):
+    device, *queries = spec
+    mock(monkeypatch, *queries)
+    assert fast.device_class(device) == cls
+    assert resolve("auto", device) == (auto, [])
+    line = fast.describe_device(device)
+    assert "\n" not in line and ("Mock GPU" if device == "cuda" else "Mock CPU") in line and f"-> {auto!r}" in line
+
+
+@pytest.mark.parametrize("cls, spec, auto, emulated", CASES, ids=IDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_warns_exactly_on_a_cpu_without_native_bf16(monkeypatch, cls, spec, auto, emulated, name):
+    device, *queries = spec
+    mock(monkeypatch, *queries)
+    explicit = fast.ALIASES.get(name, name)
+    got, messages = resolve(name, device, "--dtype")
+    assert got == (auto if name == "auto" else explicit)
+    assert len(messages) == (explicit == "bf16" and emulated)
+    for m in messages:
+        assert m.startswith(f"bf16 on this CPU ({cls.removeprefix('cpu ')}, no native bf16) is emulated and ")
+        assert m.endswith(" than fp32; use --dtype=auto or no") and "\n" not in m
+
+
+def test_the_avx2_warning_reads_as_documented_and_goes_to_warn_when_given(monkeypatch):
+    mock(monkeypatch, "AVX2", {}, False, False)
+    line = ("bf16 on this CPU (AVX2, no native bf16) is emulated and ~10-35x slower than fp32; "
+            "use train.mixed_precision=auto or no")
+    assert resolve("bf16", "cpu") == ("bf16", [line])
+    printed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                 # nothing through warnings.warn
+        assert fast.resolve_precision("bf16", "cpu", warn=printed.append) == "bf16"
+        assert fast.resolve_precision("auto", "cpu", warn=printed.append) == "no"
+    assert printed == [line]
+
+
+@pytest.mark.parametrize("name", ["fp8", "Auto", "", "float64"])
+def test_an_unknown_name_fails_with_the_valid_ones(name):
+    with pytest.raises(ValueError) as e:
+        fast.resolve_precision(name, "cpu")
+    assert str(e.value) == f"unknown train.mixed_precision {name!r}; choose one of 'auto', 'no', 'bf16', 'fp16'"
+
+
+def test_this_machine_resolves_auto_to_its_class():
+    cls = fast.device_class("cpu")                                   # the real queries, nothing mocked
+    assert cls in fast.DEVICES and cls.startswith("cpu ")
+    assert fast.resolve_precision("auto", "cpu") == fast.DEVICES[cls].auto
+    assert fast.precision(fast.resolve_precision("auto", "cpu"))[1] in (torch.float32, torch.bfloat16)
