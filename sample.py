@@ -32,7 +32,7 @@ def parse(argv=None) -> argparse.Namespace:
     labels.add_argument("--classes", choices=["all"], help="a balanced set (the default for conditional models)")
     p.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale,
                    help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")
-    p.add_argument("--dtype", choices=[*PRECISION, *ALIASES], default=DEFAULTS.dtype)
+    p.add_argument("--dtype", choices=["auto", *PRECISION, *ALIASES], default=DEFAULTS.dtype)
     p.add_argument("--device", default=None, help="default: the process's accelerator, else the CPU")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
                    help="the model's target, for a bare model folder (a pipeline folder records it)")

@@ -44,7 +44,9 @@ from .tables import choose
 # accelerate's mixed_precision names -> the dtype the model computes in. Training, sampling and the bench all
 # read this one table; torch's dtype names are accepted as aliases (sample.py --dtype float32).
 PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ALIASES = {"fp32": "no", "float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+# "False": a bare `train.mixed_precision=no` on the command line is YAML 1.1's false, which OmegaConf's str field
+# then holds as "False".
+ALIASES = {"fp32": "no", "float32": "no", "bfloat16": "bf16", "float16": "fp16", "False": "no"}
 
 
 def precision(name: str, what: str = "mixed_precision") -> tuple[str, torch.dtype]:

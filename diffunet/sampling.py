@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import SampleConfig
 from .data import image_path, read_image, save_grid, to_uint8, write_image
-from .fast import precision
+from .fast import describe_device, precision, resolve_precision
 from .tables import choose
 from .unet import UNet
 
@@ -187,8 +187,12 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, sch
     # force the CPU, so ask for it only where there is no GPU or the CPU is requested
     no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     state = PartialState(cpu=str(device).startswith("cpu") or (device is None and no_gpu))
-    unet, sched = load_model(model, scheduler, prediction_type, precision(dtype, "dtype")[1])
-    unet.to(torch.device(device) if device else state.device)
+    where = torch.device(device) if device else state.device
+    name = resolve_precision(dtype, where, what="--dtype", warn=print if state.is_main_process else lambda _: None)
+    if dtype == "auto" and state.is_main_process:
+        print(f"--dtype {dtype}: {name} on {describe_device(where)}")
+    unet, sched = load_model(model, scheduler, prediction_type, precision(name, "dtype")[1])
+    unet.to(where)
     if classes is None and unet.config.num_classes:
         classes = "all"
     out, channels = Path(out), unet.config.in_channels

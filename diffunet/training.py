@@ -24,14 +24,11 @@ from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
 from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset, save_grid, to_uint8
 from . import objectives
-from .fast import apply_fast_paths
+from .fast import apply_fast_paths, describe_device, resolve_precision
 from .objectives import make_noise_scheduler
 from .sampling import generate, make_scheduler
-from .tables import choose
 from .tasks import task_of
 from .unet import UNet
-
-PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
 
 
 class TrainingError(RuntimeError):
@@ -81,7 +78,6 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
     task = task_of(cfg)
     try:
         objectives.check(cfg.diffusion)
-        choose(PRECISIONS, cfg.train.mixed_precision, "train.mixed_precision")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -132,10 +128,19 @@ class Trainer:
         t = cfg.train
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        asked, notes = t.mixed_precision, []
+        try:        # "auto" by what the device does (fast.DEVICES); the saved config records what ran
+            t.mixed_precision = resolve_precision(asked, "cpu" if no_accelerator() else "cuda", warn=notes.append)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.accelerator = acc = Accelerator(
             cpu=no_accelerator(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        if asked != t.mixed_precision:
+            acc.print(f"train.mixed_precision={asked}: {t.mixed_precision} on {describe_device(acc.device)}")
+        for note in notes:
+            acc.print(f"WARNING: {note}")
         set_seed(t.seed)                                # the same initial weights on every process, every run
         model, dataset = validate(cfg)
         if isinstance(dataset, ImageFolder):            # decode every file once, on the main process

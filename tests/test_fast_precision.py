@@ -95,3 +95,15 @@ def test_this_machine_resolves_auto_to_its_class():
     assert cls in fast.DEVICES and cls.startswith("cpu ")
     assert fast.resolve_precision("auto", "cpu") == fast.DEVICES[cls].auto
     assert fast.precision(fast.resolve_precision("auto", "cpu"))[1] in (torch.float32, torch.bfloat16)
+
+
+def test_auto_resolves_in_a_real_run_and_is_saved_in_the_config(tmp_path):
+    """``train.mixed_precision=auto`` resolves on this machine to what the table says and the run's saved
+    config records the choice, not "auto"."""
+    from omegaconf import OmegaConf
+    from diffunet.training import train
+    from test_training import fast_cfg
+
+    train(fast_cfg(tmp_path, "train.max_steps=1", "train.mixed_precision=auto", "sample.num_images=1"))
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml").train.mixed_precision
+    assert saved == fast.resolve_precision("auto", "cpu") and saved in ("no", "bf16")
