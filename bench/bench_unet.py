@@ -503,8 +503,8 @@ def report(args, device, arch, peaks, rows, best, res, ddim_batch, seconds):
     print(f"2. ours fastest ({ours}) / diffusers fp32 eager: train {t2:.2f}x (>= 1.5)   {verdict[t2 >= 1.5]}")
     print(f"3. each at its fastest (ours {ours}, diffusers {diff}), ours/diffusers: train {t3:.2f}x (>= 1.1)   "
           f"{verdict[t3 >= 1.1]}")
-    print(f"4. ours checkpointing vs ours fp32: memory -{100 * mem:.0f} % (>= 40 %), training +{100 * slow:.0f} % "
-          f"slower (<= 35 %)   {verdict[mem >= 0.4 and slow <= 0.35]}")
+    print(f"4. ours checkpointing vs ours fp32: memory {-100 * mem:+.0f} % (<= -40 %), "
+          f"training time {100 * slow:+.0f} % (<= +35 %)   {verdict[mem >= 0.4 and slow <= 0.35]}")
     print(f"({seconds:.0f} s)")
 
 

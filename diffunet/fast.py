@@ -1,8 +1,9 @@
 """Speed: the fast paths as switches, the one precision table, and the CPU kernels the building blocks call.
 
 Switches (``apply_fast_paths``): memory format, torch.compile, gradient checkpointing; precision (``PRECISION``,
-``autocast``), and the one place that picks it for the hardware (``DEVICES``, ``resolve_precision``: "auto"). Kernels: ``Dropout`` (cheaper CPU dropout), ``attend`` (attention by the faster route for the
-device), ``nearest_up_conv`` (nearest 2x upsampling + 3x3 conv at the low resolution). ``nn.py`` builds the
+``autocast``), and the one place that picks it for the hardware (``DEVICES``, ``resolve_precision``: "auto").
+Kernels: ``Dropout`` (cheaper CPU dropout), ``attend`` (attention by the faster route for the device),
+``nearest_up_conv`` (nearest 2x upsampling + 3x3 conv at the low resolution). ``nn.py`` builds the
 architecture from these; nothing here knows the U-Net.
 
 ``apply_fast_paths`` is the one entry point the training config calls (``train.channels_last``, ``train.compile``,
