@@ -74,7 +74,7 @@ DEVICES = {
     "cuda fp16":       DeviceClass("fp16"),    # before Ampere: fp16 tensor cores, with accelerate's GradScaler
     "cpu AMX":         DeviceClass("bf16"),    # Sapphire Rapids and later: bf16 tile matmuls
     "cpu AVX512_BF16": DeviceClass("bf16"),    # Cooper Lake, Zen 4 and later: convolutions ~2x fp32
-    "cpu AVX512":      DeviceClass("no", "~1.5x slower"),          # Skylake-SP, Cascade Lake, Ice Lake
+    "cpu AVX512":      DeviceClass("no", "~2x slower"),            # Skylake-SP, Cascade Lake, Ice Lake
     "cpu AVX2":        DeviceClass("no", "~10-35x slower"),        # Haswell to Alder Lake laptops, Zen 1-3
     "cpu DEFAULT":     DeviceClass("no", "likely slower"),         # no x86 vector kernels: ARM, POWER, ... unmeasured
     "other":           DeviceClass("no"),      # MPS, XPU, ...: not measured; fp32 unless asked
@@ -82,6 +82,10 @@ DEVICES = {
 
 # cpuinfo flag (torch.cpu.get_capabilities) -> the class it makes an AVX-512 CPU, best first.
 NATIVE_BF16 = {"amx_bf16": "AMX", "avx512_bf16": "AVX512_BF16"}
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that keep AVX-512 but not its bf16 instructions: oneDNN's own bf16 check
+# still says yes, but it emulates bf16 (measured ~2x slower than fp32). Lower caps already fail that check.
+ONEDNN_CAPS_WITHOUT_BF16 = {"AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
 class PrecisionWarning(UserWarning):
@@ -96,8 +100,8 @@ def cpu_class() -> str:
     torch will run, not only what the chip has: ``get_cpu_capability()`` is the kernel set ATen dispatches to
     (``ATEN_CPU_CAPABILITY`` caps it); oneDNN's bf16 check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``, which
     honours ``ONEDNN_MAX_CPU_ISA`` down to AVX2) says its bf16 kernels exist at all; cpuinfo's flags tell native
-    bf16 from oneDNN's AVX-512 emulation, which both of the others accept. Not seen: ``ONEDNN_MAX_CPU_ISA`` capped
-    between AVX512_CORE and AVX512_CORE_BF16 on a bf16 CPU (an unusual setting that we would still call native).
+    bf16 from oneDNN's AVX-512 emulation, which both of the others accept (as does a cap in
+    ``ONEDNN_CAPS_WITHOUT_BF16``, read from the environment).
     """
     kernels = torch.backends.cpu.get_cpu_capability()                 # "AVX512", "AVX2", "DEFAULT", "SVE256", ...
     flags = torch.cpu.get_capabilities()
@@ -108,9 +112,11 @@ def cpu_class() -> str:
 
 
 def onednn_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels on this CPU (under ``ONEDNN_MAX_CPU_ISA``); False in builds without it."""
+    """Whether oneDNN may use bf16 instructions on this CPU (under ``ONEDNN_MAX_CPU_ISA``); False in builds
+    without oneDNN."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and cap not in ONEDNN_CAPS_WITHOUT_BF16
     except (AttributeError, RuntimeError):
         return False
 

@@ -22,7 +22,7 @@ CLASSES = {
 # Look-alikes that must not pass for native bf16: the chip has it, but torch will not run it.
 LOOKALIKES = {
     "cpu AVX2":   ("cpu", "AVX2", {"avx512_bf16": True}, False, False),     # ATEN_CPU_CAPABILITY=avx2 emulation
-    "cpu AVX512": ("cpu", "AVX512", {"avx512_bf16": True}, False, False),   # oneDNN capped below AVX-512 bf16
+    "cpu AVX512": ("cpu", "AVX512", {"avx512_bf16": True}, False, False),   # oneDNN capped below AVX-512
     "cpu DEFAULT": ("cpu", "SVE256", {"bf16": True}, True, False),          # a kernel set the table does not know
 }
 CASES = [(cls, *spec) for cls, spec in CLASSES.items()] + \
@@ -32,11 +32,23 @@ NAMES = ["auto", *fast.PRECISION, *fast.ALIASES]
 
 
 def mock(monkeypatch, kernels, flags, onednn, cuda_bf16):
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):                  # e.g. set to emulate an AVX2 machine
+        monkeypatch.delenv(cap, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: kernels)
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"cpu_name": "Mock CPU", **flags})
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_bf16)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mock GPU")
+
+
+def test_a_onednn_cap_without_bf16_instructions_is_not_native(monkeypatch):
+    mock(monkeypatch, "AVX512", {"avx512_bf16": True}, True, False)         # oneDNN's own check still says yes
+    assert fast.device_class("cpu") == "cpu AVX512_BF16"
+    for cap in ("avx512_core_vnni", "AVX512_CORE"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert fast.device_class("cpu") == "cpu AVX512" and resolve("auto", "cpu") == ("no", [])
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert fast.device_class("cpu") == "cpu AVX512_BF16"
 
 
 def resolve(name, device, what="train.mixed_precision"):
