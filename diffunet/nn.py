@@ -54,13 +54,22 @@ def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) ->
     """Reflect-pad by any margin, even one wider than the image (the overlap-tile strategy of the U-Net paper).
 
     ``F.pad(mode="reflect")`` refuses a pad as wide as the input; the margins of a deep "valid" U-Net often
-    are, so we reflect repeatedly, at most ``size - 1`` pixels at a time.
+    are, so we reflect repeatedly, at most ``size - 1`` pixels at a time. A one-pixel side is its own
+    reflection, so it is repeated (as ``np.pad(mode="reflect")`` does).
     """
-    while top or bottom or left or right:
-        h, w = x.shape[-2] - 1, x.shape[-1] - 1
-        step = (min(left, w), min(right, w), min(top, h), min(bottom, h))
-        x = F.pad(x, step, mode="reflect") if h and w else F.pad(x, step, mode="replicate")
-        left, right, top, bottom = left - step[0], right - step[1], top - step[2], bottom - step[3]
+    return _mirror_pad_axis(_mirror_pad_axis(x, -1, left, right), -2, top, bottom)
+
+
+def _mirror_pad_axis(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
+    """``mirror_pad`` along one of the last two dimensions (``dim`` -1 or -2)."""
+    pads = (lambda b, a: (b, a, 0, 0)) if dim == -1 else (lambda b, a: (0, 0, b, a))   # F.pad: last dim first
+    if x.shape[dim] == 1:
+        return F.pad(x, pads(before, after), mode="replicate") if before or after else x
+    while before or after:
+        n = x.shape[dim] - 1
+        step = (min(before, n), min(after, n))
+        x = F.pad(x, pads(*step), mode="reflect")
+        before, after = before - step[0], after - step[1]
     return x
 
 

@@ -163,12 +163,20 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.config.sample_size == [8, 16] and loaded.config.skip == "add"
 
 
-def test_mirror_pad_matches_numpy_reflect_for_any_margin():
-    x = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(1, 2, 3, 5)
-    for pads in [(1, 1, 2, 2), (7, 4, 13, 0), (2, 9, 1, 11)]:
+@pytest.mark.parametrize("h,w", [(3, 5), (1, 5), (4, 1), (1, 1), (2, 2)])
+def test_mirror_pad_matches_numpy_reflect_for_any_margin(h, w):
+    x = torch.arange(2 * h * w, dtype=torch.float32).reshape(1, 2, h, w)
+    for pads in [(1, 1, 2, 2), (7, 4, 13, 0), (2, 9, 1, 11), (0, 0, 0, 3), (5, 0, 0, 0)]:
         top, bottom, left, right = pads
         want = np.pad(x.numpy(), ((0, 0), (0, 0), (top, bottom), (left, right)), mode="reflect")
-        assert np.array_equal(mirror_pad(x, *pads).numpy(), want)
+        assert np.array_equal(mirror_pad(x, *pads).numpy(), want), (h, w, pads)
+
+
+def test_valid_padding_takes_one_pixel_sides():
+    # the overlap-tile margin of a one-pixel side is that pixel repeated (mirror_pad looped forever on it)
+    model = tiny(padding="valid").eval()
+    for size in [(1, 1), (1, 7), (5, 1)]:
+        assert model(torch.randn(2, 1, *size), 3).sample.shape == (2, 1, *size)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
