@@ -48,6 +48,7 @@ from diffunet.config import model_from_preset                           # noqa: 
 from diffunet.nn import Attention, InterpolateConv                      # noqa: E402
 from diffunet.fast import (PRECISION, apply_fast_paths, autocast,  # noqa: E402
                            describe_device, precision, resolve_precision)
+from diffunet.unet import as_size                                        # noqa: E402
 
 # Keyword overrides that make a preset expressible in diffusers: UNet2DModel takes one head width for every
 # attention layer, ours takes a head count; "small" has 4 heads of 32 at 16x16, so head_dim=32 keeps that.
@@ -312,7 +313,7 @@ class Job:
         self.side, self.setting, self.model, self.opt, self.device = side, setting, model, opt, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=setting.mixed_precision == "fp16")
         g = torch.Generator(device).manual_seed(1)
-        size = model.image_size
+        size = as_size(model.config.sample_size)             # either model: UNet2DModel has no image_size
         self.x = torch.randn(batch, channels, *size, device=device, generator=g)
         self.noise = torch.randn(batch, channels, *size, device=device, generator=g)
         self.t = torch.randint(0, 1000, (batch,), device=device, generator=g)
@@ -407,7 +408,7 @@ def run(args, argv: list[str]) -> None:
     arch = {}
     for side, make in build.items():
         m = make().to(device)
-        x = torch.randn(1, m.config.in_channels, *m.image_size, device=device)
+        x = torch.randn(1, m.config.in_channels, *as_size(m.config.sample_size), device=device)
         t = torch.tensor([500], device=device)
         arch[side] = dict(params=sum(p.numel() for p in m.parameters()), fwd=count_flops(m, x, t, False),
                           train=count_flops(m, x, t, True), run=count_flops(m, x, t, False, nominal=False))
