@@ -137,7 +137,7 @@ class Trainer:
             cpu=no_accelerator(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
-        if asked != t.mixed_precision:
+        if asked == "auto":
             acc.print(f"train.mixed_precision={asked}: {t.mixed_precision} on {describe_device(acc.device)}")
         for note in notes:
             acc.print(f"WARNING: {note}")
