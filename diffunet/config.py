@@ -74,7 +74,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0                      # max gradient norm; 0 turns clipping off
     grad_accum: int = 1
-    mixed_precision: str = "no"                 # "no" | "fp16" | "bf16" | "auto" (by the device: diffunet/fast.py)
+    mixed_precision: str = "auto"               # "auto" (by the device: diffunet/fast.py) | "no" | "fp16" | "bf16"
     channels_last: bool = False                 # NHWC activations (a win on GPUs; see diffunet/fast.py)
     compile: bool = False                       # torch.compile the model (falls back to eager with a warning)
     gradient_checkpointing: bool = False        # recompute each level in backward: memory for time
