@@ -12,8 +12,8 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from conftest import tiny
 from diffunet.data import read_image
-from diffunet.sampling import (SCHEDULERS, _predict, class_labels_for, generate, load_model, make_scheduler,
-                               sample_to_folder)
+from diffunet.pipeline import predict
+from diffunet.sampling import SCHEDULERS, class_labels_for, generate, load_model, make_scheduler, sample_to_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +64,9 @@ def test_guidance_one_is_conditional_zero_unconditional(model):
     with torch.no_grad():
         cond, uncond = model(x, t, labels).sample, model(x, t, torch.full((3,), 3)).sample   # 3 = null class
         assert (cond - uncond).abs().max() > 1e-3                                       # labels matter here
-        assert torch.equal(_predict(model, x, t, labels, 1.0), cond)
-        assert torch.equal(_predict(model, x, t, labels, 0.0), uncond)
-        assert torch.allclose(_predict(model, x, t, labels, 3.0), uncond + 3 * (cond - uncond), atol=1e-5)
+        assert torch.equal(predict(model, x, t, labels, 1.0), cond)
+        assert torch.equal(predict(model, x, t, labels, 0.0), uncond)
+        assert torch.allclose(predict(model, x, t, labels, 3.0), uncond + 3 * (cond - uncond), atol=1e-5)
     sched = make_scheduler("ddim", TRAIN)
     unconditional = generate(model, sched, 3, steps=3, class_labels=None)
     assert torch.equal(generate(model, sched, 3, steps=3, class_labels="all", guidance_scale=0.0), unconditional)
