@@ -12,7 +12,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from conftest import tiny
 from diffunet.data import read_image
-from diffunet.pipeline import predict
+from diffunet.pipeline import DiffunetPipeline, predict
 from diffunet.sampling import SCHEDULERS, class_labels_for, generate, load_model, make_scheduler, sample_to_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +30,7 @@ def model():
 def pipeline(model, tmp_path_factory):
     """A pipeline folder as train.py writes it."""
     path = tmp_path_factory.mktemp("pipeline")
-    DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    DiffunetPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
     return path
 
 
@@ -161,3 +161,11 @@ def test_sample_py_bad_folder_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nothing'} is neither a pipeline folder (model_index.json) nor a model folder "
         "(config.json); pass the <output_dir>/pipeline folder that train.py writes"]
+
+
+def test_a_ddpm_pipeline_folder_from_before_samples_the_same_images(model, pipeline, tmp_path):
+    DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "old")
+    kw = dict(steps=3, seed=2, progress=False, grid=False)
+    old = folder_images(sample_to_folder(tmp_path / "old", tmp_path / "a", 3, **kw))
+    new = folder_images(sample_to_folder(pipeline, tmp_path / "b", 3, **kw))
+    assert sorted(old) == sorted(new) and all(np.array_equal(old[k], new[k]) for k in old)
