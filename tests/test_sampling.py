@@ -169,3 +169,28 @@ def test_a_ddpm_pipeline_folder_from_before_samples_the_same_images(model, pipel
     old = folder_images(sample_to_folder(tmp_path / "old", tmp_path / "a", 3, **kw))
     new = folder_images(sample_to_folder(pipeline, tmp_path / "b", 3, **kw))
     assert sorted(old) == sorted(new) and all(np.array_equal(old[k], new[k]) for k in old)
+
+
+class _RunsCode:
+    """Pickled, it calls ``Path.touch(marker)`` when unpickled: what a malicious .bin would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_sample_py_pickled_bin_weights_are_one_line_and_never_run(model, tmp_path):
+    folder, marker = tmp_path / "pipe", tmp_path / "ran"
+    DiffunetPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    weights = folder / "unet" / "diffusion_pytorch_model.bin"
+    torch.save(model.state_dict(), weights)                                # tensors only: it loads
+    assert torch.equal(load_model(folder)[0].conv_in.weight, model.conv_in.weight)
+    torch.save({"conv_in.weight": _RunsCode(marker)}, weights)
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), str(folder), "--out", str(tmp_path / "s")],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 2 and not marker.exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot load {weights}: it is not a file of tensors")
