@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
-from diffusers import DDPMPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +25,7 @@ from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset,
 from . import objectives
 from .fast import apply_fast_paths, describe_device, resolve_precision
 from .objectives import make_noise_scheduler
+from .pipeline import DiffunetPipeline
 from .sampling import generate, make_scheduler
 from .tasks import task_of
 from .unet import UNet
@@ -408,11 +408,11 @@ class Trainer:
         return scores
 
     def save_pipeline(self) -> Path:
-        """The EMA model and the training scheduler as a diffusers pipeline folder, replaced atomically."""
+        """The EMA model and the training scheduler as a ``DiffunetPipeline`` folder, replaced atomically."""
         final = self.out / "pipeline"
         if self.accelerator.is_main_process:
             with self._ema_weights() as model:
-                ckpt.replace_folder(final, DDPMPipeline(unet=model, scheduler=self.noise_scheduler).save_pretrained)
+                ckpt.replace_folder(final, DiffunetPipeline(unet=model, scheduler=self.noise_scheduler).save_pretrained)
         self.accelerator.wait_for_everyone()
         return final
 
