@@ -19,11 +19,11 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        HeunDiscreteScheduler, UniPCMultistepScheduler)
 from tqdm.auto import tqdm
 
+from .checkpoint import load_model_folder
 from .config import SampleConfig
 from .data import image_path, read_image, save_grid, to_uint8, write_image
 from .fast import describe_device, precision, resolve_precision
 from .tables import choose
-from .unet import UNet
 
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
@@ -46,23 +46,16 @@ def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, predic
                dtype: torch.dtype = torch.float32):
     """(unet, scheduler) from a pipeline folder written by ``train.py`` (``model_index.json``, ``unet/``,
     ``scheduler/``) or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
-    ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon")."""
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        unet = UNet.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        train_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
-    elif (path / "config.json").is_file():
-        unet = UNet.from_pretrained(path, torch_dtype=dtype)
-        train_config = dict(DDPMScheduler().config)
-    else:
-        raise FileNotFoundError(f"{path} is neither a pipeline folder (model_index.json) nor a model folder "
-                                "(config.json); pass the <output_dir>/pipeline folder that train.py writes")
+    ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon"). A folder
+    that cannot be used is one ``CheckpointError`` line naming the file (``checkpoint.load_model_folder``)."""
+    unet, train_config = load_model_folder(path, dtype)
+    train_config = dict(train_config if train_config is not None else DDPMScheduler().config)
     if prediction_type is not None:
         train_config["prediction_type"] = prediction_type
         # from_config gives keys listed as "defaults used" the new class's default: this one is now chosen
         train_config["_use_default_values"] = [k for k in train_config.get("_use_default_values", [])
                                                if k != "prediction_type"]
-    return unet.eval(), make_scheduler(scheduler, train_config)
+    return unet, make_scheduler(scheduler, train_config)
 
 
 # ------------------------------------------------------------------------------------------- seeds, labels

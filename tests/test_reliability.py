@@ -129,10 +129,13 @@ def test_malicious_pickles_are_refused(tmp_path):
     assert not os.path.exists(MARKER)
 
     from diffusers import DiffusionPipeline
+    from diffunet.sampling import load_model
     unet = tmp_path / "run" / "pipeline" / "unet"
     (unet / "diffusion_pytorch_model.safetensors").unlink()
     with open(unet / "diffusion_pytorch_model.bin", "wb") as f:
         pickle.dump(Evil(), f)
+    with pytest.raises(CheckpointError, match="refusing to load .*diffusion_pytorch_model.bin"):
+        load_model(tmp_path / "run" / "pipeline")
     with pytest.raises(Exception):
         DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert not os.path.exists(MARKER)
