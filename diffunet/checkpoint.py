@@ -331,8 +331,9 @@ def _check_weights(folder: Path) -> Path:
                 warnings.simplefilter("ignore")
                 state = torch.load(found[0], map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            raise CheckpointError(f"refusing to load {found[0]}: it holds objects other than tensors, which could "
-                                  f"run code; save the model again with safetensors") from None
+            raise CheckpointError(f"cannot load {found[0]}: it is not a file of tensors (a .bin must hold tensors "
+                                  f"only: pickled objects are refused, never run); save the model with safetensors"
+                                  ) from None
         except Exception as e:                          # not a torch file at all
             raise CheckpointError(f"{found[0]} is not a weights file ({str(e).splitlines()[0]})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
@@ -34,6 +34,7 @@ from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
 from .config import ConfigError, build_model, load_config
 from .objectives import make_noise_scheduler
+from .pipeline import DiffunetPipeline
 
 PACKAGE = Path(__file__).resolve().parent
 CARD, GRID = "README.md", "samples.png"
@@ -48,7 +49,7 @@ only the files named in this file's relative imports, so every module the class 
 
 def pipeline_of(unet, scheduler) -> DiffusionPipeline:
     """The pipeline every run saves: the U-Net (EMA weights) and the training noise scheduler."""
-    return DDPMPipeline(unet=unet, scheduler=scheduler)
+    return DiffunetPipeline(unet=unet, scheduler=scheduler)
 
 
 # ------------------------------------------------------------------------------------------ the code
@@ -136,14 +137,16 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
         "",
         "## Load it",
         "",
-        "The folder carries its code: `unet/diffunet_unet.py` and, beside it, diffunet "
-        f"{__version__}'s own {', '.join(f'`{m}.py`' for m in modules)}, unchanged. It needs torch, diffusers and "
-        "einops, not diffunet; diffusers runs that code when asked with `trust_remote_code=True`:",
+        "The folder carries its code: the entry files `diffunet_pipeline.py` and `unet/diffunet_unet.py` and, "
+        f"beside them, diffunet {__version__}'s own {', '.join(f'`{m}.py`' for m in modules)}, unchanged. It "
+        "needs torch, diffusers and einops, not diffunet; diffusers runs that code when asked with "
+        "`trust_remote_code=True`:",
         "",
         "```python",
         "from diffusers import DiffusionPipeline",
         'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
-        "images = pipe(batch_size=16, num_inference_steps=1000).images",
+        (f"images = pipe(class_labels=list(range({c.num_classes})), guidance_scale=2.0).images"
+         if c.num_classes else "images = pipe(batch_size=16).images"),
         "```",
         "",
         "With diffunet installed, `python sample.py path/to/this/folder --out samples` samples with any of its "

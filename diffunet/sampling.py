@@ -1,5 +1,6 @@
-"""Sampling: diffusers schedulers by name, a reproducible sample loop, and sample folders (their image files and
-grids are written and read by ``diffunet.data``).
+"""Sampling: diffusers schedulers by name, reproducible sets of samples, and sample folders (their image files and
+grids are written and read by ``diffunet.data``). The loop itself is ``DiffunetPipeline.__call__``
+(``diffunet.pipeline``): every function here calls it, batch by batch, with one generator per image.
 
 Reproducibility rests on one rule: image i is drawn from its own ``torch.Generator``, seeded from (seed, i), for
 its initial noise and for every noise draw of the scheduler. The images therefore do not depend on the batch
@@ -9,7 +10,6 @@ size, the number of processes, or which indices were already on disk, and a set 
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,6 +23,7 @@ from .checkpoint import load_model_folder
 from .config import SampleConfig
 from .data import image_path, read_image, save_grid, to_uint8, write_image
 from .fast import describe_device, precision, resolve_precision
+from .pipeline import DiffunetPipeline
 from .tables import choose
 
 SCHEDULERS = {
@@ -45,7 +46,8 @@ def make_scheduler(name: str, config) -> object:
 def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, prediction_type: str | None = None,
                dtype: torch.dtype = torch.float32):
     """(unet, scheduler) from a pipeline folder written by ``train.py`` (``model_index.json``, ``unet/``,
-    ``scheduler/``) or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
+    ``scheduler/``; whichever pipeline class it names: ``DiffunetPipeline``, or ``DDPMPipeline`` in older runs)
+    or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
     ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon"). A folder
     that cannot be used is one ``CheckpointError`` line naming the file (``checkpoint.load_model_folder``)."""
     unet, train_config = load_model_folder(path, dtype)
@@ -91,71 +93,53 @@ def class_labels_for(classes, indices: Sequence[int], num_classes: int | None) -
 
 # ------------------------------------------------------------------------------------------- the loop
 
-def _predict(unet, x, t, labels, guidance_scale):
-    """The model output for the scheduler. Classifier-free guidance (Ho & Salimans 2022):
-    uncond + w (cond - uncond), so w = 1 is the conditional model and w = 0 the unconditional (null class);
-    only other w pay for the second pass, batched with the first."""
-    if labels is None or guidance_scale == 1.0:
-        return unet(x, t, labels).sample
-    if guidance_scale == 0.0:
-        return unet(x, t, None).sample                          # class_labels=None is the null class
-    null = torch.full_like(labels, unet.null_class)
-    cond, uncond = unet(torch.cat([x, x]), t, torch.cat([labels, null])).sample.chunk(2)  # (2B, ...) -> 2x (B, ...)
-    return uncond + guidance_scale * (cond - uncond)
-
-
-@torch.no_grad()
-def _generate_batch(unet, scheduler, indices, steps, seed, labels, guidance_scale, eta, device):
-    """Images ``indices`` in [-1, 1], (B, C, H, W) float32 on the CPU. The U-Net runs in its own dtype; the
-    scheduler's arithmetic stays in float32 (low-precision betas and sigmas visibly hurt few-step samplers)."""
-    gens = [image_generator(seed, i) for i in indices]
-    x = torch.stack([torch.randn(unet.config.in_channels, *unet.image_size, generator=g) for g in gens]).to(device)
-    labels = None if labels is None else labels.to(device)
-    scheduler.set_timesteps(steps, device=device)              # also resets multistep solvers' history
-    x = x * scheduler.init_noise_sigma
-    kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-    if "generator" in inspect.signature(scheduler.step).parameters:
-        kwargs["generator"] = gens                              # one noise stream per image (randn_tensor)
-    # A low-precision U-Net runs under autocast: the backbone keeps its time features in fp32 (as under
-    # mixed-precision training), and autocast casts them for the layers that follow.
-    low_precision = torch.autocast(torch.device(device).type, unet.dtype, enabled=unet.dtype != torch.float32)
-    for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(x, t).to(unet.dtype)
-        with low_precision:
-            out = _predict(unet, inp, t, labels, guidance_scale).float()
-        x = scheduler.step(out, t, x, **kwargs).prev_sample
-    return x.clamp(-1, 1).cpu()
+def pipeline_for(unet, scheduler, device=None) -> DiffunetPipeline:
+    """The pipeline that runs the loop (``DiffunetPipeline.__call__``), on ``device`` if given (the U-Net is moved
+    there), without its per-step progress bar: ``generate_batches`` counts images."""
+    pipe = DiffunetPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if device is None else pipe.to(device)
 
 
 def generate_batches(unet, scheduler, indices: Sequence[int], *, steps: int = SampleConfig.steps,
                      seed: int = SampleConfig.seed, classes=None, guidance_scale: float = SampleConfig.guidance_scale,
                      eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size, device=None,
-                     progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor | None, torch.Tensor]]:
-    """Yield (indices, labels, images) batch by batch for any list of image indices; see ``generate``."""
-    device = device or unet.device
+                     progress: bool = False, image=None,
+                     mask_image=None) -> Iterator[tuple[list[int], torch.Tensor | None, torch.Tensor]]:
+    """Yield (indices, labels, images) batch by batch for any list of image indices; see ``generate``.
+    ``image`` / ``mask_image``: image conditions, one per index (sliced with the batches)."""
+    pipe = pipeline_for(unet, scheduler, device)
     indices = list(indices)
     all_labels = class_labels_for(classes, indices, unet.config.num_classes)
     with tqdm(total=len(indices), unit="img", disable=not progress, desc="sampling") as bar:
         for lo in range(0, len(indices), batch_size):
-            idx = indices[lo:lo + batch_size]
-            labels = None if all_labels is None else all_labels[lo:lo + batch_size]
-            yield idx, labels, _generate_batch(unet, scheduler, idx, steps, seed, labels, guidance_scale, eta, device)
+            idx, part = indices[lo:lo + batch_size], slice(lo, lo + batch_size)
+            labels = None if all_labels is None else all_labels[part]
+            images = pipe(class_labels=labels, guidance_scale=guidance_scale, num_inference_steps=steps,
+                          generator=[image_generator(seed, i) for i in idx], eta=eta,
+                          image=None if image is None else image[part],
+                          mask_image=None if mask_image is None else mask_image[part],
+                          output_type="latent").images
+            yield idx, labels, images.clamp(-1, 1).cpu()
             bar.update(len(idx))
 
 
 def generate(unet, scheduler, num_images: int, *, steps: int = SampleConfig.steps, seed: int = SampleConfig.seed,
              start_index: int = 0, class_labels=None, guidance_scale: float = SampleConfig.guidance_scale,
              eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size, device=None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, image=None, mask_image=None) -> torch.Tensor:
     """``num_images`` samples in [-1, 1], shape (N, C, H, W) float32 on the CPU: images start_index ..
     start_index + N - 1, each from its own generator seeded by (seed, index), so the result depends on neither
     the batch size nor the number of processes (up to float rounding, ~1e-6: batched kernels may sum in
     another order). ``class_labels``: None, an int, "all" (balanced) or one label per
     image; ``guidance_scale`` 1.0 is the conditional model, 0.0 the unconditional, other values classifier-free
-    guidance. ``eta`` is DDIM's noise (other schedulers ignore it). The U-Net runs in its own dtype and device."""
+    guidance. ``eta`` is DDIM's noise (other schedulers ignore it). ``image`` / ``mask_image``: image conditions,
+    one per image, for a model that takes them. The U-Net runs in its own dtype and device (or ``device``).
+    Every batch is one call of ``DiffunetPipeline``, given one generator per image."""
     batches = generate_batches(unet, scheduler, range(start_index, start_index + num_images), steps=steps,
                                seed=seed, classes=class_labels, guidance_scale=guidance_scale, eta=eta,
-                               batch_size=batch_size, device=device, progress=progress)
+                               batch_size=batch_size, device=device, progress=progress, image=image,
+                               mask_image=mask_image)
     return torch.cat([images for _, _, images in batches])
 
 

@@ -3,6 +3,8 @@ conditions of sample grids and evaluation, and the score of samples.
 
 ``TASKS`` holds "generate" today; super-resolution, inpainting and segmentation become entries of the same
 table. The training loop, the sampler and the evaluator call a task's methods and never ask which task runs.
+Sampling conditions are keywords of ``sampling.generate``, which hands them to ``DiffunetPipeline``:
+``class_labels`` today, ``image`` / ``mask_image`` (one per image) for the image-conditioned jobs.
 """
 
 from __future__ import annotations

@@ -84,21 +84,24 @@ pipe = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)
 p = load_file("{probe}")
 with torch.no_grad():
     out = pipe.unet.eval()(p["x"], p["t"], p["y"]).sample
+print("pipeline", type(pipe).__name__, type(pipe).__module__)
 print("unet", type(pipe.unet).__module__, "max difference", float((out - p["out"]).abs().max()))
 print("diffunet imported:", "diffunet" in sys.modules)
 """
 
 
-def test_the_copied_code_is_the_package_code(folder):
+@pytest.mark.parametrize("where,module,class_name", [("unet", "unet", "UNet"), (".", "pipeline", "DiffunetPipeline")])
+def test_the_copied_code_is_the_package_code(folder, where, module, class_name):
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["unet"] == ["diffunet_unet", "UNet"]
-    packages = list((folder / "unet").glob("diffunet_*/"))
-    assert len(packages) == 1
+    assert index["unet" if module == "unet" else "_class_name"] == [f"diffunet_{module}", class_name]
+    packages = list((folder / where).glob("diffunet_*/"))
+    assert len(packages) == 1 and packages[0].name == next((folder / ".").glob("diffunet_*/")).name  # one name
     copied = sorted(p.stem for p in packages[0].glob("*.py"))
-    assert copied == export.needed("unet") and {"unet", "nn", "fast", "tables"} <= set(copied)
+    assert copied == export.needed(module)
+    assert module != "unet" or {"unet", "nn", "fast", "tables"} <= set(copied)
     for name in copied:                                          # byte for byte: no second copy to maintain
         assert (packages[0] / f"{name}.py").read_bytes() == (ROOT / "diffunet" / f"{name}.py").read_bytes()
-    entry = (folder / "unet" / "diffunet_unet.py").read_text()
+    entry = (folder / where / f"diffunet_{module}.py").read_text()
     assert all(f"from .{packages[0].name}.{name} import" in entry for name in copied)
 
 
@@ -115,7 +118,9 @@ def test_readme_snippet_runs_where_diffunet_is_not_installed(tmp_path):
                     + COMPARE.format(folder=folder, probe=folder.parent / "probe.safetensors"), work)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert "images 16 (16, 16)" in lines and "diffunet imported: False" in lines
+    assert "images 10 (16, 16)" in lines and "diffunet imported: False" in lines
+    assert next(line for line in lines if line.startswith("pipeline ")).startswith(
+        "pipeline DiffunetPipeline diffusers_modules.local.diffunet_")
     unet_line = next(line for line in lines if line.startswith("unet "))
     assert unet_line.split()[1].startswith("diffusers_modules.local.diffunet_")
     assert float(unet_line.split()[-1]) < 1e-5                   # the same model: weights and code
@@ -187,7 +192,7 @@ def _json(path: Path, change):
 
 
 BAD = {   # what breaks the folder -> the file the one line names, and what it says
-    "pickled weights": (_pickle_weights, "unet/diffusion_pytorch_model.bin", "holds objects other than tensors"),
+    "pickled weights": (_pickle_weights, "unet/diffusion_pytorch_model.bin", "is not a file of tensors"),
     "no config": (lambda u: (u / "config.json").unlink(), "unet/config.json", "is missing"),
     "foreign config": (_foreign_config, "unet/config.json", "describes a UNet2DModel, not diffunet's UNet"),
     "config of unknown keys": (lambda u: _json(u / "config.json", lambda c: c.update(widgets=3)), "unet/config.json",

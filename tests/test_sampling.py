@@ -13,8 +13,8 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from conftest import tiny
 from diffunet.checkpoint import CheckpointError
 from diffunet.data import read_image
-from diffunet.sampling import (SCHEDULERS, _predict, class_labels_for, generate, load_model, make_scheduler,
-                               sample_to_folder)
+from diffunet.pipeline import DiffunetPipeline, predict
+from diffunet.sampling import SCHEDULERS, class_labels_for, generate, load_model, make_scheduler, sample_to_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def model():
 def pipeline(model, tmp_path_factory):
     """A pipeline folder as train.py writes it."""
     path = tmp_path_factory.mktemp("pipeline")
-    DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    DiffunetPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
     return path
 
 
@@ -65,9 +65,9 @@ def test_guidance_one_is_conditional_zero_unconditional(model):
     with torch.no_grad():
         cond, uncond = model(x, t, labels).sample, model(x, t, torch.full((3,), 3)).sample   # 3 = null class
         assert (cond - uncond).abs().max() > 1e-3                                       # labels matter here
-        assert torch.equal(_predict(model, x, t, labels, 1.0), cond)
-        assert torch.equal(_predict(model, x, t, labels, 0.0), uncond)
-        assert torch.allclose(_predict(model, x, t, labels, 3.0), uncond + 3 * (cond - uncond), atol=1e-5)
+        assert torch.equal(predict(model, x, t, labels, 1.0), cond)
+        assert torch.equal(predict(model, x, t, labels, 0.0), uncond)
+        assert torch.allclose(predict(model, x, t, labels, 3.0), uncond + 3 * (cond - uncond), atol=1e-5)
     sched = make_scheduler("ddim", TRAIN)
     unconditional = generate(model, sched, 3, steps=3, class_labels=None)
     assert torch.equal(generate(model, sched, 3, steps=3, class_labels="all", guidance_scale=0.0), unconditional)
@@ -162,3 +162,36 @@ def test_sample_py_bad_folder_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nothing'} is neither a pipeline folder (model_index.json) nor a model folder "
         "(config.json); pass the <output_dir>/pipeline folder that train.py writes"]
+
+
+def test_a_ddpm_pipeline_folder_from_before_samples_the_same_images(model, pipeline, tmp_path):
+    DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "old")
+    kw = dict(steps=3, seed=2, progress=False, grid=False)
+    old = folder_images(sample_to_folder(tmp_path / "old", tmp_path / "a", 3, **kw))
+    new = folder_images(sample_to_folder(pipeline, tmp_path / "b", 3, **kw))
+    assert sorted(old) == sorted(new) and all(np.array_equal(old[k], new[k]) for k in old)
+
+
+class _RunsCode:
+    """Pickled, it calls ``Path.touch(marker)`` when unpickled: what a malicious .bin would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_sample_py_pickled_bin_weights_are_one_line_and_never_run(model, tmp_path):
+    folder, marker = tmp_path / "pipe", tmp_path / "ran"
+    DiffunetPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    weights = folder / "unet" / "diffusion_pytorch_model.bin"
+    torch.save(model.state_dict(), weights)                                # tensors only: it loads
+    assert torch.equal(load_model(folder)[0].conv_in.weight, model.conv_in.weight)
+    torch.save({"conv_in.weight": _RunsCode(marker)}, weights)
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), str(folder), "--out", str(tmp_path / "s")],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 2 and not marker.exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot load {weights}: it is not a file of tensors")
