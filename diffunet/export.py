@@ -40,8 +40,9 @@ PACKAGE = Path(__file__).resolve().parent
 CARD, GRID = "README.md", "samples.png"
 
 ENTRY = '''"""{what} of diffunet {version}, for diffusers' custom-code loader (``trust_remote_code=True``); written by
-``diffunet.export``. ``{package}/`` holds diffunet's own modules, unchanged. diffusers copies into its module cache
-only the files named in this file's relative imports, so every module the class needs is named here."""
+``diffunet.export``. diffusers copies into its module cache only the files named in this file's relative imports,
+so every module the class needs is named here: diffunet's own modules, unchanged, in
+``{package}/``."""
 
 {imports}
 '''
@@ -176,7 +177,7 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
         f"| `{cfg.data.source}` | {step} | {t.batch_size} x {t.grad_accum} | {t.lr:g} | {t.lr_scheduler}, "
         f"{t.warmup_steps} warm-up | {t.mixed_precision} | {t.ema_decay} |",
         "",
-        "The whole config (`python train.py --config config.yaml` trains it again):",
+        "The whole config (saved as `config.yaml`, `python train.py --config config.yaml` trains it again):",
         "",
         "```yaml",
         OmegaConf.to_yaml(cfg).rstrip(),
