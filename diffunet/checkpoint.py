@@ -1,5 +1,6 @@
 """Everything a run saves and loads: checkpoints (model, optimizer, schedule, EMA, every process's RNG, the
-trainer's counters), finding the one to resume from, and the exported pipeline folder.
+trainer's counters), finding the one to resume from, and reading a model or pipeline folder without running code
+from it (``load_model_folder``; writing one is ``diffunet.export``).
 
 Checkpoint folders are never half-written: a temporary folder, fsync, a sha256 manifest, an atomic rename.
 
@@ -12,12 +13,14 @@ the new one is in place.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +30,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
+from .unet import UNet
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -274,3 +278,112 @@ def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# ------------------------------------------------------------------------------------------ model folders
+# What sample.py, the export and a checkpoint import read. Every way such a folder can be unusable is one
+# CheckpointError line naming the file; nothing in it is executed: its .py files are never imported (diffusers
+# runs them only under trust_remote_code=True) and .bin weights are read with torch.load(weights_only=True).
+
+WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not a config")
+    return data
+
+
+def _check_unet_config(path: Path) -> dict:
+    """``config.json`` of a ``UNet.save_pretrained`` folder: diffunet's class, keys that ``UNet`` takes."""
+    config = _read_json(path)
+    name = config.get("_class_name")
+    if name != UNet.__name__:
+        what = f"a {name}" if isinstance(name, str) else "no model class (_class_name)"
+        raise CheckpointError(f"{path} describes {what}, not diffunet's {UNet.__name__}")
+    known = set(inspect.signature(UNet.__init__).parameters) - {"self"}
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        raise CheckpointError(f"{path} has keys UNet does not take: {', '.join(unknown)} (a foreign config, or one "
+                              f"from a newer diffunet)")
+    try:
+        with torch.device("meta"):                      # the architecture only: no memory, no weights
+            UNet.from_config(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from None
+    return config
+
+
+def _check_weights(folder: Path) -> Path:
+    """The weights file of a model folder; .bin ones must be a plain dict of tensors."""
+    found = [folder / name for name in WEIGHTS if (folder / name).is_file()]
+    if not found:
+        raise CheckpointError(f"{folder} has no weights ({' or '.join(WEIGHTS)})")
+    if found[0].suffix == ".bin":
+        try:
+            with warnings.catch_warnings():             # torch's notes on the pickle protocol: not for the user
+                warnings.simplefilter("ignore")
+                state = torch.load(found[0], map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"cannot load {found[0]}: it is not a file of tensors (a .bin must hold tensors "
+                                  f"only: pickled objects are refused, never run); save the model with safetensors"
+                                  ) from None
+        except Exception as e:                          # not a torch file at all
+            raise CheckpointError(f"{found[0]} is not a weights file ({str(e).splitlines()[0]})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{found[0]} is not a state dict of tensors")
+    return found[0]
+
+
+def load_unet(folder: Path, dtype: torch.dtype = torch.float32) -> UNet:
+    """The UNet of a ``save_pretrained`` folder (``config.json`` and weights), checked file by file."""
+    folder = Path(folder)
+    _check_unet_config(folder / "config.json")
+    weights = _check_weights(folder)
+    try:
+        return UNet.from_pretrained(folder, torch_dtype=dtype, use_safetensors=weights.suffix == ".safetensors")
+    except (OSError, RuntimeError, ValueError, KeyError) as e:     # damaged file, missing or misshapen tensors
+        first = re.split(r"(?<=\.)\s", str(e).strip().splitlines()[0])[0]   # diffusers appends advice: cut it
+        raise CheckpointError(f"cannot load {weights}: {first}") from None
+
+
+def _check_pipeline_index(path: Path) -> dict:
+    """``model_index.json`` of a pipeline folder: a ``unet`` that is diffunet's UNet and a diffusers scheduler."""
+    import diffusers
+
+    index = _read_json(path)
+
+    def pair(key):                                      # ["library", "Class"], or None
+        entry = index.get(key)
+        return entry if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry) else None
+
+    def named(entry):
+        return ".".join(entry) if entry else "nothing"
+
+    unet, scheduler = pair("unet"), pair("scheduler")
+    if not unet or unet[1] != UNet.__name__:
+        raise CheckpointError(f"{path} names {named(unet)} as its unet, not diffunet's {UNet.__name__}")
+    if not (scheduler and scheduler[0] == "diffusers" and scheduler[1].endswith("Scheduler")
+            and hasattr(diffusers, scheduler[1])):
+        raise CheckpointError(f"{path} names {named(scheduler)} as its scheduler, not one of diffusers' schedulers")
+    return index
+
+
+def load_model_folder(path: Path, dtype: torch.dtype = torch.float32) -> tuple[UNet, dict | None]:
+    """(unet in eval mode, the training scheduler's config) from a pipeline folder (``model_index.json``,
+    ``unet/``, ``scheduler/``), or (unet, None) from a bare ``UNet.save_pretrained`` folder (``config.json``)."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        _check_pipeline_index(path / "model_index.json")
+        scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+        return load_unet(path / "unet", dtype).eval(), scheduler
+    if (path / "config.json").is_file():
+        return load_unet(path, dtype).eval(), None
+    raise CheckpointError(f"{path} is neither a pipeline folder (model_index.json) nor a model folder "
+                          "(config.json); pass the <output_dir>/pipeline folder that train.py writes")

@@ -1,6 +1,6 @@
 """``DiffunetPipeline``: the project's one sampling loop, as a diffusers pipeline (modelled on ``DiTPipeline``).
 
-    pipe = DiffusionPipeline.from_pretrained("runs/digits/pipeline")        # after `import diffunet`
+    pipe = DiffusionPipeline.from_pretrained("runs/digits/pipeline", trust_remote_code=True)   # the folder's code
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     images = pipe(class_labels=[3, 3, 7], guidance_scale=2.0, num_inference_steps=20).images
 

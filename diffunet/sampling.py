@@ -19,12 +19,12 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        HeunDiscreteScheduler, UniPCMultistepScheduler)
 from tqdm.auto import tqdm
 
+from .checkpoint import load_model_folder
 from .config import SampleConfig
 from .data import image_path, read_image, save_grid, to_uint8, write_image
 from .fast import describe_device, precision, resolve_precision
 from .pipeline import DiffunetPipeline
 from .tables import choose
-from .unet import UNet
 
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
@@ -43,47 +43,21 @@ def make_scheduler(name: str, config) -> object:
     return choose(SCHEDULERS, name, "scheduler").from_config(config)
 
 
-WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")     # as diffusers looks for them
-
-
-def _load_unet(folder: Path, dtype: torch.dtype) -> UNet:
-    """``UNet.from_pretrained(folder)``, with a missing or unusable file as one ValueError line that names it.
-    diffusers reads .bin weights with ``torch.load(weights_only=True)``: a pickle of anything but tensors is
-    refused, never run."""
-    found = [folder / name for name in WEIGHTS if (folder / name).is_file()]
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder / 'config.json'} is missing")
-    if not found:
-        raise ValueError(f"{folder} has no weights ({' or '.join(WEIGHTS)})")
-    try:
-        return UNet.from_pretrained(folder, torch_dtype=dtype, use_safetensors=found[0].suffix == ".safetensors")
-    except OSError:                                 # diffusers' error for an unreadable weights file
-        raise ValueError(f"cannot load {found[0]}: it is not a file of tensors (a .bin must hold tensors only: "
-                         f"pickled objects are refused, never run); save the model with safetensors") from None
-
-
 def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, prediction_type: str | None = None,
                dtype: torch.dtype = torch.float32):
     """(unet, scheduler) from a pipeline folder written by ``train.py`` (``model_index.json``, ``unet/``,
     ``scheduler/``; whichever pipeline class it names: ``DiffunetPipeline``, or ``DDPMPipeline`` in older runs)
     or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
-    ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon")."""
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        unet = _load_unet(path / "unet", dtype)
-        train_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
-    elif (path / "config.json").is_file():
-        unet = _load_unet(path, dtype)
-        train_config = dict(DDPMScheduler().config)
-    else:
-        raise FileNotFoundError(f"{path} is neither a pipeline folder (model_index.json) nor a model folder "
-                                "(config.json); pass the <output_dir>/pipeline folder that train.py writes")
+    ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon"). A folder
+    that cannot be used is one ``CheckpointError`` line naming the file (``checkpoint.load_model_folder``)."""
+    unet, train_config = load_model_folder(path, dtype)
+    train_config = dict(train_config if train_config is not None else DDPMScheduler().config)
     if prediction_type is not None:
         train_config["prediction_type"] = prediction_type
         # from_config gives keys listed as "defaults used" the new class's default: this one is now chosen
         train_config["_use_default_values"] = [k for k in train_config.get("_use_default_values", [])
                                                if k != "prediction_type"]
-    return unet.eval(), make_scheduler(scheduler, train_config)
+    return unet, make_scheduler(scheduler, train_config)
 
 
 # ------------------------------------------------------------------------------------------- seeds, labels

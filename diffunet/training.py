@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
 from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset, save_grid, to_uint8
+from .export import pipeline_of, write_folder
 from . import objectives
 from .fast import apply_fast_paths, describe_device, resolve_precision
 from .objectives import make_noise_scheduler
-from .pipeline import DiffunetPipeline
 from .sampling import generate, make_scheduler
 from .tasks import task_of
 from .unet import UNet
@@ -408,11 +408,15 @@ class Trainer:
         return scores
 
     def save_pipeline(self) -> Path:
-        """The EMA model and the training scheduler as a ``DiffunetPipeline`` folder, replaced atomically."""
+        """The EMA model and the training scheduler as a pipeline folder that loads without diffunet installed,
+        with its model card and final grid (``export.write_folder``), replaced atomically."""
         final = self.out / "pipeline"
         if self.accelerator.is_main_process:
+            grid = self.out / "samples" / "final.png"
             with self._ema_weights() as model:
-                ckpt.replace_folder(final, DiffunetPipeline(unet=model, scheduler=self.noise_scheduler).save_pretrained)
+                pipeline = pipeline_of(model, self.noise_scheduler)
+                ckpt.replace_folder(final, lambda tmp: write_folder(tmp, pipeline, self.cfg, self.out, self.step,
+                                                                    grid if grid.is_file() else None))
         self.accelerator.wait_for_everyone()
         return final
 

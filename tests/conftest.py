@@ -1,8 +1,11 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing may come from a hub, in tests or defaults
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# where diffusers copies a folder's code under trust_remote_code=True: a temporary folder, not ~/.cache
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="diffunet-tests-hf-modules-"))
 
 import pytest
 import torch

@@ -11,6 +11,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from conftest import tiny
+from diffunet.checkpoint import CheckpointError
 from diffunet.data import read_image
 from diffunet.pipeline import DiffunetPipeline, predict
 from diffunet.sampling import SCHEDULERS, class_labels_for, generate, load_model, make_scheduler, sample_to_folder
@@ -129,7 +130,7 @@ def test_bare_model_folder_takes_scheduler_and_prediction_type(tmp_path):
     unet, sched = load_model(tmp_path, "unipc", prediction_type="v_prediction")
     assert type(sched).__name__ == "UniPCMultistepScheduler"
     assert sched.config.prediction_type == "v_prediction" and sched.config.num_train_timesteps == 1000
-    with pytest.raises(FileNotFoundError, match="pipeline folder"):
+    with pytest.raises(CheckpointError, match="pipeline folder"):
         load_model(tmp_path / "nothing")
 
 

@@ -46,8 +46,8 @@ def test_default_config_end_to_end(tmp_path):
     saved = OmegaConf.load(run / "config.yaml")
     assert saved.train.max_steps == 4 and saved.model.base_channels == 8
     assert list((run / "logs").rglob("events.out.tfevents*"))
-    pipe = DiffusionPipeline.from_pretrained(pipe_dir)
-    assert type(pipe) is diffunet.DiffunetPipeline and isinstance(pipe.unet, diffunet.UNet)
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir, trust_remote_code=True)    # the folder's copy of the code
+    assert type(pipe).__name__ == "DiffunetPipeline" and type(pipe.unet).__name__ == diffunet.UNet.__name__
     images = pipe(batch_size=2, num_inference_steps=3, output_type="np").images
     assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
     # the pipeline holds the EMA weights, which are what the last checkpoint's EMA says
@@ -152,8 +152,8 @@ def test_training_on_an_image_folder(tmp_path):
     pipe_dir = train(cfg)
     assert (pipe_dir / "model_index.json").exists()
     # the folder loads back as a diffusers pipeline, and its class-conditional U-Net samples each class
-    pipe = DiffusionPipeline.from_pretrained(pipe_dir)
-    assert isinstance(pipe.unet, diffunet.UNet) and pipe.unet.config.num_classes == 2
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir, trust_remote_code=True)
+    assert type(pipe.unet).__name__ == diffunet.UNet.__name__ and pipe.unet.config.num_classes == 2
     unet, sched = load_model(pipe_dir, scheduler="ddim")
     images = generate(unet, sched, 4, steps=2, class_labels="all")
     assert images.shape == (4, 1, 16, 16) and torch.isfinite(images).all() and images.abs().max() <= 1

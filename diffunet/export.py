@@ -1,0 +1,269 @@
+"""A pipeline folder that loads without diffunet installed, with a model card: what ``train.py`` writes as
+``<output_dir>/pipeline``, and what ``python -m diffunet.export`` makes of a run.
+
+    python -m diffunet.export runs/digits OUT                       # the run's pipeline/ (its final EMA weights)
+    python -m diffunet.export runs/digits OUT --checkpoint latest   # or a checkpoint's EMA weights
+
+How the code travels. diffusers (0.42) loads a component whose ``model_index.json`` entry is ``["<module>",
+"<Class>"]`` from ``<component>/<module>.py``, and a pipeline whose ``_class_name`` is such a pair from
+``<folder>/<module>.py``, when asked with ``trust_remote_code=True``. It copies that file into its module cache
+with the files it names in relative imports, but not the files those import in turn. So beside each such entry
+the folder gets the diffunet modules its class needs (the closure of their relative imports), copied byte for
+byte into a sub-package ``diffunet_<hash>/``, and a generated entry file that names every one of them. The copies
+are the package's own files (nothing to keep in step by hand); the content hash in the name keeps two folders
+with different code apart in one process, where diffusers puts every local folder's modules under one name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+from . import __version__
+from . import checkpoint as ckpt
+from .checkpoint import CheckpointError
+from .config import ConfigError, build_model, load_config
+from .objectives import make_noise_scheduler
+from .pipeline import DiffunetPipeline
+
+PACKAGE = Path(__file__).resolve().parent
+CARD, GRID = "README.md", "samples.png"
+
+ENTRY = '''"""{what} of diffunet {version}, for diffusers' custom-code loader (``trust_remote_code=True``); written by
+``diffunet.export``. diffusers copies into its module cache only the files named in this file's relative imports,
+so every module the class needs is named here: diffunet's own modules, unchanged, in
+``{package}/``."""
+
+{imports}
+'''
+
+
+def pipeline_of(unet, scheduler) -> DiffusionPipeline:
+    """The pipeline every run saves: the U-Net (EMA weights) and the training noise scheduler."""
+    return DiffunetPipeline(unet=unet, scheduler=scheduler)
+
+
+# ------------------------------------------------------------------------------------------ the code
+
+def needed(module: str) -> list[str]:
+    """``module`` and every diffunet module it imports through relative imports, directly or not, sorted."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text(), f"{name}.py")):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:   # from .nn import ... / from . import nn
+                todo += [node.module] if node.module else [alias.name for alias in node.names]
+    return sorted(seen)
+
+
+def _write_code(folder: Path, package: str, module: str, class_name: str) -> str:
+    """``diffunet.<module>`` and what it needs as ``folder/<package>/``, plus the entry file; returns the entry's
+    module name, the first half of the ``model_index.json`` pair."""
+    (folder / package).mkdir(parents=True, exist_ok=True)
+    names = needed(module)
+    for name in names:
+        shutil.copyfile(PACKAGE / f"{name}.py", folder / package / f"{name}.py")
+    imports = [f"from .{package}.{name} import __name__ as _" for name in names if name != module]
+    imports.append(f"from .{package}.{module} import {class_name}")
+    entry = f"diffunet_{module}"
+    (folder / f"{entry}.py").write_text(ENTRY.format(what=class_name, version=__version__, package=package,
+                                                     imports="\n".join(imports)))
+    return entry
+
+
+def make_portable(folder: Path, pipeline_class: type) -> list[str]:
+    """Put the code of every diffunet class in saved pipeline ``folder`` into it and point ``model_index.json`` at
+    those copies; returns the modules copied. Classes from diffusers stay as they are."""
+    index_file = Path(folder) / "model_index.json"
+    index = json.loads(index_file.read_text())
+    places = {key: value for key, value in index.items()       # component folder -> [module, class]
+              if isinstance(value, list) and str(value[0]).startswith("diffunet.")}
+    if pipeline_class.__module__.startswith("diffunet."):
+        places["_class_name"] = [pipeline_class.__module__, pipeline_class.__name__]
+    modules = sorted(set().union(*(needed(module.removeprefix("diffunet.")) for module, _ in places.values())))
+    digest = hashlib.sha256(b"".join(m.encode() + b"\0" + (PACKAGE / f"{m}.py").read_bytes() for m in modules))
+    package = f"diffunet_{digest.hexdigest()[:10]}"         # one name for all: the pipeline sees the unet's classes
+    for key, (module, class_name) in places.items():
+        where = Path(folder) if key == "_class_name" else Path(folder) / key
+        index[key] = [_write_code(where, package, module.removeprefix("diffunet."), class_name), class_name]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return modules
+
+
+# ------------------------------------------------------------------------------------------ the model card
+
+def last_metrics(run: Path, step: int) -> dict | None:
+    """The last evaluation ``eval.jsonl`` logged at or before ``step``, or None."""
+    found = None
+    if (run / "eval.jsonl").is_file():
+        for line in (run / "eval.jsonl").read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue                                    # a line cut short by a crash
+            if isinstance(entry, dict) and entry.get("step", step + 1) <= step:
+                found = entry
+    return found
+
+
+def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: bool, modules: list[str]) -> str:
+    """README.md of a pipeline folder: what the model is, how to load it, its data, steps, metrics and samples,
+    and the full config."""
+    c, d, t, s = unet.config, cfg.diffusion, cfg.train, cfg.sample
+    h, w = unet.image_size
+    kind = f"class-conditional ({c.num_classes} classes)" if c.num_classes else "unconditional"
+    params = sum(p.numel() for p in unet.parameters())
+    lines = [
+        "---", "library_name: diffusers", "tags:", "- diffunet", "- diffusion",
+        f"- {'class-conditional' if c.num_classes else 'unconditional'}-image-generation", "---", "",
+        f"# diffunet U-Net: `{cfg.data.source}`, {h}x{w}",
+        "",
+        f"A {kind} diffusion model on {c.in_channels}-channel {h}x{w} images: diffunet's U-Net ({params / 1e6:.2f}M "
+        f"parameters, EMA weights) trained for {step} steps on `{cfg.data.source}`, with its training noise "
+        f"schedule (DDPM, {d.num_train_timesteps} steps, `{d.beta_schedule}` betas, predicting "
+        f"`{d.prediction_type}`).",
+        "",
+        "## Load it",
+        "",
+        "The folder carries its code: the entry files `diffunet_pipeline.py` and `unet/diffunet_unet.py` and, "
+        f"beside them, diffunet {__version__}'s own {', '.join(f'`{m}.py`' for m in modules)}, unchanged. It "
+        "needs torch, diffusers and einops, not diffunet; diffusers runs that code when asked with "
+        "`trust_remote_code=True`:",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
+        (f"images = pipe(class_labels=list(range({c.num_classes})), guidance_scale=2.0).images"
+         if c.num_classes else "images = pipe(batch_size=16).images"),
+        "```",
+        "",
+        "With diffunet installed, `python sample.py path/to/this/folder --out samples` samples with any of its "
+        "schedulers (and class labels), reading the weights without running code from the folder.",
+        "",
+        "## Samples",
+        "",
+        (f"![samples]({GRID})\n\nEMA weights at step {step}, `{s.scheduler}` with {s.steps} steps"
+         f"{', one class per column' if c.num_classes else ''}." if grid else "No sample grid was saved at this step."),
+        "",
+        "## Metrics",
+        "",
+    ]
+    if metrics:
+        names = [k for k in metrics if k != "step"]
+        lines += [f"At step {metrics['step']}, on {t.eval_num_images} EMA samples (`{t.eval_extractor}` features):", "",
+                  "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+                  "| " + " | ".join(f"{metrics[k]:.4g}" for k in names) + " |"]
+    else:
+        lines.append("None logged (`train.eval_every` was 0)." if not t.eval_every else "None logged by this step.")
+    lines += [
+        "",
+        "## Training",
+        "",
+        "| data | steps | batch (per process) | lr | schedule | precision | EMA decay |",
+        "|---|---|---|---|---|---|---|",
+        f"| `{cfg.data.source}` | {step} | {t.batch_size} x {t.grad_accum} | {t.lr:g} | {t.lr_scheduler}, "
+        f"{t.warmup_steps} warm-up | {t.mixed_precision} | {t.ema_decay} |",
+        "",
+        "The whole config (saved as `config.yaml`, `python train.py --config config.yaml` trains it again):",
+        "",
+        "```yaml",
+        OmegaConf.to_yaml(cfg).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_folder(folder: Path, pipeline: DiffusionPipeline, cfg: DictConfig, run: Path, step: int,
+                 grid: Path | None) -> Path:
+    """The portable pipeline folder: ``save_pretrained``, the code (``make_portable``), the sample grid and the
+    model card. ``folder`` must not exist yet (see ``checkpoint.replace_folder``)."""
+    pipeline.save_pretrained(folder)
+    modules = make_portable(folder, type(pipeline))
+    if grid is not None:
+        shutil.copyfile(grid, Path(folder) / GRID)
+    card = model_card(cfg, pipeline.unet, step, last_metrics(Path(run), step), grid is not None, modules)
+    (Path(folder) / CARD).write_text(card)
+    return Path(folder)
+
+
+# ------------------------------------------------------------------------------------------ a run's folder
+
+def _run_config(run: Path) -> DictConfig:
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run / 'config.yaml'} is missing: pass a run's output_dir, the folder train.py wrote")
+    return load_config(run / "config.yaml")
+
+
+def _from_checkpoint(cfg: DictConfig, path: Path):
+    """(unet with the checkpoint's EMA weights, step) from a checkpoint folder, verified first."""
+    ckpt.verify(path)
+    unet = build_model(cfg)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        unet.load_state_dict(load_file(path / "model.safetensors"))     # buffers too, then the EMA parameters
+        shadow = load_file(path / "ema.safetensors")
+        with torch.no_grad():
+            for i, p in enumerate(unet.parameters()):
+                p.copy_(shadow[str(i)])
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
+    return unet.eval(), int(state["step"])
+
+
+def export(run: Path, out: Path, checkpoint: str | None = None, force: bool = False) -> Path:
+    """Write the portable folder of run ``run`` to ``out``: from its ``pipeline/`` or, with ``checkpoint``
+    ("latest" or a folder), from that checkpoint's EMA weights. Refuses a non-empty ``out`` unless ``force``."""
+    run, out = Path(run), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConfigError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
+    cfg = _run_config(run)
+    if checkpoint is None and (run / "pipeline").is_dir():
+        unet, scheduler = ckpt.load_model_folder(run / "pipeline")
+        scheduler = DDPMScheduler.from_config(scheduler)
+        step = cfg.train.max_steps                          # the pipeline is written when the loop reaches it
+    else:
+        path = ckpt.find_resume(checkpoint or "latest", run / "checkpoints")
+        if path is None:
+            raise CheckpointError(f"{run} has neither a pipeline/ folder nor a checkpoint")
+        unet, step = _from_checkpoint(cfg, path)
+        scheduler = make_noise_scheduler(cfg.diffusion)
+    grids = [run / "samples" / f"step_{step:06d}.png"] + ([run / "samples" / "final.png"]
+                                                          if step == cfg.train.max_steps else [])
+    grid = next((g for g in grids if g.is_file()), None)
+    pipeline = pipeline_of(unet, scheduler)
+    return ckpt.replace_folder(out, lambda tmp: write_folder(tmp, pipeline, cfg, run, step, grid))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Write a run's model as a pipeline folder that loads without diffunet "
+                                            "(trust_remote_code=True), with a model card.")
+    p.add_argument("run", help="the run's output_dir (holds config.yaml, pipeline/, checkpoints/)")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--checkpoint", help="'latest' or a checkpoint folder (default: the run's pipeline/)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = p.parse_args(argv)
+    try:
+        path = export(args.run, args.out, args.checkpoint, args.force)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"pipeline written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
