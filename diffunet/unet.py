@@ -156,14 +156,17 @@ class UNet(ModelMixin, ConfigMixin):
         num_res_blocks: int = 2,                        # residual blocks per encoder level (decoder: one more)
         dropout: float = 0.0,                           # inside each residual block
         norm_groups: int = 32,                          # GroupNorm groups; must divide every channel count
+        norm_eps: float = 1e-5,                         # GroupNorm epsilon (the DDPM checkpoints: 1e-6)
         attention_resolutions: Tuple[int, ...] = (16,), # feature heights (at sample_size) with attention blocks
         num_heads: int = 4,                             # attention heads ...
         head_dim: Optional[int] = None,                 # ... or channels per head (overrides num_heads)
-        downsample: str = "conv",                       # "maxpool" | "avgpool" | "conv" (strided) | "blur"
+        downsample: str = "conv",                       # "maxpool" | "avgpool" | "conv" | "conv_tf" (strided) | "blur"
         upsample: str = "nearest",                      # "transposed" | "bilinear" | "nearest" (then a 3x3 conv)
         skip: str = "concat",                           # "concat" | "concat_1x1" | "add" | "none"
         padding: str = "same",                          # "same": p=(k-1)//2 ; "valid": none, skips center-cropped
         time_condition: str = "scale_shift",            # "scale_shift" (AdaGN) | "add" (DDPM)
+        flip_sin_to_cos: bool = True,                   # time features cos first (False: sin first, as DDPM)
+        freq_shift: float = 0,                          # frequencies exp(-ln(1e4) i / (half - shift)) (DDPM: 1)
         num_classes: Optional[int] = None,              # class-conditional; id num_classes is the "null" class
         zero_init: bool = True,                         # residual branches and output conv start at zero
         residual: bool = True,                          # False: blocks without shortcut (the 2015 U-Net's conv pairs)
@@ -188,16 +191,16 @@ class UNet(ModelMixin, ConfigMixin):
         emb_dim = 4 * base_channels
         pad = PADDING[padding](3)
         res = functools.partial(ResBlock, emb_dim=emb_dim, groups=norm_groups, dropout=dropout, padding=padding,
-                                time_condition=time_condition, zero=zero_init, residual=residual)
+                                time_condition=time_condition, zero=zero_init, residual=residual, eps=norm_eps)
 
         def attn(c):
-            return Attention(c, c // head_dim if head_dim else num_heads, norm_groups, zero_init)
+            return Attention(c, c // head_dim if head_dim else num_heads, norm_groups, zero_init, eps=norm_eps)
 
         def block(c_in, c_out, level):
             return Block(res(c_in, c_out), attn(c_out) if heights[level] in attention_resolutions else None)
 
-        # diffusers' sinusoidal features (cos first, as UNet2DModel's flip_sin_to_cos): fp32 under autocast too
-        self.time_embed = nn.Sequential(Timesteps(base_channels, flip_sin_to_cos=True, downscale_freq_shift=0),
+        # diffusers' sinusoidal features (UNet2DModel's flip_sin_to_cos and freq_shift): fp32 under autocast too
+        self.time_embed = nn.Sequential(Timesteps(base_channels, flip_sin_to_cos, downscale_freq_shift=freq_shift),
                                         nn.Linear(base_channels, emb_dim),
                                         nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
@@ -228,7 +231,7 @@ class UNet(ModelMixin, ConfigMixin):
                 c = chans[i]
             self.decoder.append(DecoderLevel(fuses, blocks, UPSAMPLE[upsample](c, padding) if i > 0 else None))
 
-        self.norm_out = nn.GroupNorm(norm_groups, c)
+        self.norm_out = nn.GroupNorm(norm_groups, c, eps=norm_eps)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=pad)
         if zero_init:
             zeroed(self.conv_out)
