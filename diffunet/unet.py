@@ -239,18 +239,29 @@ class UNet(ModelMixin, ConfigMixin):
         self._tilings: dict[tuple[int, int], Tiling] = {}
         self.tiling(sample_size)  # a sample_size the network cannot take fails here, at construction
 
+    @classmethod
+    def from_unet2d(cls, model_or_folder) -> "UNet":
+        """This UNet from a diffusers ``UNet2DModel`` of the DDPM family, or a folder holding one (a hub snapshot of
+        google/ddpm-cifar10-32, say): equal outputs to float rounding (``diffunet.convert``)."""
+        from .convert import from_unet2d
+        return from_unet2d(model_or_folder)
+
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True):
-        """Predict from ``sample`` (B, C, H, W) at ``timestep`` (a number, a 0-d or a (B,) tensor, int or float)."""
+        """Predict from ``sample`` (B, C, H, W) at ``timestep``: the forms UNet2DModel takes, a number, a 0-d, a (1,)
+        or a (B,) tensor, int or float, on any device. Unlike UNet2DModel, a fractional Python float is used as
+        is (UNet2DModel truncates a Python number to an int; it keeps tensors' fractions, as we do)."""
         batch = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
+        if t.ndim == 0 or t.shape == (1,):                              # one timestep for the whole batch
+            t = t.reshape(()).expand(batch)
         elif t.shape != (batch,):
-            raise ValueError(f"timestep must be a number, a 0-d tensor or a ({batch},) tensor, got shape {tuple(t.shape)}")
-        emb = self.time_embed(t)                                        # (B,) -> (B, 4*base)
+            raise ValueError(f"timestep must be a number, a 0-d or (1,) tensor, or a ({batch},) tensor, "
+                             f"got shape {tuple(t.shape)}")
+        # sinusoids in fp32, then the model's dtype (as UNet2DModel; under autocast that stays fp32)
+        emb = self.time_embed[1:](self.time_embed[0](t).to(self.dtype))  # (B,) -> (B, 4*base)
         if self.class_embed is not None:
             if class_labels is None:                                    # unconditional: the "null" class
                 class_labels = torch.full((batch,), self.null_class, device=sample.device)

@@ -43,10 +43,22 @@ def test_timestep_forms_agree():
     ref = model(x, torch.tensor([250, 250, 250])).sample
     for t in (250, 250.0, torch.tensor(250), torch.tensor(250.0), torch.tensor([250.0] * 3)):
         assert torch.allclose(model(x, t).sample, ref, atol=1e-6)
+    for t in (torch.tensor([250]), torch.tensor([250.0])):                   # (1,): broadcast, as UNet2DModel does
+        assert torch.allclose(model(x, t).sample, ref, atol=1e-6)
     frac = model(x, 250.5).sample                                            # continuous time is used as is
     assert not torch.allclose(frac, ref)
     with pytest.raises(ValueError, match="timestep must be"):
         model(x, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_model_runs_in_its_own_dtype_without_autocast(dtype):
+    model = tiny(zero_init=False, num_classes=3).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = model(x, 10, torch.tensor([0, 1])).sample
+        out = model.to(dtype)(x.to(dtype), 10, torch.tensor([0, 1])).sample
+    assert out.dtype == dtype and (out.double() - ref.double()).abs().max() < (1e-5 if dtype == torch.float64 else 0.1)
 
 
 def test_zero_init_gives_zero_output_and_identity_branches():
