@@ -246,6 +246,13 @@ class UNet(ModelMixin, ConfigMixin):
         from .convert import from_unet2d
         return from_unet2d(model_or_folder)
 
+    @classmethod
+    def from_unet2d(cls, model_or_folder) -> "UNet":
+        """This UNet from a diffusers ``UNet2DModel`` of the DDPM family, or a folder holding one (a hub snapshot of
+        google/ddpm-cifar10-32, say): equal outputs to float rounding (``diffunet.convert``)."""
+        from .convert import from_unet2d
+        return from_unet2d(model_or_folder)
+
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
