@@ -6,8 +6,8 @@ time features. The conversion is two tables: ``config_from_unet2d`` maps each UN
 switches (or refuses it, naming it), and ``KEY_MAP`` renames each of our state-dict keys to diffusers'. The
 outputs are equal to float rounding (tests/test_convert.py measures it per config).
 
-``load_unet`` reads a folder of ours or a UNet2DModel folder (converted): every way a folder can be wrong is one
-CheckpointError line naming the file, and no file's code ever runs (safetensors, or
+``load_unet`` reads a folder of ours or a UNet2DModel folder (converted) for ``train.init_from``: every way a
+folder can be wrong is one CheckpointError line naming the file, and no file's code ever runs (safetensors, or
 diffusers' ``torch.load(weights_only=True)``, which refuses pickled objects).
 """
 
@@ -22,6 +22,7 @@ import torch
 from diffusers import UNet2DModel
 
 from .checkpoint import CheckpointError
+from .config import ConfigError
 from .unet import UNet, as_size
 
 # Per level: UNet2DModel's block type -> whether the level has attention. Up blocks run deepest level first.
@@ -210,3 +211,31 @@ def load_unet(path) -> UNet:
         return from_unet2d(folder).float()
     return _from_pretrained(UNet, folder).float()
 
+
+# Switches that do not change what the weights compute at inference: a fine-tuning run may set its own.
+TRAINING_ONLY = ("dropout", "zero_init")
+
+
+def architecture(config) -> dict:
+    """A model config's architecture switches in one spelling (lists, (H, W), out_channels resolved)."""
+    arch = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()
+            if not k.startswith("_") and k not in TRAINING_ONLY}
+    arch["sample_size"] = as_size(config["sample_size"])
+    arch["out_channels"] = config["out_channels"] or config["in_channels"]
+    return arch
+
+
+def _override(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def init_from(model: UNet, path) -> None:
+    """Load the weights of folder ``path`` (``load_unet``) into ``model``. Its architecture must be the folder's:
+    a ConfigError otherwise, one line giving the ``model.*`` overrides that make it so."""
+    loaded = load_unet(path)
+    want, have = architecture(loaded.config), architecture(model.config)
+    differ = {k: loaded.config[k] for k in want if want[k] != have.get(k)}
+    if differ:
+        raise ConfigError(f"train.init_from={path} holds a different architecture than the config's model; "
+                          f"set {' '.join(f'model.{k}={_override(v)}' for k, v in differ.items())}")
+    model.load_state_dict(loaded.state_dict())

@@ -1,8 +1,10 @@
-"""diffusers' UNet2DModel (the DDPM family) -> our UNet: equal outputs per config, one-line refusals, model
-folders."""
+"""diffusers' UNet2DModel (the DDPM family) -> our UNet: equal outputs per config, one-line refusals, model folders
+and fine-tuning from them (train.init_from)."""
 
+import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,11 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from conftest import tiny
 from diffunet import UNet
 from diffunet.checkpoint import CheckpointError
-from diffunet.convert import load_unet
+from diffunet.config import ConfigError, build_model, load_config, to_dict
+from diffunet.convert import architecture, config_from_unet2d, init_from, load_unet
+from diffunet.training import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Small UNet2DModels in the layouts of the original DDPM checkpoints and of diffusers' defaults.
 DDPM = dict(flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, downsample_padding=0, attention_head_dim=None,
@@ -177,3 +183,71 @@ def test_from_unet2d_refuses_our_own_folder_and_other_objects(tmp_path):
         UNet.from_unet2d(tmp_path)
     with pytest.raises(TypeError, match="takes a UNet2DModel or a folder"):
         UNet.from_unet2d(tiny())
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+
+# The digits run (1 channel, 16 px) at a size a UNet2DModel can be made to match.
+FAST = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.norm_groups=4", "model.num_classes=null",
+        "model.attention_resolutions=[8]", "train.batch_size=8", "train.max_steps=1", "sample.num_images=2",
+        "sample.steps=2"]
+MATCHING = ["model.num_res_blocks=2", "model.norm_eps=1e-06", "model.num_heads=1", "model.downsample=conv_tf",
+            "model.time_condition=add", "model.flip_sin_to_cos=false", "model.freq_shift=1"]
+
+
+def digits_unet2d(folder: Path) -> UNet2DModel:
+    theirs = UNet2DModel(**dict(DDPM, sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                up_block_types=("AttnUpBlock2D", "UpBlock2D")))
+    theirs.save_pretrained(folder)
+    return theirs
+
+
+def test_init_from_starts_training_from_a_converted_unet2d(tmp_path):
+    theirs = digits_unet2d(tmp_path / "ddpm")
+    cfg = load_config("digits", FAST + MATCHING + [f"output_dir={tmp_path / 'run'}",
+                                                   f"train.init_from={tmp_path / 'ddpm'}"])
+    trainer = Trainer(cfg)
+    want = UNet.from_unet2d(theirs).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in trainer.unet.state_dict().items())
+    assert all(torch.equal(s, p) for s, p in zip(trainer.ema.shadow_params, trainer.unet.parameters()))
+    trainer.train()
+    assert UNet.from_pretrained(tmp_path / "run" / "pipeline", subfolder="unet").config.downsample == "conv_tf"
+
+
+def test_init_from_with_another_architecture_names_the_overrides(tmp_path):
+    digits_unet2d(tmp_path / "ddpm")
+    model = build_model(load_config("digits", FAST))
+    with pytest.raises(ConfigError) as e:
+        init_from(model, tmp_path / "ddpm")
+    assert "\n" not in str(e.value)
+    assert str(e.value).endswith("set " + " ".join(MATCHING))
+
+
+# google/ddpm-cifar10-32's config.json on the hub (UNet2DModel's defaults for the options it omits).
+DDPM_CIFAR10_32 = {
+    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+
+
+def test_the_readme_overrides_make_the_ddpm_cifar10_preset_google_s_checkpoint():
+    readme = (ROOT / "README.md").read_text()
+    command = readme[readme.index("python train.py --config ddpm-cifar10 train.init_from"):].split("```")[0]
+    overrides = [w for w in command.split() if w.startswith("model.")]
+    preset = to_dict(load_config("ddpm-cifar10", overrides).model)
+    assert architecture(config_from_unet2d(DDPM_CIFAR10_32)) == architecture(preset)   # what init_from checks
+
+
+def test_train_py_prints_one_error_line_for_a_bad_folder(tmp_path, capsys):
+    folder, _ = _bad_folders(tmp_path)["pickled weights"]
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main([*FAST, f"output_dir={tmp_path / 'run'}", f"train.init_from={folder}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot load {folder}: ") and ".bin" in lines[0]
+    assert not os.path.exists(MARKER)
