@@ -9,6 +9,7 @@ Every option is a keyword of ``diffunet.sampling.sample_to_folder``; see docs/sa
 import argparse
 import sys
 
+from diffunet.checkpoint import CheckpointError
 from diffunet.config import SampleConfig
 from diffunet.fast import ALIASES, PRECISION
 from diffunet.sampling import SCHEDULERS, sample_to_folder
@@ -46,7 +47,7 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     try:
         sample_to_folder(**vars(parse(argv)))
-    except (FileNotFoundError, ValueError) as e:       # a bad folder, label or option: one line, no traceback
+    except (FileNotFoundError, ValueError, CheckpointError) as e:  # a bad folder, label or option: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

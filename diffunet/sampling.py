@@ -20,10 +20,10 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from .config import SampleConfig
+from .convert import load_unet
 from .data import image_path, read_image, save_grid, to_uint8, write_image
 from .fast import describe_device, precision, resolve_precision
 from .tables import choose
-from .unet import UNet
 
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
@@ -46,13 +46,14 @@ def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, predic
                dtype: torch.dtype = torch.float32):
     """(unet, scheduler) from a pipeline folder written by ``train.py`` (``model_index.json``, ``unet/``,
     ``scheduler/``) or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
-    ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon")."""
+    ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon"). Either may
+    hold a diffusers UNet2DModel instead, converted (``convert.load_unet``: a bad folder is one CheckpointError)."""
     path = Path(path)
     if (path / "model_index.json").is_file():
-        unet = UNet.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        unet = load_unet(path).to(dtype)
         train_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
     elif (path / "config.json").is_file():
-        unet = UNet.from_pretrained(path, torch_dtype=dtype)
+        unet = load_unet(path).to(dtype)
         train_config = dict(DDPMScheduler().config)
     else:
         raise FileNotFoundError(f"{path} is neither a pipeline folder (model_index.json) nor a model folder "

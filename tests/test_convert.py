@@ -15,6 +15,7 @@ from diffunet import UNet
 from diffunet.checkpoint import CheckpointError
 from diffunet.config import ConfigError, build_model, load_config, to_dict
 from diffunet.convert import architecture, config_from_unet2d, init_from, load_unet
+from diffunet.sampling import load_model
 from diffunet.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +171,8 @@ def test_bad_folders_fail_with_one_line_naming_the_file_and_run_no_code(tmp_path
     if os.path.exists(MARKER):
         os.remove(MARKER)
     for name, (folder, message) in _bad_folders(tmp_path).items():
-        for load in (load_unet, UNet.from_unet2d):
+        sampling = [load_model] if (folder / "config.json").is_file() else []   # else its own "neither ... nor"
+        for load in (load_unet, UNet.from_unet2d, *sampling):
             with pytest.raises(CheckpointError, match=message) as e:
                 load(folder)
             assert "\n" not in str(e.value), name
@@ -242,12 +244,14 @@ def test_the_readme_overrides_make_the_ddpm_cifar10_preset_google_s_checkpoint()
     assert architecture(config_from_unet2d(DDPM_CIFAR10_32)) == architecture(preset)   # what init_from checks
 
 
-def test_train_py_prints_one_error_line_for_a_bad_folder(tmp_path, capsys):
+def test_sample_py_and_train_py_print_one_error_line_for_a_bad_folder(tmp_path, capsys):
     folder, _ = _bad_folders(tmp_path)["pickled weights"]
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    assert cli.main([*FAST, f"output_dir={tmp_path / 'run'}", f"train.init_from={folder}"]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot load {folder}: ") and ".bin" in lines[0]
+    for script, argv in (("sample.py", [str(folder), "--out", str(tmp_path / "samples")]),
+                         ("train.py", [*FAST, f"output_dir={tmp_path / 'run'}", f"train.init_from={folder}"])):
+        spec = importlib.util.spec_from_file_location(script[:-3] + "_cli", ROOT / script)
+        cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cli)
+        assert cli.main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: cannot load {folder}: ") and ".bin" in lines[0]
     assert not os.path.exists(MARKER)
