@@ -300,13 +300,21 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_unet_config(path: Path) -> dict:
-    """``config.json`` of a ``UNet.save_pretrained`` folder: diffunet's class, keys that ``UNet`` takes."""
-    config = _read_json(path)
+# The model classes a folder may hold: ours, or a diffusers UNet2DModel of the DDPM family (converted: convert.py).
+MODEL_CLASSES = {UNet.__name__: "diffunet's UNet", "UNet2DModel": "a diffusers UNet2DModel"}
+
+
+def _check_class(path: Path, config: dict, allowed) -> str:
+    """The ``_class_name`` of ``config`` (read from ``path``), one of ``allowed``; CheckpointError otherwise."""
     name = config.get("_class_name")
-    if name != UNet.__name__:
+    if name not in allowed:
         what = f"a {name}" if isinstance(name, str) else "no model class (_class_name)"
-        raise CheckpointError(f"{path} describes {what}, not diffunet's {UNet.__name__}")
+        raise CheckpointError(f"{path} describes {what}, not {' or '.join(MODEL_CLASSES[c] for c in allowed)}")
+    return name
+
+
+def _check_unet_config(path: Path, config: dict) -> None:
+    """``config.json`` of a ``UNet.save_pretrained`` folder: keys that ``UNet`` takes, an architecture it builds."""
     known = set(inspect.signature(UNet.__init__).parameters) - {"self"}
     unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
     if unknown:
@@ -317,7 +325,6 @@ def _check_unet_config(path: Path) -> dict:
             UNet.from_config(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from None
-    return config
 
 
 def _check_weights(folder: Path) -> Path:
@@ -341,13 +348,41 @@ def _check_weights(folder: Path) -> Path:
     return found[0]
 
 
-def load_unet(folder: Path, dtype: torch.dtype = torch.float32) -> UNet:
-    """The UNet of a ``save_pretrained`` folder (``config.json`` and weights), checked file by file."""
-    folder = Path(folder)
-    _check_unet_config(folder / "config.json")
+def model_folder(path) -> Path:
+    """The folder holding a model's config.json: ``path`` itself, or its ``unet/`` (a pipeline folder)."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path / "unet"                            # a pipeline: a missing unet/config.json is named as such
+    for folder in (path, path / "unet"):
+        if (folder / "config.json").is_file():
+            return folder
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder")
+    raise CheckpointError(f"{path} holds no model: no config.json there nor in {path / 'unet'}")
+
+
+def load_unet(path, dtype: torch.dtype = torch.float32, classes=tuple(MODEL_CLASSES)) -> UNet:
+    """Our UNet from a model folder (``save_pretrained``), or the ``unet/`` of a pipeline folder, checked file by
+    file: ours, or a diffusers UNet2DModel converted by ``convert.from_unet2d``; ``classes`` are the ones allowed."""
+    folder = model_folder(path)
+    config = _read_json(folder / "config.json")
+    name = _check_class(folder / "config.json", config, classes)
     weights = _check_weights(folder)
+    if name == "UNet2DModel":
+        from diffusers import UNet2DModel
+
+        from .convert import from_unet2d                # convert.py builds on this module: imported when needed
+        try:
+            return from_unet2d(_from_pretrained(UNet2DModel, folder, weights)).to(dtype)
+        except ValueError as e:                         # an option or block our UNet has no switch for
+            raise CheckpointError(f"cannot convert {folder}: {e}") from None
+    _check_unet_config(folder / "config.json", config)
+    return _from_pretrained(UNet, folder, weights, dtype)
+
+
+def _from_pretrained(cls, folder: Path, weights: Path, dtype: torch.dtype = torch.float32):
     try:
-        return UNet.from_pretrained(folder, torch_dtype=dtype, use_safetensors=weights.suffix == ".safetensors")
+        return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=weights.suffix == ".safetensors")
     except (OSError, RuntimeError, ValueError, KeyError) as e:     # damaged file, missing or misshapen tensors
         first = re.split(r"(?<=\.)\s", str(e).strip().splitlines()[0])[0]   # diffusers appends advice: cut it
         raise CheckpointError(f"cannot load {weights}: {first}") from None
@@ -367,8 +402,8 @@ def _check_pipeline_index(path: Path) -> dict:
         return ".".join(entry) if entry else "nothing"
 
     unet, scheduler = pair("unet"), pair("scheduler")
-    if not unet or unet[1] != UNet.__name__:
-        raise CheckpointError(f"{path} names {named(unet)} as its unet, not diffunet's {UNet.__name__}")
+    if not unet or unet[1] not in MODEL_CLASSES:
+        raise CheckpointError(f"{path} names {named(unet)} as its unet, not {' or '.join(MODEL_CLASSES.values())}")
     if not (scheduler and scheduler[0] == "diffusers" and scheduler[1].endswith("Scheduler")
             and hasattr(diffusers, scheduler[1])):
         raise CheckpointError(f"{path} names {named(scheduler)} as its scheduler, not one of diffusers' schedulers")
@@ -380,9 +415,9 @@ def load_model_folder(path: Path, dtype: torch.dtype = torch.float32) -> tuple[U
     ``unet/``, ``scheduler/``), or (unet, None) from a bare ``UNet.save_pretrained`` folder (``config.json``)."""
     path = Path(path)
     if (path / "model_index.json").is_file():
-        _check_pipeline_index(path / "model_index.json")
+        index = _check_pipeline_index(path / "model_index.json")
         scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
-        return load_unet(path / "unet", dtype).eval(), scheduler
+        return load_unet(path, dtype, classes=(index["unet"][1],)).eval(), scheduler
     if (path / "config.json").is_file():
         return load_unet(path, dtype).eval(), None
     raise CheckpointError(f"{path} is neither a pipeline folder (model_index.json) nor a model folder "

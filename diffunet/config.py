@@ -90,6 +90,8 @@ class TrainConfig:
     eval_extractor: str = "digits"              # "digits" (offline) | "inception" | a path to Inception weights
     eval_reference: Optional[str] = None        # folder | .npz | "digits"; None: the training data
     resume: Optional[str] = None                # "latest" or a checkpoint folder
+    init_from: Optional[str] = None             # start from these weights: a model or pipeline folder of ours, or a
+                                                # diffusers UNet2DModel one (converted); model.* must match it
     allow_inexact_resume: bool = False          # resume even if world size / batch size / data changed
     max_bad_steps: int = 10                     # stop after this many non-finite losses/gradients in a row
 

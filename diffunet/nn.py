@@ -93,14 +93,14 @@ class ResBlock(nn.Module):
     zeroed, since the block would output nothing)."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, *, groups: int, dropout: float, padding: str,
-                 time_condition: str, zero: bool, residual: bool = True):
+                 time_condition: str, zero: bool, residual: bool = True, eps: float = 1e-5):
         super().__init__()
         p = PADDING[padding](3)
         width, self.condition = choose(TIME_CONDITION, time_condition, "time_condition")
-        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=p)
         self.emb = nn.Linear(emb_dim, width * c_out)
-        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
         self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=p)
         if zero and residual:
@@ -123,13 +123,13 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over all pixels (``attend``: SDPA's fused kernels, or matmuls for few tokens)."""
 
-    def __init__(self, channels: int, heads: int, groups: int, zero: bool):
+    def __init__(self, channels: int, heads: int, groups: int, zero: bool, eps: float = 1e-5):
         super().__init__()
         if channels % heads:
             raise ValueError(f"attention over {channels} channels cannot be split into {heads} heads; "
                              f"choose num_heads/head_dim that divide {channels}")
         self.heads = heads
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
         if zero:
@@ -168,18 +168,23 @@ class Pool(nn.Module):
 
 
 class StridedConv(nn.Module):
-    """A 3x3 stride-2 conv: the network learns its own anti-alias filter instead of discarding 3 of 4 pixels."""
+    """A 3x3 stride-2 conv: the network learns its own anti-alias filter instead of discarding 3 of 4 pixels.
 
-    def __init__(self, channels: int, padding: str):
+    ``pad_end``: TensorFlow's "SAME" padding for stride 2, one zero row and column after the image and none
+    before, instead of one on each side; the original DDPM checkpoints were trained so (diffusers'
+    ``downsample_padding=0``). With "valid" padding there is nothing to pad either way."""
+
+    def __init__(self, channels: int, padding: str, pad_end: bool = False):
         super().__init__()
         self.pad = PADDING[padding](3)
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=self.pad)
+        self.pad_end = (0, self.pad, 0, self.pad) if pad_end and self.pad else None
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.pad_end else self.pad)
 
     def size(self, n: int) -> int:
-        return conv_size(n, 3, 2, self.pad)
+        return conv_size(n + self.pad, 3, 2) if self.pad_end else conv_size(n, 3, 2, self.pad)
 
     def forward(self, x):
-        return self.conv(x)
+        return self.conv(F.pad(x, self.pad_end) if self.pad_end else x)
 
 
 class BlurPool(nn.Module):
@@ -240,6 +245,7 @@ DOWNSAMPLE = {
     "maxpool": lambda c, padding: Pool(nn.MaxPool2d, c, padding),
     "avgpool": lambda c, padding: Pool(nn.AvgPool2d, c, padding),
     "conv": StridedConv,
+    "conv_tf": lambda c, padding: StridedConv(c, padding, pad_end=True),
     "blur": BlurPool,
 }
 

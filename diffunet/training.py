@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
+from .convert import init_from
 from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset, save_grid, to_uint8
 from .export import pipeline_of, write_folder
 from . import objectives
@@ -89,6 +90,8 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
         raise ConfigError(f"train.label_dropout must be in [0, 1) (got {cfg.train.label_dropout})")
     dataset = build_dataset(cfg.data, model.image_size, model.config.in_channels)
     task.check(cfg, model, dataset)
+    if cfg.train.init_from:                     # fine-tuning: the weights of a trained model (resume replaces them)
+        init_from(model, cfg.train.init_from)
     return model, dataset
 
 

@@ -156,14 +156,17 @@ class UNet(ModelMixin, ConfigMixin):
         num_res_blocks: int = 2,                        # residual blocks per encoder level (decoder: one more)
         dropout: float = 0.0,                           # inside each residual block
         norm_groups: int = 32,                          # GroupNorm groups; must divide every channel count
+        norm_eps: float = 1e-5,                         # GroupNorm epsilon (the DDPM checkpoints: 1e-6)
         attention_resolutions: Tuple[int, ...] = (16,), # feature heights (at sample_size) with attention blocks
         num_heads: int = 4,                             # attention heads ...
         head_dim: Optional[int] = None,                 # ... or channels per head (overrides num_heads)
-        downsample: str = "conv",                       # "maxpool" | "avgpool" | "conv" (strided) | "blur"
+        downsample: str = "conv",                       # "maxpool" | "avgpool" | "conv" | "conv_tf" (strided) | "blur"
         upsample: str = "nearest",                      # "transposed" | "bilinear" | "nearest" (then a 3x3 conv)
         skip: str = "concat",                           # "concat" | "concat_1x1" | "add" | "none"
         padding: str = "same",                          # "same": p=(k-1)//2 ; "valid": none, skips center-cropped
         time_condition: str = "scale_shift",            # "scale_shift" (AdaGN) | "add" (DDPM)
+        flip_sin_to_cos: bool = True,                   # time features cos first (False: sin first, as DDPM)
+        freq_shift: float = 0,                          # frequencies exp(-ln(1e4) i / (half - shift)) (DDPM: 1)
         num_classes: Optional[int] = None,              # class-conditional; id num_classes is the "null" class
         zero_init: bool = True,                         # residual branches and output conv start at zero
         residual: bool = True,                          # False: blocks without shortcut (the 2015 U-Net's conv pairs)
@@ -188,16 +191,16 @@ class UNet(ModelMixin, ConfigMixin):
         emb_dim = 4 * base_channels
         pad = PADDING[padding](3)
         res = functools.partial(ResBlock, emb_dim=emb_dim, groups=norm_groups, dropout=dropout, padding=padding,
-                                time_condition=time_condition, zero=zero_init, residual=residual)
+                                time_condition=time_condition, zero=zero_init, residual=residual, eps=norm_eps)
 
         def attn(c):
-            return Attention(c, c // head_dim if head_dim else num_heads, norm_groups, zero_init)
+            return Attention(c, c // head_dim if head_dim else num_heads, norm_groups, zero_init, eps=norm_eps)
 
         def block(c_in, c_out, level):
             return Block(res(c_in, c_out), attn(c_out) if heights[level] in attention_resolutions else None)
 
-        # diffusers' sinusoidal features (cos first, as UNet2DModel's flip_sin_to_cos): fp32 under autocast too
-        self.time_embed = nn.Sequential(Timesteps(base_channels, flip_sin_to_cos=True, downscale_freq_shift=0),
+        # diffusers' sinusoidal features (UNet2DModel's flip_sin_to_cos and freq_shift): fp32 under autocast too
+        self.time_embed = nn.Sequential(Timesteps(base_channels, flip_sin_to_cos, downscale_freq_shift=freq_shift),
                                         nn.Linear(base_channels, emb_dim),
                                         nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
@@ -228,7 +231,7 @@ class UNet(ModelMixin, ConfigMixin):
                 c = chans[i]
             self.decoder.append(DecoderLevel(fuses, blocks, UPSAMPLE[upsample](c, padding) if i > 0 else None))
 
-        self.norm_out = nn.GroupNorm(norm_groups, c)
+        self.norm_out = nn.GroupNorm(norm_groups, c, eps=norm_eps)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=pad)
         if zero_init:
             zeroed(self.conv_out)
@@ -236,18 +239,29 @@ class UNet(ModelMixin, ConfigMixin):
         self._tilings: dict[tuple[int, int], Tiling] = {}
         self.tiling(sample_size)  # a sample_size the network cannot take fails here, at construction
 
+    @classmethod
+    def from_unet2d(cls, model_or_folder) -> "UNet":
+        """This UNet from a diffusers ``UNet2DModel`` of the DDPM family, or a folder holding one (a hub snapshot of
+        google/ddpm-cifar10-32, say): equal outputs to float rounding (``diffunet.convert``)."""
+        from .convert import from_unet2d
+        return from_unet2d(model_or_folder)
+
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True):
-        """Predict from ``sample`` (B, C, H, W) at ``timestep`` (a number, a 0-d or a (B,) tensor, int or float)."""
+        """Predict from ``sample`` (B, C, H, W) at ``timestep``: the forms UNet2DModel takes, a number, a 0-d, a (1,)
+        or a (B,) tensor, int or float, on any device. Unlike UNet2DModel, a fractional Python float is used as
+        is (UNet2DModel truncates a Python number to an int; it keeps tensors' fractions, as we do)."""
         batch = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
+        if t.ndim == 0 or t.shape == (1,):                              # one timestep for the whole batch
+            t = t.reshape(()).expand(batch)
         elif t.shape != (batch,):
-            raise ValueError(f"timestep must be a number, a 0-d tensor or a ({batch},) tensor, got shape {tuple(t.shape)}")
-        emb = self.time_embed(t)                                        # (B,) -> (B, 4*base)
+            raise ValueError(f"timestep must be a number, a 0-d or (1,) tensor, or a ({batch},) tensor, "
+                             f"got shape {tuple(t.shape)}")
+        # sinusoids in fp32, then the model's dtype (as UNet2DModel; under autocast that stays fp32)
+        emb = self.time_embed[1:](self.time_embed[0](t).to(self.dtype))  # (B,) -> (B, 4*base)
         if self.class_embed is not None:
             if class_labels is None:                                    # unconditional: the "null" class
                 class_labels = torch.full((batch,), self.null_class, device=sample.device)

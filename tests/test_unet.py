@@ -1,10 +1,12 @@
 """Properties of the U-Net over its whole option grid."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny
 from diffunet import UNet
@@ -41,10 +43,22 @@ def test_timestep_forms_agree():
     ref = model(x, torch.tensor([250, 250, 250])).sample
     for t in (250, 250.0, torch.tensor(250), torch.tensor(250.0), torch.tensor([250.0] * 3)):
         assert torch.allclose(model(x, t).sample, ref, atol=1e-6)
+    for t in (torch.tensor([250]), torch.tensor([250.0])):                   # (1,): broadcast, as UNet2DModel does
+        assert torch.allclose(model(x, t).sample, ref, atol=1e-6)
     frac = model(x, 250.5).sample                                            # continuous time is used as is
     assert not torch.allclose(frac, ref)
     with pytest.raises(ValueError, match="timestep must be"):
         model(x, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_model_runs_in_its_own_dtype_without_autocast(dtype):
+    model = tiny(zero_init=False, num_classes=3).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = model(x, 10, torch.tensor([0, 1])).sample
+        out = model.to(dtype)(x.to(dtype), 10, torch.tensor([0, 1])).sample
+    assert out.dtype == dtype and (out.double() - ref.double()).abs().max() < (1e-5 if dtype == torch.float64 else 0.1)
 
 
 def test_zero_init_gives_zero_output_and_identity_branches():
@@ -192,3 +206,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model.enable_gradient_checkpointing()
     for a, b in zip(plain, grads()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_ddpm_checkpoints_switches():
+    # "conv_tf": TensorFlow's stride-2 "SAME" padding, one zero row and column after the image and none before
+    down, x = DOWNSAMPLE["conv_tf"](4, "same"), torch.randn(1, 4, 8, 8)
+    w, b = down.conv.weight, down.conv.bias
+    assert torch.equal(down(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), w, b, stride=2))
+    assert not torch.allclose(down(x), F.conv2d(x, w, b, stride=2, padding=1)) and down.size(8) == 4
+    # sin first, frequencies exp(-ln(10^4) i / (half - 1)); base_channels=8: 4 frequencies
+    t = torch.tensor([0.0, 7.0, 999.0])
+    args = t[:, None] * torch.exp(-math.log(10000.0) * torch.arange(4.0) / 3)[None]
+    embed = tiny(flip_sin_to_cos=False, freq_shift=1).time_embed[0]
+    assert torch.allclose(embed(t), torch.cat([args.sin(), args.cos()], dim=-1))
+    norms = [m for m in tiny(norm_eps=1e-6).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) > 5 and all(m.eps == 1e-6 for m in norms)
