@@ -52,7 +52,7 @@ from diffunet.unet import as_size                                        # noqa:
 
 # Keyword overrides that make a preset expressible in diffusers: UNet2DModel takes one head width for every
 # attention layer, ours takes a head count; "small" has 4 heads of 32 at 16x16, so head_dim=32 keeps that.
-PRESETS = {"small": dict(head_dim=32), "ddpm-cifar10": dict()}
+PRESETS = {"small": dict(head_dim=32), "ddpm-cifar10": dict(), "digits": dict(num_classes=None)}   # digits: the smoke test
 
 # Our time conditioning -> diffusers' resnet_time_scale_shift.
 TIME_SCALE_SHIFT = {"add": "default", "scale_shift": "scale_shift"}

@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -283,3 +284,17 @@ def test_bench_builds_a_matched_diffusers_twin():
         assert twin(x, t).sample.shape == ours(x, t).sample.shape
     with pytest.raises(ValueError, match="no counterpart"):
         bench.diffusers_twin(tiny(skip="add"))
+
+
+def test_the_bench_runs_end_to_end_and_prints_its_targets():
+    # a smoke run on the digits architecture (no numbers asserted: timings are the bench's business, not a test's);
+    # a merge once broke the bench at its first row and no test noticed
+    bench = Path(__file__).parents[1] / "bench" / "bench_unet.py"
+    run = subprocess.run([sys.executable, str(bench), "--preset", "digits", "--batch", "2", "--repeats", "1",
+                          "--warmup", "1", "--ddim-steps", "2", "--threads", "1"],
+                         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("device: ") and "precision auto -> " in line for line in lines)
+    targets = [line for line in lines if line[:3] in {"1. ", "2. ", "3. ", "4. "}]
+    assert len(targets) == 4 and all(line.rstrip().endswith(("PASS", "FAIL", "device)")) for line in targets)
