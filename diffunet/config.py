@@ -164,9 +164,29 @@ def _unknown_key(e: ConfigKeyError) -> str:
     return f"unknown config key '{e.full_key}'; valid keys: {', '.join(map(str, e.parent_node or ()))}"
 
 
+def _shape_mismatch(base, layer, prefix: str = "") -> str | None:
+    """Why ``layer`` cannot merge into ``base``: the first key given keys where the schema holds a list, or a list
+    where it holds a section. OmegaConf says only "Cannot merge incompatible container types", naming no key."""
+    for key, value in layer.items():
+        have, name = base.get(key) if isinstance(base, dict) else None, f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(have, dict):
+            found = _shape_mismatch(have, value, name + ".")
+            if found:
+                return found
+        elif isinstance(value, dict) and isinstance(have, (list, tuple)):
+            return f"{name} is a list, set as a whole: {name}=[{','.join(map(str, have))}]"
+        elif isinstance(value, (list, tuple)) and isinstance(have, dict):
+            return f"{name} is a section, set key by key: {name}.{next(iter(have), 'key')}=..."
+    return None
+
+
 def _merge(base: DictConfig, layer: DictConfig | dict, origin: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)
+    except TypeError:                                   # a list given keys, or a section given a list
+        as_dict = layer if isinstance(layer, dict) else OmegaConf.to_container(layer)
+        why = _shape_mismatch(OmegaConf.to_container(base), as_dict) or "a value's shape does not fit the schema"
+        raise ConfigError(f"{origin}: {why}") from None
     except OmegaConfBaseException as e:
         if isinstance(e, ConfigKeyError) and e.full_key:    # struct mode: a key the schema does not have
             raise ConfigError(_unknown_key(e)) from None

@@ -67,6 +67,11 @@ def test_config_overrides_coercion_and_suggestions(tmp_path):
         load_config("digit")
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match=r"model.channel_mult is a list, set as a whole: model.channel_mult=\[1,2,2\]"):
+        load_config("digits", ["model.channel_mult.foo=3"])               # OmegaConf's own TypeError names no key
+    yaml.write_text("model:\n  channel_mult:\n    deep: 4\n")
+    with pytest.raises(ConfigError, match=f"{yaml}: model.channel_mult is a list"):
+        load_config(yaml)
     with pytest.raises(ConfigError, match="model: height 30 does not fit"):
         build_model(load_config("digits", ["model.sample_size=30"]))
 
