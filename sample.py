@@ -12,6 +12,7 @@ import sys
 from diffunet.checkpoint import CheckpointError
 from diffunet.config import SampleConfig
 from diffunet.fast import ALIASES, PRECISION
+from diffunet.objectives import TARGETS
 from diffunet.sampling import SCHEDULERS, sample_to_folder
 
 DEFAULTS = SampleConfig()
@@ -35,7 +36,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")
     p.add_argument("--dtype", choices=["auto", *PRECISION, *ALIASES], default=DEFAULTS.dtype)
     p.add_argument("--device", default=None, help="default: the process's accelerator, else the CPU")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
+    p.add_argument("--prediction-type", choices=list(TARGETS), default=None,
                    help="the model's target, for a bare model folder (a pipeline folder records it)")
     p.add_argument("--npz", nargs="?", const="samples.npz", default=None,
                    help="also write the images as uint8 in an .npz (default name samples.npz, in --out)")
