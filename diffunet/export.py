@@ -56,14 +56,17 @@ def pipeline_of(unet, scheduler) -> DiffusionPipeline:
 # ------------------------------------------------------------------------------------------ the code
 
 def needed(module: str) -> list[str]:
-    """``module`` and every diffunet module it imports through relative imports, directly or not, sorted."""
+    """``module`` and every diffunet module it imports at module level through relative imports, directly or
+    not, sorted. An import inside a function (``UNet.from_unet2d``'s ``.convert``, which brings the config and
+    checkpoint layers and omegaconf with them) is what that function needs when called, not what loading the class
+    needs: it does not travel, and the folder's copy of such a function raises ImportError."""
     seen, todo = set(), [module]
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text(), f"{name}.py")):
+        for node in ast.parse((PACKAGE / f"{name}.py").read_text(), f"{name}.py").body:
             if isinstance(node, ast.ImportFrom) and node.level == 1:   # from .nn import ... / from . import nn
                 todo += [node.module] if node.module else [alias.name for alias in node.names]
     return sorted(seen)

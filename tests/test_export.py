@@ -28,9 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Python started as a user without diffunet would be: no project directory on the path, no editable-install finder
 # (pip install -e puts a finder on sys.meta_path and a marker entry on sys.path). Not -I / -S: site-packages,
-# where torch and diffusers live (inside the clone, for a .venv there), stays.
+# where torch and diffusers live (inside the clone, for a .venv there), stays. diffunet's own dependencies that the
+# folder must not need (omegaconf, torchmetrics) are made unimportable: the card promises torch, diffusers, einops.
 HIDE = (f"import sys; sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r}) and '__editable__' not in p]; "
-        "sys.meta_path = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n")
+        "sys.meta_path = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]; "
+        "sys.modules.update(omegaconf=None, torchmetrics=None)\n")
 
 
 def python(code: str, cwd: Path, hide: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
