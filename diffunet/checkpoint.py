@@ -262,8 +262,27 @@ def _save_ema(folder: Path, ema) -> dict:
 
 
 def _load_ema(folder: Path, ema, meta: dict) -> None:
+    ema.load_state_dict(dict(meta, shadow_params=_ema_shadow(folder)))
+
+
+def _ema_shadow(folder: Path) -> list[torch.Tensor]:
     shadow = load_file(Path(folder) / "ema.safetensors")
-    ema.load_state_dict(dict(meta, shadow_params=[shadow[f"{i}"] for i in range(len(shadow))]))
+    return [shadow[f"{i}"] for i in range(len(shadow))]
+
+
+def load_ema_weights(path: Path, model) -> int:
+    """Put checkpoint ``path``'s EMA weights into ``model`` (its buffers from the model itself), verified first;
+    returns the checkpoint's step. For exporting a checkpoint: no optimizer, accelerator or RNG involved."""
+    verify(path)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        model.load_state_dict(load_file(path / "model.safetensors"))    # buffers too, then the EMA parameters
+        with torch.no_grad():
+            for p, ema in zip(model.parameters(), _ema_shadow(path), strict=True):
+                p.copy_(ema)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
+    return int(state["step"])
 
 
 def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:

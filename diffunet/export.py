@@ -24,10 +24,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
 
 from . import __version__
 from . import checkpoint as ckpt
@@ -211,22 +209,6 @@ def _run_config(run: Path) -> DictConfig:
     return load_config(run / "config.yaml")
 
 
-def _from_checkpoint(cfg: DictConfig, path: Path):
-    """(unet with the checkpoint's EMA weights, step) from a checkpoint folder, verified first."""
-    ckpt.verify(path)
-    unet = build_model(cfg)
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-        unet.load_state_dict(load_file(path / "model.safetensors"))     # buffers too, then the EMA parameters
-        shadow = load_file(path / "ema.safetensors")
-        with torch.no_grad():
-            for i, p in enumerate(unet.parameters()):
-                p.copy_(shadow[str(i)])
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
-    return unet.eval(), int(state["step"])
-
-
 def export(run: Path, out: Path, checkpoint: str | None = None, force: bool = False) -> Path:
     """Write the portable folder of run ``run`` to ``out``: from its ``pipeline/`` or, with ``checkpoint``
     ("latest" or a folder), from that checkpoint's EMA weights. Refuses a non-empty ``out`` unless ``force``."""
@@ -242,7 +224,9 @@ def export(run: Path, out: Path, checkpoint: str | None = None, force: bool = Fa
         path = ckpt.find_resume(checkpoint or "latest", run / "checkpoints")
         if path is None:
             raise CheckpointError(f"{run} has neither a pipeline/ folder nor a checkpoint")
-        unet, step = _from_checkpoint(cfg, path)
+        unet = build_model(cfg)
+        step = ckpt.load_ema_weights(path, unet)
+        unet.eval()
         scheduler = make_noise_scheduler(cfg.diffusion)
     grids = [run / "samples" / f"step_{step:06d}.png"] + ([run / "samples" / "final.png"]
                                                           if step == cfg.train.max_steps else [])
