@@ -260,8 +260,10 @@ class UNet(ModelMixin, ConfigMixin):
         elif t.shape != (batch,):
             raise ValueError(f"timestep must be a number, a 0-d or (1,) tensor, or a ({batch},) tensor, "
                              f"got shape {tuple(t.shape)}")
-        # sinusoids in fp32, then the model's dtype (as UNet2DModel; under autocast that stays fp32)
-        emb = self.time_embed[1:](self.time_embed[0](t).to(self.dtype))  # (B,) -> (B, 4*base)
+        # sinusoids in fp32, then the dtype of the layer they feed (UNet2DModel casts to the model's; under autocast
+        # that stays fp32): ModelMixin.dtype would walk every submodule, looking for casting hooks, on every call
+        sinusoids, mlp = self.time_embed[0], self.time_embed[1:]
+        emb = mlp(sinusoids(t).to(mlp[0].weight.dtype))                  # (B,) -> (B, 4*base)
         if self.class_embed is not None:
             if class_labels is None:                                    # unconditional: the "null" class
                 class_labels = torch.full((batch,), self.null_class, device=sample.device)
