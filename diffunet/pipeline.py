@@ -93,9 +93,10 @@ class DiffunetPipeline(DiffusionPipeline):
         step_kwargs = self.step_kwargs(generator, eta)
         # A low-precision U-Net runs under autocast: the backbone keeps its time features in fp32 (as under
         # mixed-precision training), and autocast casts them for the layers that follow.
-        low_precision = torch.autocast(device.type, unet.dtype, enabled=unet.dtype != torch.float32)
+        dtype = unet.dtype                                              # read once: ModelMixin walks the modules
+        low_precision = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
         for t in self.progress_bar(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(x, t).to(unet.dtype)
+            model_input = scheduler.scale_model_input(x, t).to(dtype)
             with low_precision:
                 out = predict(unet, model_input, t, labels, guidance_scale, cond).float()
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
