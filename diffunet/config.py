@@ -60,6 +60,12 @@ class DataConfig:
     hflip: bool = False                         # random horizontal flips
     num_workers: int = 0
     bad_images: str = "strict"                  # unreadable images in a folder: "strict" (stop) | "skip" (warn)
+    holdout: int = 0                            # images held out of training (a fixed split, seed 0): the
+                                                # conditions of grids and evaluation for image-conditioned tasks
+    sr_factor: int = 4                          # super_resolution: the condition is x0 area-downsampled by this
+    mask: str = "mixed"                         # inpainting masks drawn per batch: a name in data.MASKS
+    cond_column: Optional[str] = None           # HF datasets: column of conditioning images (low-res inputs)
+    mask_column: Optional[str] = None           # HF datasets: column of inpainting masks (white/1: to fill)
 
 
 @dataclass
@@ -80,6 +86,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False        # recompute each level in backward: memory for time
     ema_decay: float = 0.999
     label_dropout: float = 0.1                  # class-conditional models: drop labels to "null" (for CFG)
+    cond_dropout: float = 0.0                   # image-conditioned models: drop the condition (zeros + a flag),
+                                                # so that guidance_scale applies to it
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 500
