@@ -45,6 +45,9 @@ def format_plan(model: UNet, variant: UNet | None = None, size=None) -> str:
     c = model.config
     lines.insert(0, f"UNet {c.padding} padding, down={c.downsample}, up={c.upsample}, skip={c.skip}: "
                     f"{_params(total)} parameters")
+    if c.cond_channels:
+        lines.append(f"stem: {c.in_channels} sample + {c.cond_channels} condition channels -> "
+                     f"{c.base_channels * c.channel_mult[0]}")
     if any(tiling.pad):
         lines.append(f"valid padding: input {tiling.output_size[0]}x{tiling.output_size[1]} is mirror-padded to "
                      f"{tiling.input_size[0]}x{tiling.input_size[1]} (margin {tiling.margin[0]}x{tiling.margin[1]} "

@@ -151,6 +151,8 @@ class UNet(ModelMixin, ConfigMixin):
         sample_size: Any = 32,                          # H, or (H, W), of the images the model is built for
         in_channels: int = 3,                           # 1 gray, 3 RGB, any count for scientific data
         out_channels: Optional[int] = None,             # None: same as in_channels
+        cond_channels: int = 0,                         # an image condition's channels, concatenated to the sample
+                                                        # at the stem (SR3, Palette); 0: none
         base_channels: int = 64,                        # channels of the first level
         channel_mult: Tuple[int, ...] = (1, 2, 2, 2),   # channels per level = base_channels * mult; levels = len
         num_res_blocks: int = 2,                        # residual blocks per encoder level (decoder: one more)
@@ -204,7 +206,9 @@ class UNet(ModelMixin, ConfigMixin):
                                         nn.Linear(base_channels, emb_dim),
                                         nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
-        self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=pad)
+        # the flag of a dropped image condition (zeros in its channels), added to the embedding: guidance on it
+        self.cond_null = nn.Parameter(torch.zeros(emb_dim)) if cond_channels else None
+        self.conv_in = nn.Conv2d(in_channels + cond_channels, chans[0], 3, padding=pad)
 
         skip_chans, c = [chans[0]], chans[0]
         self.encoder = nn.ModuleList()
@@ -249,10 +253,14 @@ class UNet(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
-                return_dict: bool = True):
+                return_dict: bool = True, *, cond: torch.Tensor | None = None,
+                cond_dropped: torch.Tensor | None = None):
         """Predict from ``sample`` (B, C, H, W) at ``timestep``: the forms UNet2DModel takes, a number, a 0-d, a (1,)
         or a (B,) tensor, int or float, on any device. Unlike UNet2DModel, a fractional Python float is used as
-        is (UNet2DModel truncates a Python number to an int; it keeps tensors' fractions, as we do)."""
+        is (UNet2DModel truncates a Python number to an int; it keeps tensors' fractions, as we do).
+
+        ``cond`` (B, cond_channels, H, W): the image condition of a model built with ``cond_channels``; None, or
+        the rows where ``cond_dropped`` (B,) bool is True, stand for "no condition": zeros and the null flag."""
         batch = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         if t.ndim == 0 or t.shape == (1,):                              # one timestep for the whole batch
@@ -271,8 +279,10 @@ class UNet(ModelMixin, ConfigMixin):
         elif class_labels is not None:
             raise ValueError("class_labels given, but this UNet was built with num_classes=None")
 
+        x, emb = self._condition(sample, cond, cond_dropped, emb)         # (B, C, H, W) -> (B, C + K, H, W)
+
         tiling = self.tiling(sample.shape[-2:])
-        x = mirror_pad(sample, *tiling.pad) if any(tiling.pad) else sample
+        x = mirror_pad(x, *tiling.pad) if any(tiling.pad) else x
 
         h = self.conv_in(x)
         skips = [h]                                                     # the skip stack: pushed down, popped up
@@ -287,6 +297,26 @@ class UNet(ModelMixin, ConfigMixin):
         (top, left), (rows, cols) = tiling.crop, tiling.output_size
         out = h[..., top:top + rows, left:left + cols]
         return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    def _condition(self, sample, cond, dropped, emb):
+        """The stem's input: ``sample`` with the image condition concatenated (zeros where dropped), and the
+        embedding with the null flag added where it was dropped."""
+        k, batch = self.config.cond_channels, sample.shape[0]
+        if not k:
+            if cond is not None:
+                raise ValueError("cond given, but this UNet was built with cond_channels=0")
+            return sample, emb
+        if cond is None:
+            cond, dropped = sample.new_zeros(batch, k, *sample.shape[-2:]), torch.ones(batch, dtype=torch.bool)
+        if cond.shape != (batch, k, *sample.shape[-2:]):
+            raise ValueError(f"cond must be (B, cond_channels, H, W) = {(batch, k, *sample.shape[-2:])}, "
+                             f"got {tuple(cond.shape)}")
+        cond = cond.to(sample.device, sample.dtype)
+        if dropped is not None:
+            dropped = dropped.to(sample.device).bool()
+            cond = cond.masked_fill(dropped[:, None, None, None], 0)
+            emb = emb + dropped[:, None].to(emb.dtype) * self.cond_null.to(emb.dtype)
+        return torch.cat([sample, cond], dim=1), emb
 
     def _run(self, module, *args):
         """Run one level, through activation checkpointing when it is on (one level at a time)."""
