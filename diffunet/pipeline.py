@@ -15,30 +15,76 @@ diffusers only.
 from __future__ import annotations
 
 import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, ImagePipelineOutput, RePaintScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")   # "latent": the raw final sample, model space (~[-1, 1]), float32
 
 
-def predict(unet, x, t, class_labels=None, guidance_scale: float = 1.0, cond: dict | None = None) -> torch.Tensor:
+def predict(unet, x, t, class_labels=None, guidance_scale: float = 1.0, cond: torch.Tensor | None = None
+            ) -> torch.Tensor:
     """The model output for the scheduler. Classifier-free guidance (Ho & Salimans 2022):
-    uncond + w (cond - uncond), so w = 1 is the conditional model and w = 0 the unconditional (null class);
-    only other w pay for the second pass, batched with the first. ``cond``: the model's other conditioning
-    keywords (image conditions), the same in both passes."""
-    cond = cond or {}
-    if class_labels is None or guidance_scale == 1.0:
-        return unet(x, t, class_labels, **cond).sample
+    uncond + w (cond - uncond), so w = 1 is the conditional model and w = 0 the unconditional (null class, and
+    the image condition ``cond`` dropped); only other w pay for the second pass, batched with the first."""
+    def call(x, labels, dropped: bool | None):
+        extra = {} if cond is None else {"cond": cond.repeat(len(x) // len(cond), 1, 1, 1),
+                                         "cond_dropped": dropped}
+        return unet(x, t, labels, **extra).sample
+
+    def flags(*values):                                             # one flag per image of each pass
+        return torch.tensor(values, device=x.device).repeat_interleave(len(x))
+
+    if (class_labels is None and cond is None) or guidance_scale == 1.0:
+        return call(x, class_labels, flags(False))
+    null = None if class_labels is None else torch.full_like(class_labels, unet.null_class)
     if guidance_scale == 0.0:
-        return unet(x, t, None, **cond).sample                     # class_labels=None is the null class
-    null = torch.full_like(class_labels, unet.null_class)
-    twice = {k: torch.cat([v, v]) for k, v in cond.items()}
-    conditional, unconditional = unet(torch.cat([x, x]), t, torch.cat([class_labels, null]),
-                                      **twice).sample.chunk(2)        # (2B, ...) -> 2x (B, ...)
+        return call(x, null, flags(True))
+    labels = None if class_labels is None else torch.cat([class_labels, null])
+    conditional, unconditional = call(torch.cat([x, x]), labels, flags(False, True)).chunk(2)  # (2B,) -> 2x (B,)
     return unconditional + guidance_scale * (conditional - unconditional)
+
+
+# ---------------------------------------------------------------------------------------- image conditions
+# What an image-conditioned task gives the model, one entry per task. The training side (diffunet.tasks) builds
+# its conditions with these same functions, so training and sampling cannot drift apart.
+
+def upsample_condition(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Super-resolution's condition: the low-resolution image (B, C, h, w) in [-1, 1], bicubically upsampled to
+    the model's size (B, C, H, W) and clamped (bicubic overshoots)."""
+    if tuple(low.shape[-2:]) == tuple(size):
+        return low
+    return F.interpolate(low, size=tuple(size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def inpainting_condition(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Inpainting's condition: the image with the region to fill zeroed, and the mask (1: to fill) as one more
+    channel: (B, C, H, W), (B, 1, H, W) -> (B, C + 1, H, W)."""
+    return torch.cat([image * (1 - mask), mask], dim=1)
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """How a task's ``image`` / ``mask_image`` become the model's condition, and what is pasted back at the end."""
+    extra_channels: int                 # cond_channels - in_channels
+    takes_mask: bool
+    scale: Callable                     # (sr_factor) -> how much smaller than the model's the input image is
+    condition: Callable                 # (image, mask, model size) -> cond (B, K, H, W)
+    paste: bool                         # the known pixels are copied into the output (exactly)
+
+
+IMAGE_TASKS = {
+    "super_resolution": ImageTask(0, False, lambda f: f, lambda image, mask, size: upsample_condition(image, size),
+                                  paste=False),
+    "inpainting": ImageTask(1, True, lambda f: 1, lambda image, mask, size: inpainting_condition(image, mask),
+                            paste=True),
+}
 
 
 class DiffunetPipeline(DiffusionPipeline):
@@ -51,10 +97,17 @@ class DiffunetPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler):
+    def __init__(self, unet, scheduler, task: str = "generate", sr_factor: int = 1):
         super().__init__()
+        if task != "generate" and task not in IMAGE_TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of generate, {', '.join(IMAGE_TASKS)}")
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(task=task, sr_factor=sr_factor)        # saved in model_index.json
         self.image_processor = VaeImageProcessor(do_normalize=True)    # [-1, 1] <-> [0, 1], tensors <-> PIL / np
+        # conditions keep their size (the default processor rounds sizes to multiples of 8, a VAE's factor)
+        self.cond_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+        self.mask_processor = VaeImageProcessor(do_resize=False, do_normalize=False, do_binarize=True,
+                                                do_convert_grayscale=True)
 
     @torch.no_grad()
     def __call__(self, batch_size: int | None = None, class_labels=None, guidance_scale: float = 1.0,
@@ -72,7 +125,11 @@ class DiffunetPipeline(DiffusionPipeline):
             generator: one ``torch.Generator`` for the whole batch, or a list, one per image: image i then draws
                 its initial noise and every scheduler noise draw from ``generator[i]`` alone.
             eta: DDIM's noise (0 deterministic, 1 DDPM-like); schedulers without it ignore it.
-            image, mask_image: image conditions, for a model built to take them (see ``condition``).
+            image: the condition, one per image (PIL images, an np array (B, H, W, C) or a tensor (B, C, H, W) in
+                [0, 1]): the low-resolution input of a super-resolution model, the image to complete of an
+                inpainting model or, with ``RePaintScheduler``, of any model (training-free inpainting).
+            mask_image: the region to fill, white (1) where the output is generated, black where ``image`` is
+                kept; those pixels of the output equal ``image`` exactly.
             output_type: "pil", "np" ((B, H, W, C) in [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent" (the
                 final sample in the model's space, unclamped).
             return_dict: an ``ImagePipelineOutput``, else a 1-tuple.
@@ -84,23 +141,30 @@ class DiffunetPipeline(DiffusionPipeline):
         batch = self.batch_size_of(batch_size, labels, generator)
         if labels is not None:
             labels = labels.expand(batch).to(device) if labels.ndim == 0 else labels.to(device)
-        cond = self.condition(image, mask_image, batch)
+        known, mask = self.known_pixels(image, mask_image, batch, device)
+        cond = self.condition(known, mask)
 
         shape = (batch, unet.config.in_channels, *unet.image_size)
         x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)  # per image if a list
-        scheduler.set_timesteps(num_inference_steps, device=device)    # also resets multistep solvers' history
-        x = x * scheduler.init_noise_sigma
-        step_kwargs = self.step_kwargs(generator, eta)
         # A low-precision U-Net runs under autocast: the backbone keeps its time features in fp32 (as under
         # mixed-precision training), and autocast casts them for the layers that follow.
         dtype = unet.dtype                                              # read once: ModelMixin walks the modules
         low_precision = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
-        for t in self.progress_bar(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(x, t).to(dtype)
-            with low_precision:
-                out = predict(unet, model_input, t, labels, guidance_scale, cond).float()
-            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
 
+        def model(x, t):
+            with low_precision:
+                return predict(unet, x.to(dtype), t, labels, guidance_scale, cond).float()
+
+        if isinstance(scheduler, RePaintScheduler):
+            x = self.repaint(model, x, known, mask, num_inference_steps, generator, eta)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device)  # also resets multistep solvers' history
+            x = x * scheduler.init_noise_sigma
+            step_kwargs = self.step_kwargs(generator, eta)
+            for t in self.progress_bar(scheduler.timesteps):
+                x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **step_kwargs).prev_sample
+        if mask is not None:
+            x = torch.where(mask.bool(), x, known)          # the known pixels, exactly as given
         images = self.image_processor.postprocess(x, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
@@ -134,16 +198,90 @@ class DiffunetPipeline(DiffusionPipeline):
             raise ValueError(f"the number of images is ambiguous: {counts}")
         return next(iter(given.values()), 1)
 
-    def condition(self, image, mask_image, batch_size: int) -> dict:
-        """The model's image-conditioning keywords from ``image`` / ``mask_image``, for every step's call.
+    @property
+    def image_task(self) -> ImageTask | None:
+        return IMAGE_TASKS.get(self.config.task)
 
-        The U-Net of super-resolution and inpainting (``UNet(cond_channels=K)``, which concatenates a condition
-        to the noisy input) is the next step; its keyword is built here. Today no model takes one."""
-        if image is None and mask_image is None:
-            return {}
-        given = " and ".join(name for name, v in (("image=", image), ("mask_image=", mask_image)) if v is not None)
-        raise ValueError(f"{given} given, but this model takes no image condition (it has no cond_channels): "
-                         f"it generates from noise{' and class labels' if self.unet.config.num_classes else ''}")
+    def known_pixels(self, image, mask_image, batch: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``image`` as (B, C, h, w) in [-1, 1] and ``mask_image`` as (B, 1, H, W) in {0, 1} on ``device`` (None
+        where not given), checked against what this model and scheduler take: one ValueError line otherwise."""
+        task, repaint = self.image_task, isinstance(self.scheduler, RePaintScheduler)
+        takes_mask = repaint or (task is not None and task.takes_mask)
+        if task is None and not repaint:
+            if image is None and mask_image is None:
+                return None, None
+            given = " and ".join(n for n, v in (("image=", image), ("mask_image=", mask_image)) if v is not None)
+            raise ValueError(f"{given} given, but this model takes no image condition (it has no cond_channels): "
+                             f"it generates from noise{' and class labels' if self.unet.config.num_classes else ''}; "
+                             f"for training-free inpainting use RePaintScheduler")
+        if image is None or (takes_mask and mask_image is None):
+            need = "image= and mask_image=" if takes_mask else "image="
+            raise ValueError(f"this {'RePaint ' if repaint else ''}pipeline ({self.config.task}) needs {need}")
+        if mask_image is not None and not takes_mask:
+            raise ValueError(f"mask_image= given, but a {self.config.task} model takes no mask")
+        size = self.unet.image_size
+        scale = 1 if repaint else task.scale(self.config.sr_factor)
+        low = (size[0] // scale, size[1] // scale)                      # super-resolution: also taken upsampled
+        known = self.fit(self.cond_processor.preprocess(image), (low, size), "image", "bicubic")
+        if known.shape[1] != self.unet.config.in_channels or len(known) != batch:
+            raise ValueError(f"image= holds {len(known)} image(s) of {known.shape[1]} channel(s); this call makes "
+                             f"{batch} image(s) of {self.unet.config.in_channels}")
+        mask = None
+        if takes_mask:
+            mask = self.fit(self.mask_processor.preprocess(mask_image), (size,), "mask_image", "nearest")
+            if mask.shape[:2] != (batch, 1):
+                raise ValueError(f"mask_image= holds {len(mask)} mask(s) of {mask.shape[1]} channel(s); "
+                                 f"expected {batch} of 1")
+        return known.to(device), None if mask is None else mask.to(device)
+
+    @staticmethod
+    def fit(x: torch.Tensor, sizes: tuple, name: str, mode: str) -> torch.Tensor:
+        """(B, C, h, w) as given if its size is one of ``sizes``, else resized to the first, with a warning, where
+        only the scale differs; ValueError where the aspect ratio does."""
+        h, w = x.shape[-2:]
+        size = sizes[0]
+        if (h, w) in {tuple(s) for s in sizes}:
+            return x
+        if h * size[1] != w * size[0]:
+            raise ValueError(f"{name} is {h}x{w}, but this model takes {size[0]}x{size[1]} (another aspect "
+                             f"ratio): crop it to {size[0]}:{size[1]}")
+        warnings.warn(f"{name} is {h}x{w}; resized to the model's {size[0]}x{size[1]}", stacklevel=3)
+        if mode == "nearest":
+            return F.interpolate(x, size=size, mode="nearest")
+        return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False).clamp(-1, 1)
+
+    def condition(self, known: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The model's condition ``cond`` (B, cond_channels, H, W) from the known pixels, for every step's call:
+        the task's (``IMAGE_TASKS``); None for a model without one (RePaint conditions through the scheduler)."""
+        task = self.image_task
+        if task is None:
+            return None
+        want = self.unet.config.in_channels + task.extra_channels
+        if self.unet.config.cond_channels != want:
+            raise ValueError(f"a {self.config.task} pipeline needs a UNet with cond_channels={want}, "
+                             f"this one has {self.unet.config.cond_channels}")
+        return task.condition(known, mask, self.unet.image_size)
+
+    def repaint(self, model, x, known, mask, num_inference_steps: int, generator, eta: float) -> torch.Tensor:
+        """RePaint (Lugmayr et al. 2022) with diffusers' ``RePaintScheduler``: at each step the known region is
+        the forward-noised ``known`` image, and the scheduler jumps back in time to harmonize the two (its
+        ``jump_length`` / ``jump_n_sample``: set them with ``scheduler.set_timesteps`` defaults, 10 and 10). Needs
+        an epsilon-predicting model, as the scheduler's arithmetic assumes."""
+        scheduler = self.scheduler
+        target = scheduler.config.get("prediction_type", "epsilon")    # kept from the training scheduler's config
+        if target != "epsilon":
+            raise ValueError(f"RePaintScheduler needs an epsilon-prediction model; this one predicts {target}")
+        scheduler.eta = eta                                             # DDIM's eta for the unknown region
+        scheduler.set_timesteps(num_inference_steps, device=x.device)
+        keep = 1 - mask                                                 # RePaint's mask: 1 where the image is kept
+        t_last = scheduler.timesteps[0] + 1
+        for t in self.progress_bar(scheduler.timesteps):
+            if t < t_last:                                              # a step down: denoise
+                x = scheduler.step(model(x, t), t, x, known, keep, generator).prev_sample
+            else:                                                       # a jump up: re-noise by one step
+                x = scheduler.undo_step(x, t_last, generator)
+            t_last = t
+        return x
 
     def step_kwargs(self, generator, eta: float) -> dict:
         """The keywords this scheduler's ``step`` takes: DDIM's ``eta``, and the generator(s) for its noise."""
