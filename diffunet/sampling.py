@@ -93,10 +93,10 @@ def class_labels_for(classes, indices: Sequence[int], num_classes: int | None) -
 
 # ------------------------------------------------------------------------------------------- the loop
 
-def pipeline_for(unet, scheduler, device=None) -> DiffunetPipeline:
-    """The pipeline that runs the loop (``DiffunetPipeline.__call__``), on ``device`` if given (the U-Net is moved
-    there), without its per-step progress bar: ``generate_batches`` counts images."""
-    pipe = DiffunetPipeline(unet=unet, scheduler=scheduler)
+def pipeline_for(unet, scheduler, device=None, task: str = "generate", sr_factor: int = 1) -> DiffunetPipeline:
+    """The pipeline that runs the loop (``DiffunetPipeline.__call__``) for ``task``, on ``device`` if given (the
+    U-Net is moved there), without its per-step progress bar: ``generate_batches`` counts images."""
+    pipe = DiffunetPipeline(unet=unet, scheduler=scheduler, task=task, sr_factor=sr_factor)
     pipe.set_progress_bar_config(disable=True)
     return pipe if device is None else pipe.to(device)
 
@@ -104,11 +104,11 @@ def pipeline_for(unet, scheduler, device=None) -> DiffunetPipeline:
 def generate_batches(unet, scheduler, indices: Sequence[int], *, steps: int = SampleConfig.steps,
                      seed: int = SampleConfig.seed, classes=None, guidance_scale: float = SampleConfig.guidance_scale,
                      eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size, device=None,
-                     progress: bool = False, image=None,
-                     mask_image=None) -> Iterator[tuple[list[int], torch.Tensor | None, torch.Tensor]]:
+                     progress: bool = False, image=None, mask_image=None, task: str = "generate",
+                     sr_factor: int = 1) -> Iterator[tuple[list[int], torch.Tensor | None, torch.Tensor]]:
     """Yield (indices, labels, images) batch by batch for any list of image indices; see ``generate``.
     ``image`` / ``mask_image``: image conditions, one per index (sliced with the batches)."""
-    pipe = pipeline_for(unet, scheduler, device)
+    pipe = pipeline_for(unet, scheduler, device, task, sr_factor)
     indices = list(indices)
     all_labels = class_labels_for(classes, indices, unet.config.num_classes)
     with tqdm(total=len(indices), unit="img", disable=not progress, desc="sampling") as bar:
@@ -127,19 +127,21 @@ def generate_batches(unet, scheduler, indices: Sequence[int], *, steps: int = Sa
 def generate(unet, scheduler, num_images: int, *, steps: int = SampleConfig.steps, seed: int = SampleConfig.seed,
              start_index: int = 0, class_labels=None, guidance_scale: float = SampleConfig.guidance_scale,
              eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size, device=None,
-             progress: bool = False, image=None, mask_image=None) -> torch.Tensor:
+             progress: bool = False, image=None, mask_image=None, task: str = "generate",
+             sr_factor: int = 1) -> torch.Tensor:
     """``num_images`` samples in [-1, 1], shape (N, C, H, W) float32 on the CPU: images start_index ..
     start_index + N - 1, each from its own generator seeded by (seed, index), so the result depends on neither
     the batch size nor the number of processes (up to float rounding, ~1e-6: batched kernels may sum in
     another order). ``class_labels``: None, an int, "all" (balanced) or one label per
     image; ``guidance_scale`` 1.0 is the conditional model, 0.0 the unconditional, other values classifier-free
     guidance. ``eta`` is DDIM's noise (other schedulers ignore it). ``image`` / ``mask_image``: image conditions,
-    one per image, for a model that takes them. The U-Net runs in its own dtype and device (or ``device``).
+    one per image in [0, 1], for the pipeline's ``task`` (and ``sr_factor``) or RePaint. The U-Net runs in its
+    own dtype and device (or ``device``).
     Every batch is one call of ``DiffunetPipeline``, given one generator per image."""
     batches = generate_batches(unet, scheduler, range(start_index, start_index + num_images), steps=steps,
                                seed=seed, classes=class_labels, guidance_scale=guidance_scale, eta=eta,
                                batch_size=batch_size, device=device, progress=progress, image=image,
-                               mask_image=mask_image)
+                               mask_image=mask_image, task=task, sr_factor=sr_factor)
     return torch.cat([images for _, _, images in batches])
 
 
