@@ -1,14 +1,19 @@
-"""diffunet.metrics.paired_scores: PSNR / SSIM equal torchmetrics', their properties (identical images, noise,
-the mask), class accuracy, LPIPS or one line on how to get it."""
+"""diffunet.metrics.paired_scores and python -m diffunet.evaluate --paired: PSNR / SSIM equal torchmetrics',
+their properties (identical images, noise, the mask), class accuracy, LPIPS or one line on how to get it, and the
+pairing of output files with their truth."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchmetrics.image.psnr import PeakSignalNoiseRatio
 from torchmetrics.image.ssim import StructuralSimilarityIndexMeasure
 
 from diffunet import metrics
-from diffunet.data import digits_arrays
+from diffunet.data import digits_arrays, read_image, write_image
+from diffunet.evaluate import main
 from diffunet.metrics import PSNR_CAP, classify, digits_extractor, extract, paired_scores, ssim_kernel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,6 +36,15 @@ def _no_lpips_weights(tmp_path, monkeypatch):
 def noisy(images, std, seed=0):
     rng = np.random.default_rng(seed)
     return np.clip(images + rng.normal(0, std, images.shape), 0, 255).round().astype(np.uint8)
+
+
+def put(image, path):
+    """Write one (H, W, 1) uint8 image, making its folder; a .jpg is a real (lossy) JPEG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jpg":
+        Image.fromarray(image[..., 0]).save(path, "JPEG")
+    else:
+        write_image(image, path)
 
 
 def nchw(images):
@@ -162,3 +176,82 @@ def test_lpips_equals_torchmetrics_where_available(_no_lpips_weights, digits):
     big = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)    # no upsampling, RGB
     net.update(nchw(noisy(big, 30)), nchw(big))
     assert paired_scores(noisy(big, 30), big, device="cpu")["lpips"] == pytest.approx(net.compute().item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+@pytest.fixture
+def folders(tmp_path, digits):
+    """truth/a/x.png, truth/a/y.jpg, truth/z.png; outputs a/x.png, a/y_0.png, a/y_1.png, a/y_mean.png,
+    a/y_std.png, z.png, grid.png; masks by truth name."""
+    images = digits[0]
+    truth, outputs, masks = tmp_path / "truth", tmp_path / "outputs", tmp_path / "masks"
+    for key, image in (("a/x", images[0]), ("a/y", images[1]), ("z", images[2])):
+        put(image, truth / f"{key}{'.jpg' if key == 'a/y' else '.png'}")
+        m = np.zeros_like(image)
+        m[:8] = 255
+        put(m, masks / f"{key}.png")
+    for i, key in enumerate(("a/x", "a/y_0", "a/y_1", "a/y_mean", "a/y_std", "z", "grid")):
+        put(noisy(images[3:4], 10 + 10 * i, seed=i)[0], outputs / f"{key}.png")
+    return outputs, truth, masks
+
+
+def test_cli_pairs_by_name_and_scores_like_paired_scores(folders, capsys):
+    outputs, truth, masks = folders
+    result = main([str(outputs), str(truth), "--paired", "--mask", str(masks), "--device", "cpu", "--no-lpips",
+                   "--json"])
+    assert result == json.loads(capsys.readouterr().out)
+    assert result["num_images"] == 4 and result["num_truth"] == 3          # x, y_0, y_1, z; mean / std / grid skipped
+    order = [("a/x", "a/x"), ("a/y_0", "a/y"), ("a/y_1", "a/y"), ("z", "z")]
+    out = np.stack([read_image(outputs / f"{o}.png") for o, _ in order])
+    true = np.stack([read_image(next(truth.glob(f"{t}.*"))) for _, t in order])
+    mask = np.stack([read_image(masks / f"{t}.png") for _, t in order])
+    assert result == dict(paired_scores(out, true, mask=mask, device="cpu", lpips=False), num_truth=3)
+    main([str(outputs), str(truth), "--paired", "--device", "cpu"])            # aligned lines, notes one a line
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[0] == "psnr" and lines[-1].startswith("notes      lpips: unavailable offline")
+
+
+def test_cli_unpaired_outputs_fail_in_one_line_or_are_counted(folders, capsys):
+    outputs, truth, _ = folders
+    put(np.zeros((16, 16, 1), np.uint8), outputs / "a/w.png")
+    put(np.zeros((16, 16, 1), np.uint8), outputs / "q_mean.png")    # statistics of a condition not in truth
+    with pytest.raises(SystemExit, match=r"^error: 2 output\(s\) have no truth image in .*truth, the first "
+                                         r".*outputs/a/w.png; pass --skip-unpaired"):
+        main([str(outputs), str(truth), "--paired", "--device", "cpu"])
+    result = main([str(outputs), str(truth), "--paired", "--skip-unpaired", "--device", "cpu", "--no-lpips"])
+    assert result["num_images"] == 4 and result["num_unpaired"] == 2 and "notes" not in result
+    with pytest.raises(SystemExit):
+        main([str(outputs), str(truth), "--mask", str(truth)])                # paired-only flags need --paired
+    assert "--mask needs --paired" in capsys.readouterr().err
+
+
+def test_cli_mask_problems_name_the_file(folders):
+    outputs, truth, masks = folders
+    put(np.full((16, 16, 1), 7, np.uint8), masks / "z.png")
+    with pytest.raises(SystemExit, match=r"mask .*z.png has values other than 0/1 or 0/255"):
+        main([str(outputs), str(truth), "--paired", "--mask", str(masks), "--device", "cpu"])
+    (masks / "z.png").unlink()
+    with pytest.raises(SystemExit, match=r"1 truth image\(s\) have no mask in .*masks, the first .*z.png"):
+        main([str(outputs), str(truth), "--paired", "--mask", str(masks), "--device", "cpu"])
+
+
+def test_cli_class_accuracy_from_subfolders_else_agreement(tmp_path, digits):
+    images, labels = digits
+    flat, by_class, outputs = tmp_path / "flat", tmp_path / "by_class", tmp_path / "outputs"
+    out = noisy(images[:40], 60)
+    for i in range(40):
+        put(images[i], flat / f"{i:03d}.png")
+        put(images[i], by_class / str(labels[i]) / f"{i:03d}.png")
+        put(out[i], outputs / "flat" / f"{i:03d}.png")
+        put(out[i], outputs / "by_class" / str(labels[i]) / f"{i:03d}.png")
+    args = ["--paired", "--classifier", "digits", "--device", "cpu", "--no-lpips"]
+    accuracy = main([str(outputs / "by_class"), str(by_class), *args])
+    agreement = main([str(outputs / "flat"), str(flat), *args])
+    assert "class_agreement" not in accuracy and "accuracy" not in agreement
+    order = sorted(range(40), key=lambda i: f"{labels[i]}/{i:03d}")       # the files' order: by path
+    direct = paired_scores(out[order], images[:40][order], labels=labels[:40][order], device="cpu", lpips=False)
+    assert accuracy["accuracy"] == pytest.approx(direct["accuracy"])
+    predicted = classify(images[:40]).numpy()
+    assert agreement["class_agreement"] == pytest.approx((classify(out).numpy() == predicted).mean())
+    assert 0.3 < agreement["class_agreement"] < 1                          # heavy noise: some outputs misread
