@@ -173,6 +173,8 @@ def main(argv=None) -> dict:
                                    ("--skip-unpaired", args.skip_unpaired), ("--no-lpips", not args.lpips)) if on]
     if given and not args.paired:
         p.error(f"{given[0]} needs --paired")
+    if args.paired and (args.extractor or args.inception_weights):
+        p.error("--extractor and --inception-weights are for FID / KID / IS; with --paired, --classifier")
     try:
         if args.paired:
             result = evaluate_paired(args.samples, args.reference, args.mask, classifier=args.classifier,

@@ -224,6 +224,9 @@ def test_cli_unpaired_outputs_fail_in_one_line_or_are_counted(folders, capsys):
     with pytest.raises(SystemExit):
         main([str(outputs), str(truth), "--mask", str(truth)])                # paired-only flags need --paired
     assert "--mask needs --paired" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(outputs), str(truth), "--paired", "--extractor", "digits"])
+    assert "with --paired, --classifier" in capsys.readouterr().err
 
 
 def test_cli_mask_problems_name_the_file(folders):
