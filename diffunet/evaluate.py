@@ -1,25 +1,158 @@
-"""Score samples against a reference: FID, KID and IS (``diffunet.metrics.evaluate``).
+"""Score samples against a reference: FID, KID and IS (``diffunet.metrics.evaluate``); or, with ``--paired``,
+image-conditioned outputs against their truth: PSNR, SSIM, LPIPS, class accuracy (``metrics.paired_scores``).
 
     python -m diffunet.evaluate SAMPLES REFERENCE [--extractor digits|inception] [--inception-weights FILE]
+    python -m diffunet.evaluate OUTPUTS TRUTH --paired [--mask DIR] [--classifier digits] [--skip-unpaired]
 
 SAMPLES and REFERENCE: a folder of images, an .npz of uint8 images, or ``digits`` (the embedded set). The
 extractor defaults to the offline digits classifier when REFERENCE is ``digits`` and to Inception otherwise.
+
+OUTPUTS and TRUTH (``--paired``): folders of images at any depth, paired by path without suffix (``a/x.png``
+with ``a/x.jpg``); ``x_3.png`` (one of several outputs per condition) pairs with ``x`` unless TRUTH has an
+``x_3`` itself, and ``x_mean`` / ``x_std`` (the per-pixel statistics sample.py writes) are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
+
+import numpy as np
 
 from .config import EvalConfig
-from .metrics import EXTRACTORS, ExtractorUnavailable, evaluate
+from .data import read_image
+from .metrics import EXTRACTORS, IMAGE_SUFFIXES, ExtractorUnavailable, classify, evaluate, paired_scores
+
+SAMPLE_K = re.compile(r"(.+)_\d+")                  # stem_k: the k-th output for the condition `stem`
+SAMPLE_STAT = re.compile(r"(.+)_(mean|std)")        # stem_mean, stem_std: per-pixel statistics, not outputs
+
+
+class PairingError(ValueError):
+    """Folders that do not pair up; the message is one line naming the first file concerned and the count."""
+
+
+def image_files(folder: str | Path) -> dict[str, Path]:
+    """The images below ``folder`` (any depth; ``grid.png`` is sample.py's preview), by their path relative to
+    it without suffix: ``{"a/x": folder/a/x.png}``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder of images")
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.name != "grid.png" and path.is_file():
+            key = path.relative_to(folder).with_suffix("").as_posix()
+            if key in files:
+                raise PairingError(f"{files[key]} and {path} have the same name; keep one")
+            files[key] = path
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    return files
+
+
+def pair_files(outputs: dict[str, Path], truth: dict[str, Path]) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """(output file, truth key) for every output that has a truth image, and the outputs that have none."""
+    pairs, unpaired = [], []
+    for key, path in outputs.items():
+        k, stat = SAMPLE_K.fullmatch(key), SAMPLE_STAT.fullmatch(key)
+        if key in truth:
+            pairs.append((path, key))
+        elif k and k[1] in truth:
+            pairs.append((path, k[1]))
+        elif not (stat and stat[1] in truth):
+            unpaired.append(path)
+    return pairs, unpaired
+
+
+def class_folders(truth: dict[str, Path]) -> dict[str, int] | None:
+    """Class id by truth key when every truth image sits in a first-level subfolder and there are several (the
+    sorted subfolder names are the classes, the rule of ``data.ImageFolder``), else None."""
+    folders = {key: key.split("/")[0] for key in truth if "/" in key}
+    names = sorted(set(folders.values()))
+    if len(folders) < len(truth) or len(names) < 2:
+        return None
+    return {key: names.index(folder) for key, folder in folders.items()}
+
+
+def read_masks(files: list[Path], shape: tuple[int, int]) -> np.ndarray:
+    """(N, H, W, 1) masks (a file's first channel), or one line naming the first file of the wrong size or with
+    values other than 0/1 or 0/255."""
+    masks = []
+    for path in files:
+        m = read_image(path)[..., :1]
+        if m.shape[:2] != shape:
+            raise PairingError(f"mask {path} is {m.shape[0]}x{m.shape[1]}, its truth image {shape[0]}x{shape[1]}")
+        if not (set(np.unique(m)) <= {0, 1} or set(np.unique(m)) <= {0, 255}):
+            raise PairingError(f"mask {path} has values other than 0/1 or 0/255 (1 / 255: the filled region)")
+        masks.append(m)
+    return np.stack(masks)
+
+
+def read_stack(files: list[Path], what: str) -> np.ndarray:
+    """(N, H, W, C) uint8 of the files, or one line naming two files of different shapes."""
+    images = [read_image(p) for p in files]
+    for path, image in zip(files, images):
+        if image.shape != images[0].shape:
+            raise PairingError(f"{what} of different shapes: {files[0]} is {images[0].shape}, {path} is "
+                               f"{image.shape}; paired metrics take one size")
+    return np.stack(images)
+
+
+def evaluate_paired(outputs: str | Path, truth: str | Path, mask: str | Path | None = None, *,
+                    classifier: str | None = None, skip_unpaired: bool = False, lpips: bool = True,
+                    batch_size: int = EvalConfig.batch_size, device=None) -> dict:
+    """``paired_scores`` of the folder ``outputs`` against the folder ``truth`` (pairing: the module docstring).
+
+    ``mask``: a folder of masks paired with the truth by name (1 / white: the filled region; first channel).
+    ``classifier``: add ``accuracy`` (the outputs' class against the truth's class subfolder, where every truth
+    image sits in one) or else ``class_agreement`` (against the classifier's class of the truth image).
+    ``skip_unpaired``: score the outputs that pair and count the others (``num_unpaired``) instead of failing.
+    """
+    truth_files = image_files(truth)
+    pairs, unpaired = pair_files(image_files(outputs), truth_files)
+    if unpaired and not skip_unpaired:
+        raise PairingError(f"{len(unpaired)} output(s) have no truth image in {truth}, the first {unpaired[0]}; "
+                           "pass --skip-unpaired to score the others")
+    if not pairs:
+        raise PairingError(f"no output in {outputs} pairs with an image in {truth}")
+    keys = sorted({key for _, key in pairs})
+    row = {key: i for i, key in enumerate(keys)}
+    index = [row[key] for _, key in pairs]                      # truth row of each output
+    true_images = read_stack([truth_files[key] for key in keys], "truth images")
+    out_images = read_stack([path for path, _ in pairs], "outputs")
+    if out_images.shape[1:] != true_images.shape[1:]:
+        raise PairingError(f"{pairs[0][0]} is {out_images.shape[1:]} (H, W, C) but its truth "
+                           f"{truth_files[pairs[0][1]]} is {true_images.shape[1:]}")
+    masks = None
+    if mask is not None:
+        mask_files = image_files(mask)
+        missing = [truth_files[key] for key in keys if key not in mask_files]
+        if missing:
+            raise PairingError(f"{len(missing)} truth image(s) have no mask in {mask}, the first {missing[0]}")
+        masks = read_masks([mask_files[key] for key in keys], true_images.shape[1:3])[index]
+    labels, name = None, "accuracy"
+    if classifier is not None:
+        by_folder = class_folders(truth_files)
+        if by_folder is not None:
+            labels = np.array([by_folder[key] for key in keys])
+        else:
+            labels = classify(true_images, classifier, batch_size=batch_size, device=device).numpy()
+            name = "class_agreement"
+        labels = labels[index]
+    result = paired_scores(out_images, true_images[index], mask=masks, labels=labels, classifier=classifier,
+                           lpips=lpips, device=device, batch_size=batch_size)
+    notes = result.pop("notes", [])
+    result = {name if key == "accuracy" else key: value for key, value in result.items()}
+    result.update(num_truth=len(keys), **(dict(num_unpaired=len(unpaired)) if skip_unpaired else {}))
+    return dict(result, notes=notes) if notes else result
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m diffunet.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("samples", help="folder, .npz or 'digits'")
-    p.add_argument("reference", help="folder, .npz or 'digits' (its features are cached)")
+    p.add_argument("samples", help="folder, .npz or 'digits' (--paired: the folder of outputs)")
+    p.add_argument("reference", help="folder, .npz or 'digits' (its features are cached) (--paired: the truth folder)")
     p.add_argument("--extractor", choices=list(EXTRACTORS), help="default: digits for 'digits', else inception")
     p.add_argument("--inception-weights", metavar="FILE", help="TorchScript inception-2015-12-05.pt")
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
@@ -29,19 +162,39 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=EvalConfig.seed)
     p.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the reference's features")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    paired = p.add_argument_group("paired metrics (--paired)")
+    paired.add_argument("--paired", action="store_true", help="PSNR, SSIM, LPIPS of outputs against their truth")
+    paired.add_argument("--mask", metavar="DIR", help="masks paired with the truth by name: adds psnr_masked")
+    paired.add_argument("--classifier", choices=list(EXTRACTORS), help="adds accuracy or class_agreement")
+    paired.add_argument("--skip-unpaired", action="store_true", help="score the outputs that pair, count the others")
+    paired.add_argument("--no-lpips", dest="lpips", action="store_false", help="skip LPIPS")
     args = p.parse_args(argv)
-    extractor = args.inception_weights or args.extractor or ("digits" if args.reference == "digits" else "inception")
+    given = [flag for flag, on in (("--mask", args.mask), ("--classifier", args.classifier),
+                                   ("--skip-unpaired", args.skip_unpaired), ("--no-lpips", not args.lpips)) if on]
+    if given and not args.paired:
+        p.error(f"{given[0]} needs --paired")
+    if args.paired and (args.extractor or args.inception_weights):
+        p.error("--extractor and --inception-weights are for FID / KID / IS; with --paired, --classifier")
     try:
-        result = evaluate(args.samples, args.reference, extractor, batch_size=args.batch_size, device=args.device,
-                          kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets, cache=args.cache,
-                          seed=args.seed)
-    except (ExtractorUnavailable, FileNotFoundError) as e:
+        if args.paired:
+            result = evaluate_paired(args.samples, args.reference, args.mask, classifier=args.classifier,
+                                     skip_unpaired=args.skip_unpaired, lpips=args.lpips, batch_size=args.batch_size,
+                                     device=args.device)
+        else:
+            extractor = args.inception_weights or args.extractor or (
+                "digits" if args.reference == "digits" else "inception")
+            result = evaluate(args.samples, args.reference, extractor, batch_size=args.batch_size,
+                              device=args.device, kid_subset_size=args.kid_subset_size,
+                              kid_subsets=args.kid_subsets, cache=args.cache, seed=args.seed)
+    except (ExtractorUnavailable, FileNotFoundError, PairingError) as e:
         sys.exit(f"error: {e}")
     if args.json:
         print(json.dumps(result))
     else:
+        width = max(10, *map(len, result))
         for key, value in result.items():
-            print(f"{key:10s} {value:.6g}" if isinstance(value, float) else f"{key:10s} {value}")
+            for v in value if key == "notes" else [value]:                # one line a note
+                print(f"{key:{width}s} {v:.6g}" if isinstance(v, float) else f"{key:{width}s} {v}")
     return result
 
 
