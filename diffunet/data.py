@@ -4,7 +4,9 @@ the inpainting masks drawn per batch (``MASKS``), and every image file diffunet 
 
 Every dataset yields ``(image, label)``: a (C, H, W) float tensor in [-1, 1] at the model's size and channel
 count, and an int class id (-1 where the data has none). ``num_classes`` says how many classes there are (None
-for unlabelled data). Random flips happen on the batch in the training loop, not here.
+for unlabelled data). Paired data (a folder of ``images/`` with ``conds/`` or ``masks/``; HF datasets with
+``data.cond_column`` or ``data.mask_column``) yields ``(image, label, cond)``; its ``condition`` says which
+("conds" or "masks"; None elsewhere). Random flips happen on the batch in the training loop, not here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import functools
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -89,13 +93,18 @@ def match_channels(arr: np.ndarray, channels: int, where: str) -> np.ndarray:
     raise DataError(f"{where} has {have} channels and the model wants {channels}; set model.in_channels={have}")
 
 
-def fit(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(C, h, w) -> (C, H, W): resize (antialiased bicubic) so the image covers ``size``, then center-crop."""
+RESIZE = {"bicubic": dict(mode="bicubic", antialias=True, align_corners=False),     # images
+          # masks: stays exactly 0/1; "-exact" samples pixel centres as align_corners=False does, so it stays aligned
+          "nearest": dict(mode="nearest-exact")}
+
+
+def fit(x: torch.Tensor, size: tuple[int, int], resize: str = "bicubic") -> torch.Tensor:
+    """(C, h, w) -> (C, H, W): resize (``RESIZE[resize]``) so the image covers ``size``, then center-crop."""
     h, w = x.shape[-2:]
     scale = max(size[0] / h, size[1] / w)
     new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
     if new != (h, w):
-        x = F.interpolate(x[None], size=new, mode="bicubic", antialias=True, align_corners=False)[0]
+        x = F.interpolate(x[None], size=new, **RESIZE[resize])[0]
     top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
     return x[:, top:top + size[0], left:left + size[1]].clamp(0, 1)
 
@@ -299,6 +308,8 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad
 class ArrayDataset(Dataset):
     """Images already in memory as a (N, C, H, W) tensor in [-1, 1], with labels."""
 
+    condition = None
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None):
         self.images, self.labels, self.num_classes = images, labels, num_classes
 
@@ -322,11 +333,13 @@ class ImageFolder(Dataset):
     """Every image below ``root``, any depth. When all images sit in first-level subfolders, the subfolder
     names (sorted) are the classes."""
 
+    condition = None
+
     def __init__(self, root: str | Path, size, channels: int):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data.source {root} is not a folder (nor 'digits', 'cifar10' or 'hf:<name>')")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.files = image_files(self.root)
         if not self.files:
             raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {self.root}")
         parents = {p.relative_to(self.root).parts[0] for p in self.files if len(p.relative_to(self.root).parts) > 1}
@@ -360,6 +373,189 @@ class ImageFolder(Dataset):
     def __getitem__(self, i):
         path = self.files[i]
         return to_model_tensor(load_image(path), self.size, self.channels, str(path)), self.labels[i]
+
+
+def image_files(root: str | Path) -> list[Path]:
+    """Every image file below ``root``, any depth, sorted."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+# ------------------------------------------------------------------------------------------ paired data
+# The condition of an image is a second file: a conditioning image (``conds``: e.g. its low-resolution version,
+# (C, H, W) in [-1, 1] like the image) or an inpainting mask (``masks``: (1, H, W), exactly 1. where a pixel is
+# to be filled). Folders pair files by stem (``images/a/x.png`` with ``masks/a/x.jpg``), HF datasets by row.
+
+def image_array(value) -> np.ndarray:
+    """An image as a PIL image or an array (as ``datasets`` gives them) -> (H, W, C) float32 in [0, 1]."""
+    return to_array(value) if isinstance(value, Image.Image) else _numeric(np.asarray(value))
+
+
+MASK_MODES = {"1": "L", "LA": "L", "P": "RGB", "PA": "RGB", "RGBA": "RGB"}   # 1-bit as 0/255, palettes as colours
+
+
+def mask_values(value) -> np.ndarray:
+    """A mask as a PIL image or an array -> (H, W) or (H, W, C), its values as stored (``mask_problem`` checks them);
+    alpha is dropped."""
+    if isinstance(value, Image.Image) and value.mode in MASK_MODES:
+        value = value.convert(MASK_MODES[value.mode])
+    return np.asarray(value)
+
+
+def _wxh(arr: np.ndarray) -> str:
+    return f"{arr.shape[1]}x{arr.shape[0]}"
+
+
+def cond_problem(image: np.ndarray, cond: np.ndarray, image_name: str, cond_name: str) -> str | None:
+    """Why ``cond`` cannot condition ``image`` (both (H, W, C)), or None: another aspect ratio, beyond a pixel of
+    rounding (|hc w - wc h| <= h + w for a resized copy), would not align once each is fitted to the model's size."""
+    (h, w), (hc, wc) = image.shape[:2], cond.shape[:2]
+    if abs(hc * w - wc * h) > h + w:
+        return f"{cond_name} is {_wxh(cond)} but {image_name} is {_wxh(image)}: another aspect ratio"
+    return None
+
+
+def mask_problem(image: np.ndarray, mask: np.ndarray, image_name: str, mask_name: str) -> str | None:
+    """Why ``mask`` (as ``mask_values`` reads it) cannot be the mask of ``image`` (H, W, C), or None."""
+    if mask.ndim not in (2, 3):
+        return f"{mask_name} has shape {mask.shape}; a mask is (H, W) or (H, W, C)"
+    if mask.ndim == 3 and not (mask == mask[..., :1]).all():
+        return f"{mask_name} has channels that differ; a mask is gray, or RGB with equal channels"
+    if mask.shape[:2] != image.shape[:2]:
+        return f"{mask_name} is {_wxh(mask)} but {image_name} is {_wxh(image)}"
+    values = np.unique(mask)
+    odd = values[~np.isin(values, (0, 255) if values.max() > 1 else (0, 1))]
+    if odd.size:
+        return f"{mask_name} has values other than 0/255 or 0/1 (e.g. {odd[0]:g})"
+    return None
+
+
+def mask_tensor(mask: np.ndarray, size: tuple[int, int], channels: int, where: str) -> torch.Tensor:
+    """A checked mask (H, W[, C]) -> (1, *size) float, exactly 1. where a pixel is to be filled, whatever the
+    image's ``channels``: the image's cover-and-crop geometry, resized by nearest neighbour."""
+    gray = mask[..., 0] if mask.ndim == 3 else mask
+    return fit(torch.from_numpy((gray > 0).astype(np.float32))[None], size, "nearest")
+
+
+@dataclass(frozen=True)
+class Partner:
+    """How one kind of condition is read, checked against its image, and made the condition tensor."""
+    read: Callable          # a PIL image or array -> array
+    problem: Callable       # (image (H, W, C), read partner, image name, partner name) -> reason or None
+    tensor: Callable        # (read partner, size, channels, name) -> the condition tensor
+
+
+PARTNERS = {"conds": Partner(image_array, cond_problem, to_model_tensor),         # a folder's name: its partner
+            "masks": Partner(mask_values, mask_problem, mask_tensor)}
+
+
+def paired_item(kind: str, image: np.ndarray, partner, size, channels: int, image_name: str,
+                partner_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, cond) tensors of one pair, ``image`` read by ``image_array``, ``partner`` by its ``PARTNERS[kind]``;
+    a DataError (one line, naming both) where they do not go together."""
+    entry = PARTNERS[kind]
+    problem = entry.problem(image, partner, image_name, partner_name)
+    if problem:
+        raise DataError(problem)
+    return to_model_tensor(image, size, channels, image_name), entry.tensor(partner, size, channels, partner_name)
+
+
+def pair_files(a_root: str | Path, b_root: str | Path) -> tuple[list[tuple[Path, Path]], list[Path], list[Path]]:
+    """Pair the image files below two folders by their path relative to each, without suffix ("same stem, at any
+    depth": ``a_root/s/x.png`` with ``b_root/s/x.jpg``); nothing is decoded. Returns (the pairs, in order of that
+    key; the files of ``a_root`` without a partner; those of ``b_root``). Two files of one folder with the same key
+    are a DataError naming both. Training pairs ``images/`` with ``conds/`` or ``masks/`` by it, and
+    ``sample.py --cond DIR --mask DIR`` its two folders."""
+    a, b = _by_stem(a_root), _by_stem(b_root)
+    return ([(a[k], b[k]) for k in sorted(a.keys() & b.keys())],
+            [a[k] for k in sorted(a.keys() - b.keys())], [b[k] for k in sorted(b.keys() - a.keys())])
+
+
+def _by_stem(root: str | Path) -> dict[str, Path]:
+    found = {}
+    for path in image_files(root):
+        key = path.relative_to(root).with_suffix("").as_posix()
+        if key in found:
+            raise DataError(f"{found[key]} and {path} have the same stem, so neither can be paired; rename or "
+                            f"remove one")
+        found[key] = path
+    return found
+
+
+def paired_kind(root: str | Path) -> str | None:
+    """"conds" or "masks" where the folder ``root`` holds ``images/`` and that partner folder; None otherwise."""
+    root = Path(root)
+    kinds = [kind for kind in PARTNERS if (root / kind).is_dir()] if (root / "images").is_dir() else []
+    if len(kinds) > 1:
+        raise DataError(f"{root} holds images/ and both {'/ and '.join(kinds)}/; keep one (conds/ for "
+                        f"super-resolution inputs, masks/ for inpainting)")
+    return kinds[0] if kinds else None
+
+
+class PairedFolder(ImageFolder):
+    """``root/images/`` with ``root/conds/`` or ``root/masks/``: each image with the file of the same stem, at the
+    same depth, in the other (``pair_files``). Items are (image, label, cond). It is the ImageFolder of ``images/``
+    (the same classes rule, the same ``preflight`` and ``drop`` contract), so training's bad-image check covers it;
+    its messages name files relative to ``root``."""
+
+    def __init__(self, root: str | Path, size, channels: int):
+        root = Path(root)
+        self.condition = paired_kind(root)
+        if self.condition is None:
+            raise DataError(f"{root} is not paired data: it needs images/ and one of {'/, '.join(PARTNERS)}/")
+        super().__init__(root / "images", size, channels)
+        self.root = root
+        pairs, _, self.lone_partners = pair_files(root / "images", root / self.condition)
+        partner_of = dict(pairs)
+        self.partners = [partner_of.get(path) for path in self.files]          # None: no partner
+
+    def _name(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def _lone(self, path: Path, other: str) -> str:
+        stem = Path(*path.relative_to(self.root).parts[1:]).with_suffix("").as_posix()
+        return f"{self._name(path)} has no partner in {other}/ (expected {other}/{stem}.<ext>)"
+
+    def unpaired(self) -> list[tuple[str, str]]:
+        """(path, reason) for each file without a partner, from the file names alone: nothing is decoded."""
+        return ([(str(p), self._lone(p, self.condition)) for p, q in zip(self.files, self.partners) if q is None]
+                + [(str(q), self._lone(q, "images")) for q in self.lone_partners])
+
+    def preflight(self, progress: bool = False) -> list[tuple[str, str]]:
+        """``unpaired()``, then each pair decoded and checked once (readable, and a mask of its image's size with
+        values 0/1 or 0/255): (path, reason) for each file that cannot be used."""
+        from tqdm.auto import tqdm
+
+        bad, entry = self.unpaired(), PARTNERS[self.condition]
+        pairs = [(p, q) for p, q in zip(self.files, self.partners) if q is not None]
+        for path, partner in tqdm(pairs, desc="checking pairs", disable=not progress, leave=False):
+            try:
+                image = load_image(path)
+            except DataError as e:
+                bad.append((str(path), str(e).removeprefix("cannot read image ")))
+                continue
+            try:
+                problem = entry.problem(image, decode(partner, entry.read), self._name(path), self._name(partner))
+            except DataError as e:
+                problem = str(e).removeprefix("cannot read image ")
+            if problem:
+                bad.append((str(partner), problem))
+        return bad
+
+    def drop(self, paths: set[str]) -> None:
+        """Drop the items whose image or partner is in ``paths``."""
+        partner_of = dict(zip(self.files, self.partners))
+        super().drop(paths | {str(p) for p, q in partner_of.items() if str(q) in paths})
+        self.partners = [partner_of[p] for p in self.files]
+        self.lone_partners = [q for q in self.lone_partners if str(q) not in paths]
+
+    def __getitem__(self, i):
+        path, partner = self.files[i], self.partners[i]
+        if partner is None:
+            raise DataError(f"{self.root}: {self._lone(path, self.condition)}")
+        entry = PARTNERS[self.condition]
+        image, cond = paired_item(self.condition, load_image(path), decode(partner, entry.read), self.size,
+                                  self.channels, str(path), str(partner))
+        return image, self.labels[i], cond
 
 
 class HFDataset(Dataset):
@@ -440,4 +636,4 @@ def build_dataset(data_cfg, sample_size, channels: int) -> Dataset:
         return cifar10_dataset(size, channels)
     if source.startswith("hf:"):
         return HFDataset(source[3:], size, channels, data_cfg.image_column, data_cfg.label_column, data_cfg.split)
-    return ImageFolder(source, size, channels)
+    return (PairedFolder if paired_kind(source) else ImageFolder)(source, size, channels)
