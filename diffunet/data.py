@@ -560,9 +560,11 @@ class PairedFolder(ImageFolder):
 
 class HFDataset(Dataset):
     """A Hugging Face ``datasets`` dataset: a hub name (from the local cache when offline), a data folder, or a
-    folder written by ``save_to_disk``."""
+    folder written by ``save_to_disk``. With ``cond_column`` (conditioning images) or ``mask_column`` (inpainting
+    masks, PIL images or arrays) its items are (image, label, cond), as a PairedFolder's."""
 
-    def __init__(self, spec: str, size, channels: int, image_column: str, label_column: str | None, split: str):
+    def __init__(self, spec: str, size, channels: int, image_column: str, label_column: str | None, split: str,
+                 cond_column: str | None = None, mask_column: str | None = None):
         try:
             import datasets
         except ImportError:
@@ -576,10 +578,16 @@ class HFDataset(Dataset):
                 ds = ds[split]
         except Exception as e:
             raise DataError(f"cannot load dataset '{spec}': {str(e).splitlines()[0]}") from None
-        if image_column not in ds.column_names:
-            raise DataError(f"dataset '{spec}' has no column '{image_column}' (columns: {', '.join(ds.column_names)}); "
-                            f"set data.image_column")
+        for key, column in (("image_column", image_column), ("cond_column", cond_column), ("mask_column", mask_column)):
+            if column is not None and column not in ds.column_names:
+                raise DataError(f"dataset '{spec}' has no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                                f"set data.{key}")
+        if cond_column and mask_column:
+            raise DataError(f"data.cond_column and data.mask_column are both set for '{spec}'; keep one "
+                            f"(cond_column for super-resolution inputs, mask_column for inpainting)")
         self.ds, self.spec, self.image_column = ds, spec, image_column
+        self.condition = "conds" if cond_column else "masks" if mask_column else None        # a key of PARTNERS
+        self.cond_column = cond_column or mask_column
         self.label_column = label_column if label_column in ds.column_names else None
         self.num_classes = None
         if self.label_column is not None:
@@ -591,11 +599,15 @@ class HFDataset(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        row = self.ds[i]
-        image = row[self.image_column]
-        arr = to_array(image) if isinstance(image, Image.Image) else _numeric(np.asarray(image))
+        row, where = self.ds[i], f"{self.spec}[{i}]"
+        image = image_array(row[self.image_column])
         label = int(row[self.label_column]) if self.label_column is not None else -1
-        return to_model_tensor(arr, self.size, self.channels, f"{self.spec}[{i}]"), label
+        if self.condition is None:
+            return to_model_tensor(image, self.size, self.channels, where), label
+        partner = PARTNERS[self.condition].read(row[self.cond_column])
+        image, cond = paired_item(self.condition, image, partner, self.size, self.channels,
+                                  f"{where}.{self.image_column}", f"{where}.{self.cond_column}")
+        return image, label, cond
 
 
 def _numeric(arr: np.ndarray) -> np.ndarray:
@@ -635,5 +647,6 @@ def build_dataset(data_cfg, sample_size, channels: int) -> Dataset:
     if source == "cifar10":
         return cifar10_dataset(size, channels)
     if source.startswith("hf:"):
-        return HFDataset(source[3:], size, channels, data_cfg.image_column, data_cfg.label_column, data_cfg.split)
+        return HFDataset(source[3:], size, channels, data_cfg.image_column, data_cfg.label_column, data_cfg.split,
+                         data_cfg.cond_column, data_cfg.mask_column)
     return (PairedFolder if paired_kind(source) else ImageFolder)(source, size, channels)

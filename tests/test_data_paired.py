@@ -174,3 +174,45 @@ def test_pair_files_matches_two_folders_by_relative_stem(tmp_path):
     rel = lambda ps: [p.relative_to(tmp_path).as_posix() for p in ps]
     assert [rel(p) for p in pairs] == [["c/a/x.png", "m/a/x.jpg"], ["c/z.png", "m/z.bmp"]]
     assert rel(lone_c) == ["c/a/y.png"] and rel(lone_m) == ["m/w.png"]
+
+
+# ------------------------------------------------------------------------------------------ HF datasets
+
+def _hf(tmp_path, *options):
+    return build_dataset(load_config(None, [f"data.source=hf:{tmp_path / 'saved'}", *options]).data, 8, 1)
+
+
+def test_hf_datasets_cond_and_mask_columns(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    square = slice(9, 23), slice(9, 23)
+    images = [Image.fromarray(_square(32, 48, *square)) for _ in range(3)]
+    masks = [Image.fromarray(_square(32, 48, *square, 255)),                # 0/255, aligned with its image
+             Image.fromarray(_square(12, 16, *square, 255)),                # another size
+             Image.fromarray(_square(32, 48, *square, 128))]                # not binary
+    arrays = [_square(32, 48, *square, 1).tolist()] * 3                     # 0/1 as a nested-list column
+    lowres = [Image.fromarray(np.full((8, 12), 255, dtype=np.uint8))] * 3
+    datasets.Dataset.from_dict({"image": images, "mask": masks, "m01": arrays, "low": lowres},
+                               features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image(),
+                                                           "m01": datasets.Sequence(datasets.Sequence(
+                                                               datasets.Value("uint8"))),
+                                                           "low": datasets.Image()})).save_to_disk(tmp_path / "saved")
+    expected = torch.zeros(8, 8)
+    expected[2:6, 0:4] = 1
+    for column in ("mask", "m01"):
+        ds = _hf(tmp_path, f"data.mask_column={column}")
+        image, label, mask = ds[0]
+        assert ds.condition == "masks" and label == -1 and mask.shape == (1, 8, 8)
+        assert torch.equal(mask[0], expected) and torch.equal((image[0] > 0).float(), expected)
+    ds = _hf(tmp_path, "data.mask_column=mask")
+    with pytest.raises(DataError, match=r"saved\[1\]\.mask is 16x12 but .*saved\[1\]\.image is 48x32"):
+        ds[1]
+    with pytest.raises(DataError, match=r"saved\[2\]\.mask has values other than 0/255 or 0/1 \(e\.g\. 128\)"):
+        ds[2]
+    ds = _hf(tmp_path, "data.cond_column=low")
+    image, label, cond = ds[2]
+    assert ds.condition == "conds" and cond.shape == (1, 8, 8) and (cond > 0.99).all()
+    assert len(_hf(tmp_path)[0]) == 2                                       # no condition column: (image, label)
+    with pytest.raises(DataError, match=r"no column 'masks' \(columns: image, mask, m01, low\); set data.mask_column"):
+        _hf(tmp_path, "data.mask_column=masks")
+    with pytest.raises(DataError, match=r"cond_column and data.mask_column are both set .*keep one"):
+        _hf(tmp_path, "data.mask_column=mask", "data.cond_column=low")
