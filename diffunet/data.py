@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .tables import choose
 from .unet import as_size
@@ -636,6 +636,32 @@ def cifar10_dataset(size, channels: int, root: str | Path = "~/.cache/diffunet/c
     elif channels != 3:
         raise DataError(f"CIFAR-10 is RGB; set model.in_channels=3 (got {channels})")
     return ArrayDataset(x * 2 - 1, torch.tensor(ds.targets), 10)
+
+
+class DatasetPart(Subset):
+    """The items of ``dataset`` at ``indices``, with the attributes training reads of a dataset."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        super().__init__(dataset, indices)
+        self.num_classes = getattr(dataset, "num_classes", None)
+        self.condition = getattr(dataset, "condition", None)
+        self.root = getattr(dataset, "root", None)
+
+
+def split_holdout(dataset: Dataset, n: int) -> tuple[Dataset, DatasetPart | None]:
+    """``data.holdout``: (the training part, the ``n`` held-out items); ``n=0``: (``dataset``, None).
+
+    A fixed split: the held-out items are the first ``n`` of ``numpy.random.RandomState(0).permutation(len(dataset))``
+    (each part in index order), whatever ``train.seed``, so a script that builds the same dataset and calls this
+    gets the same held-out images. Split after the bad-image policy has dropped files: the indices are positions
+    in the dataset as it is then.
+    """
+    if n == 0:
+        return dataset, None
+    if not 0 < n < len(dataset):
+        raise DataError(f"data.holdout={n} but the dataset has {len(dataset)} images; hold out 0 to {len(dataset) - 1}")
+    order = np.random.RandomState(0).permutation(len(dataset))     # the legacy stream is frozen (NEP 19): stable
+    return DatasetPart(dataset, sorted(order[n:].tolist())), DatasetPart(dataset, sorted(order[:n].tolist()))
 
 
 def build_dataset(data_cfg, sample_size, channels: int) -> Dataset:

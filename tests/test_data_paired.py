@@ -9,7 +9,7 @@ from PIL import Image
 
 from diffunet.config import load_config
 from diffunet.data import (MASKS, DataError, ImageFolder, PairedFolder, apply_bad_image_policy, build_dataset,
-                           draw_masks, pair_files)
+                           draw_masks, pair_files, split_holdout)
 
 
 # ------------------------------------------------------------------------------------------ masks
@@ -216,3 +216,26 @@ def test_hf_datasets_cond_and_mask_columns(tmp_path):
         _hf(tmp_path, "data.mask_column=masks")
     with pytest.raises(DataError, match=r"cond_column and data.mask_column are both set .*keep one"):
         _hf(tmp_path, "data.mask_column=mask", "data.cond_column=low")
+
+
+# ------------------------------------------------------------------------------------------ holdout
+
+def test_split_holdout_is_fixed_disjoint_and_keeps_what_training_reads(tmp_path):
+    ds = build_dataset(load_config(None, []).data, 16, 1)                   # the embedded digits: 1,797, 10 classes
+    train, held = split_holdout(ds, 100)
+    assert (len(train), len(held)) == (1697, 100) and train.num_classes == held.num_classes == 10
+    assert sorted(set(train.indices) | set(held.indices)) == list(range(len(ds)))
+    assert not set(train.indices) & set(held.indices) and held.indices == sorted(held.indices)
+    torch.manual_seed(123)                                                  # the global seed plays no part
+    again_train, again = split_holdout(build_dataset(load_config(None, []).data, 16, 1), 100)
+    assert again.indices == held.indices and again_train.indices == train.indices
+    assert torch.equal(held[0][0], ds[held.indices[0]][0]) and held[0][1] == ds[held.indices[0]][1]
+    assert set(split_holdout(ds, 10)[1].indices) <= set(held.indices)      # first n of one permutation: nested
+    assert split_holdout(ds, 0) == (ds, None)
+    for n in (len(ds), len(ds) + 5, -1):
+        with pytest.raises(DataError, match=rf"data.holdout={n} but the dataset has 1797 images"):
+            split_holdout(ds, n)
+    _pair(tmp_path, name="a")
+    _pair(tmp_path, name="b")
+    train, held = split_holdout(_build(tmp_path), 1)
+    assert held.condition == train.condition == "masks" and held.root == tmp_path and len(held[0]) == 3
