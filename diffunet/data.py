@@ -246,8 +246,10 @@ def draw_masks(name: str, batch: int, size, generator: torch.Generator | None = 
     size = as_size(size)
     if min(size) < 2:
         raise DataError(f"inpainting masks need images of at least 2x2 pixels, not {size[1]}x{size[0]}")
-    masks = torch.stack([draw(size, generator) for _ in range(batch)])           # (B, H, W) bool
-    return masks[:, None].to(device=device, dtype=torch.float32)                 # (B, 1, H, W)
+    masks = torch.zeros(batch, 1, *size)                                       # (B, 1, H, W) float32
+    for mask in masks:
+        mask[0] = draw(size, generator)
+    return masks.to(device)
 
 
 # ------------------------------------------------------------------------------------------ image files
