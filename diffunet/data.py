@@ -427,7 +427,7 @@ def mask_problem(image: np.ndarray, mask: np.ndarray, image_name: str, mask_name
     values = np.unique(mask)
     odd = values[~np.isin(values, (0, 255) if values.max() > 1 else (0, 1))]
     if odd.size:
-        return f"{mask_name} has values other than 0/255 or 0/1 (e.g. {odd[0]:g})"
+        return f"{mask_name} has values other than 0/255 or 0/1 (e.g. {odd[0]:g}); save masks binary, as PNG"
     return None
 
 
