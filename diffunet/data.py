@@ -1,9 +1,12 @@
-"""Datasets (the embedded digits, image folders, Hugging Face ``datasets``, CIFAR-10; one transform to tensors) and
-every image file diffunet reads or writes: one decoder (``decode``) for training images and sample files alike.
+"""Datasets (the embedded digits, image folders, Hugging Face ``datasets``, CIFAR-10; one transform to tensors),
+the inpainting masks drawn per batch (``MASKS``), and every image file diffunet reads or writes: one decoder
+(``decode``) for training images and sample files alike.
 
 Every dataset yields ``(image, label)``: a (C, H, W) float tensor in [-1, 1] at the model's size and channel
 count, and an int class id (-1 where the data has none). ``num_classes`` says how many classes there are (None
-for unlabelled data). Random flips happen on the batch in the training loop, not here.
+for unlabelled data). Paired data (a folder of ``images/`` with ``conds/`` or ``masks/``; HF datasets with
+``data.cond_column`` or ``data.mask_column``) yields ``(image, label, cond)``; its ``condition`` says which
+("conds" or "masks"; None elsewhere). Random flips happen on the batch in the training loop, not here.
 """
 
 from __future__ import annotations
@@ -12,14 +15,17 @@ import functools
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import Dataset
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset, Subset
 
+from .tables import choose
 from .unet import as_size
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
@@ -87,13 +93,18 @@ def match_channels(arr: np.ndarray, channels: int, where: str) -> np.ndarray:
     raise DataError(f"{where} has {have} channels and the model wants {channels}; set model.in_channels={have}")
 
 
-def fit(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(C, h, w) -> (C, H, W): resize (antialiased bicubic) so the image covers ``size``, then center-crop."""
+RESIZE = {"bicubic": dict(mode="bicubic", antialias=True, align_corners=False),     # images
+          # masks: stays exactly 0/1; "-exact" samples pixel centres as align_corners=False does, so it stays aligned
+          "nearest": dict(mode="nearest-exact")}
+
+
+def fit(x: torch.Tensor, size: tuple[int, int], resize: str = "bicubic") -> torch.Tensor:
+    """(C, h, w) -> (C, H, W): resize (``RESIZE[resize]``) so the image covers ``size``, then center-crop."""
     h, w = x.shape[-2:]
     scale = max(size[0] / h, size[1] / w)
     new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
     if new != (h, w):
-        x = F.interpolate(x[None], size=new, mode="bicubic", antialias=True, align_corners=False)[0]
+        x = F.interpolate(x[None], size=new, **RESIZE[resize])[0]
     top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
     return x[:, top:top + size[0], left:left + size[1]].clamp(0, 1)
 
@@ -144,6 +155,101 @@ def apply_bad_image_policy(dataset, bad: list[tuple[str, str]], policy: str, war
     warn(f"warning: skipping {len(bad)} unreadable image(s) under {dataset.root}: {shown}")
     if len(dataset) == 0:
         raise DataError(f"no readable images left under {dataset.root}")
+
+
+# ------------------------------------------------------------------------------------------ inpainting masks
+# One mask is (H, W) bool, True where a pixel is unknown, to be filled (diffusers' convention: white = repaint).
+# Each entry draws one image's mask from the generator, in stream order, and keeps some pixels of each kind.
+
+def _uniform(g, lo: float, hi: float, n: int | None = None):
+    """A float in [lo, hi) (a (n,) tensor of them if n is given) from the generator."""
+    u = lo + (hi - lo) * torch.rand(n or 1, generator=g)
+    return u if n else u.item()
+
+
+def _randint(g, n: int) -> int:
+    """An int in 0..n-1 from the generator."""
+    return int(torch.randint(n, (1,), generator=g))
+
+
+def box_mask(size: tuple[int, int], g) -> torch.Tensor:
+    """One axis-aligned rectangle at a random place, covering 10-60 % of the image."""
+    H, W = size
+    area, u = _uniform(g, 0.1, 0.6), _uniform(g, 0.25, 0.75)
+    # height and width fractions area**u and area**(1-u): each in [area**0.75, area**0.25], their product the area
+    h = min(H, max(1, round(area ** u * H)))
+    w = min(W - (h == H), max(1, round(area ** (1 - u) * W)))     # a full-height box leaves a column known
+    top, left = _randint(g, H - h + 1), _randint(g, W - w + 1)
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[top:top + h, left:left + w] = True
+    return mask
+
+
+def stroke_mask(size: tuple[int, int], g) -> torch.Tensor:
+    """Free-form brush strokes, as in DeepFill v2 and LaMa: random-walk polylines of random width with round ends,
+    added until they cover a drawn 10-50 % of the image (they may pass it by a stroke); a stroke that would cover
+    all is left out. Drawn by PIL: a distance field in torch cost 1-70 ms a mask (16x16 to 256x256)."""
+    H, W = size
+    target = _uniform(g, 0.1, 0.5)
+    mask = np.zeros((H, W), dtype=bool)
+    for _ in range(64):
+        u = torch.rand(10, generator=g).tolist()
+        y, x, heading = u[0] * H, u[1] * W, u[2] * 2 * math.pi
+        radius = max(1.0, (0.04 + 0.06 * u[3]) * min(H, W))
+        points = [(x, y)]
+        for turn, length in zip(u[4:7], u[7:10]):                               # 3 segments of a random walk
+            heading += (turn - 0.5) * math.pi
+            x = min(max(x + (0.1 + 0.2 * length) * max(H, W) * math.cos(heading), 0), W)
+            y = min(max(y + (0.1 + 0.2 * length) * max(H, W) * math.sin(heading), 0), H)
+            points.append((x, y))
+        canvas = Image.new("L", (W, H))
+        draw = ImageDraw.Draw(canvas)
+        draw.line(points, fill=255, width=round(2 * radius), joint="curve")
+        for x, y in (points[0], points[-1]):
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=255)
+        stroke = np.asarray(canvas) > 0
+        if (mask | stroke).all():
+            continue
+        mask |= stroke
+        if mask.mean() >= target:
+            break
+    if not mask.any():                          # only on images of a few pixels, where any stroke covers all
+        mask.flat[_randint(g, H * W)] = True
+    return torch.from_numpy(mask)
+
+
+def half_mask(size: tuple[int, int], g) -> torch.Tensor:
+    """The top, bottom, left or right half of the image (the smaller part where the side is odd)."""
+    H, W = size
+    h, w = H // 2, W // 2
+    halves = [(slice(0, h), slice(None)), (slice(H - h, H), slice(None)),                  # top, bottom
+              (slice(None), slice(0, w)), (slice(None), slice(W - w, W))]                  # left, right
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[halves[_randint(g, 4)]] = True
+    return mask
+
+
+def mixed_mask(size: tuple[int, int], g) -> torch.Tensor:
+    """Per image, a box, strokes or a half, uniformly."""
+    return (box_mask, stroke_mask, half_mask)[_randint(g, 3)](size, g)
+
+
+MASKS = {"box": box_mask, "stroke": stroke_mask, "half": half_mask, "mixed": mixed_mask}   # data.mask
+
+
+def draw_masks(name: str, batch: int, size, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """``batch`` inpainting masks of the kind ``MASKS[name]``: (B, 1, H, W) float32, exactly 1. where a pixel is
+    unknown (to be filled) and 0. where it is known. Drawn on the CPU from ``generator`` (a CPU generator; the
+    global one if None) image after image, so one seed and batch size give the same masks; then moved to
+    ``device``."""
+    draw = choose(MASKS, name, "data.mask")
+    size = as_size(size)
+    if min(size) < 2:
+        raise DataError(f"inpainting masks need images of at least 2x2 pixels, not {size[1]}x{size[0]}")
+    masks = torch.zeros(batch, 1, *size)                                       # (B, 1, H, W) float32
+    for mask in masks:
+        mask[0] = draw(size, generator)
+    return masks.to(device)
 
 
 # ------------------------------------------------------------------------------------------ image files
@@ -204,6 +310,8 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad
 class ArrayDataset(Dataset):
     """Images already in memory as a (N, C, H, W) tensor in [-1, 1], with labels."""
 
+    condition = None
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None):
         self.images, self.labels, self.num_classes = images, labels, num_classes
 
@@ -227,11 +335,13 @@ class ImageFolder(Dataset):
     """Every image below ``root``, any depth. When all images sit in first-level subfolders, the subfolder
     names (sorted) are the classes."""
 
+    condition = None
+
     def __init__(self, root: str | Path, size, channels: int):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data.source {root} is not a folder (nor 'digits', 'cifar10' or 'hf:<name>')")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.files = image_files(self.root)
         if not self.files:
             raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {self.root}")
         parents = {p.relative_to(self.root).parts[0] for p in self.files if len(p.relative_to(self.root).parts) > 1}
@@ -267,11 +377,196 @@ class ImageFolder(Dataset):
         return to_model_tensor(load_image(path), self.size, self.channels, str(path)), self.labels[i]
 
 
+def image_files(root: str | Path) -> list[Path]:
+    """Every image file below ``root``, any depth, sorted."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+# ------------------------------------------------------------------------------------------ paired data
+# The condition of an image is a second file: a conditioning image (``conds``: e.g. its low-resolution version,
+# (C, H, W) in [-1, 1] like the image) or an inpainting mask (``masks``: (1, H, W), exactly 1. where a pixel is
+# to be filled). Folders pair files by stem (``images/a/x.png`` with ``masks/a/x.jpg``), HF datasets by row.
+
+def image_array(value) -> np.ndarray:
+    """An image as a PIL image or an array (as ``datasets`` gives them) -> (H, W, C) float32 in [0, 1]."""
+    return to_array(value) if isinstance(value, Image.Image) else _numeric(np.asarray(value))
+
+
+MASK_MODES = {"1": "L", "LA": "L", "P": "RGB", "PA": "RGB", "RGBA": "RGB"}   # 1-bit as 0/255, palettes as colours
+
+
+def mask_values(value) -> np.ndarray:
+    """A mask as a PIL image or an array -> (H, W) or (H, W, C), its values as stored (``mask_problem`` checks them);
+    alpha is dropped."""
+    if isinstance(value, Image.Image) and value.mode in MASK_MODES:
+        value = value.convert(MASK_MODES[value.mode])
+    return np.asarray(value)
+
+
+def _wxh(arr: np.ndarray) -> str:
+    return f"{arr.shape[1]}x{arr.shape[0]}"
+
+
+def cond_problem(image: np.ndarray, cond: np.ndarray, image_name: str, cond_name: str) -> str | None:
+    """Why ``cond`` cannot condition ``image`` (both (H, W, C)), or None: another aspect ratio, beyond a pixel of
+    rounding (|hc w - wc h| <= h + w for a resized copy), would not align once each is fitted to the model's size."""
+    (h, w), (hc, wc) = image.shape[:2], cond.shape[:2]
+    if abs(hc * w - wc * h) > h + w:
+        return f"{cond_name} is {_wxh(cond)} but {image_name} is {_wxh(image)}: another aspect ratio"
+    return None
+
+
+def mask_problem(image: np.ndarray, mask: np.ndarray, image_name: str, mask_name: str) -> str | None:
+    """Why ``mask`` (as ``mask_values`` reads it) cannot be the mask of ``image`` (H, W, C), or None."""
+    if mask.ndim not in (2, 3):
+        return f"{mask_name} has shape {mask.shape}; a mask is (H, W) or (H, W, C)"
+    if mask.ndim == 3 and not (mask == mask[..., :1]).all():
+        return f"{mask_name} has channels that differ; a mask is gray, or RGB with equal channels"
+    if mask.shape[:2] != image.shape[:2]:
+        return f"{mask_name} is {_wxh(mask)} but {image_name} is {_wxh(image)}"
+    values = np.unique(mask)
+    odd = values[~np.isin(values, (0, 255) if values.max() > 1 else (0, 1))]
+    if odd.size:
+        return f"{mask_name} has values other than 0/255 or 0/1 (e.g. {odd[0]:g}); save masks binary, as PNG"
+    return None
+
+
+def mask_tensor(mask: np.ndarray, size: tuple[int, int], channels: int, where: str) -> torch.Tensor:
+    """A checked mask (H, W[, C]) -> (1, *size) float, exactly 1. where a pixel is to be filled, whatever the
+    image's ``channels``: the image's cover-and-crop geometry, resized by nearest neighbour."""
+    gray = mask[..., 0] if mask.ndim == 3 else mask
+    return fit(torch.from_numpy((gray > 0).astype(np.float32))[None], size, "nearest")
+
+
+@dataclass(frozen=True)
+class Partner:
+    """How one kind of condition is read, checked against its image, and made the condition tensor."""
+    read: Callable          # a PIL image or array -> array
+    problem: Callable       # (image (H, W, C), read partner, image name, partner name) -> reason or None
+    tensor: Callable        # (read partner, size, channels, name) -> the condition tensor
+
+
+PARTNERS = {"conds": Partner(image_array, cond_problem, to_model_tensor),         # a folder's name: its partner
+            "masks": Partner(mask_values, mask_problem, mask_tensor)}
+
+
+def paired_item(kind: str, image: np.ndarray, partner, size, channels: int, image_name: str,
+                partner_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, cond) tensors of one pair, ``image`` read by ``image_array``, ``partner`` by its ``PARTNERS[kind]``;
+    a DataError (one line, naming both) where they do not go together."""
+    entry = PARTNERS[kind]
+    problem = entry.problem(image, partner, image_name, partner_name)
+    if problem:
+        raise DataError(problem)
+    return to_model_tensor(image, size, channels, image_name), entry.tensor(partner, size, channels, partner_name)
+
+
+def pair_files(a_root: str | Path, b_root: str | Path) -> tuple[list[tuple[Path, Path]], list[Path], list[Path]]:
+    """Pair the image files below two folders by their path relative to each, without suffix ("same stem, at any
+    depth": ``a_root/s/x.png`` with ``b_root/s/x.jpg``); nothing is decoded. Returns (the pairs, in order of that
+    key; the files of ``a_root`` without a partner; those of ``b_root``). Two files of one folder with the same key
+    are a DataError naming both. Training pairs ``images/`` with ``conds/`` or ``masks/`` by it, and
+    ``sample.py --cond DIR --mask DIR`` its two folders."""
+    a, b = _by_stem(a_root), _by_stem(b_root)
+    return ([(a[k], b[k]) for k in sorted(a.keys() & b.keys())],
+            [a[k] for k in sorted(a.keys() - b.keys())], [b[k] for k in sorted(b.keys() - a.keys())])
+
+
+def _by_stem(root: str | Path) -> dict[str, Path]:
+    found = {}
+    for path in image_files(root):
+        key = path.relative_to(root).with_suffix("").as_posix()
+        if key in found:
+            raise DataError(f"{found[key]} and {path} have the same stem, so neither can be paired; rename or "
+                            f"remove one")
+        found[key] = path
+    return found
+
+
+def paired_kind(root: str | Path) -> str | None:
+    """"conds" or "masks" where the folder ``root`` holds ``images/`` and that partner folder; None otherwise."""
+    root = Path(root)
+    kinds = [kind for kind in PARTNERS if (root / kind).is_dir()] if (root / "images").is_dir() else []
+    if len(kinds) > 1:
+        raise DataError(f"{root} holds images/ and both {'/ and '.join(kinds)}/; keep one (conds/ for "
+                        f"super-resolution inputs, masks/ for inpainting)")
+    return kinds[0] if kinds else None
+
+
+class PairedFolder(ImageFolder):
+    """``root/images/`` with ``root/conds/`` or ``root/masks/``: each image with the file of the same stem, at the
+    same depth, in the other (``pair_files``). Items are (image, label, cond). It is the ImageFolder of ``images/``
+    (the same classes rule, the same ``preflight`` and ``drop`` contract), so training's bad-image check covers it;
+    its messages name files relative to ``root``."""
+
+    def __init__(self, root: str | Path, size, channels: int):
+        root = Path(root)
+        self.condition = paired_kind(root)
+        if self.condition is None:
+            raise DataError(f"{root} is not paired data: it needs images/ and one of {'/, '.join(PARTNERS)}/")
+        super().__init__(root / "images", size, channels)
+        self.root = root
+        pairs, _, self.lone_partners = pair_files(root / "images", root / self.condition)
+        partner_of = dict(pairs)
+        self.partners = [partner_of.get(path) for path in self.files]          # None: no partner
+
+    def _name(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def _lone(self, path: Path, other: str) -> str:
+        stem = Path(*path.relative_to(self.root).parts[1:]).with_suffix("").as_posix()
+        return f"{self._name(path)} has no partner in {other}/ (expected {other}/{stem}.<ext>)"
+
+    def unpaired(self) -> list[tuple[str, str]]:
+        """(path, reason) for each file without a partner, from the file names alone: nothing is decoded."""
+        return ([(str(p), self._lone(p, self.condition)) for p, q in zip(self.files, self.partners) if q is None]
+                + [(str(q), self._lone(q, "images")) for q in self.lone_partners])
+
+    def preflight(self, progress: bool = False) -> list[tuple[str, str]]:
+        """``unpaired()``, then each pair decoded and checked once (readable, and a mask of its image's size with
+        values 0/1 or 0/255): (path, reason) for each file that cannot be used."""
+        from tqdm.auto import tqdm
+
+        bad, entry = self.unpaired(), PARTNERS[self.condition]
+        pairs = [(p, q) for p, q in zip(self.files, self.partners) if q is not None]
+        for path, partner in tqdm(pairs, desc="checking pairs", disable=not progress, leave=False):
+            try:
+                image = load_image(path)
+            except DataError as e:
+                bad.append((str(path), str(e).removeprefix("cannot read image ")))
+                continue
+            try:
+                problem = entry.problem(image, decode(partner, entry.read), self._name(path), self._name(partner))
+            except DataError as e:
+                problem = str(e).removeprefix("cannot read image ")
+            if problem:
+                bad.append((str(partner), problem))
+        return bad
+
+    def drop(self, paths: set[str]) -> None:
+        """Drop the items whose image or partner is in ``paths``."""
+        partner_of = dict(zip(self.files, self.partners))
+        super().drop(paths | {str(p) for p, q in partner_of.items() if str(q) in paths})
+        self.partners = [partner_of[p] for p in self.files]
+        self.lone_partners = [q for q in self.lone_partners if str(q) not in paths]
+
+    def __getitem__(self, i):
+        path, partner = self.files[i], self.partners[i]
+        if partner is None:
+            raise DataError(f"{self.root}: {self._lone(path, self.condition)}")
+        entry = PARTNERS[self.condition]
+        image, cond = paired_item(self.condition, load_image(path), decode(partner, entry.read), self.size,
+                                  self.channels, str(path), str(partner))
+        return image, self.labels[i], cond
+
+
 class HFDataset(Dataset):
     """A Hugging Face ``datasets`` dataset: a hub name (from the local cache when offline), a data folder, or a
-    folder written by ``save_to_disk``."""
+    folder written by ``save_to_disk``. With ``cond_column`` (conditioning images) or ``mask_column`` (inpainting
+    masks, PIL images or arrays) its items are (image, label, cond), as a PairedFolder's."""
 
-    def __init__(self, spec: str, size, channels: int, image_column: str, label_column: str | None, split: str):
+    def __init__(self, spec: str, size, channels: int, image_column: str, label_column: str | None, split: str,
+                 cond_column: str | None = None, mask_column: str | None = None):
         try:
             import datasets
         except ImportError:
@@ -285,10 +580,16 @@ class HFDataset(Dataset):
                 ds = ds[split]
         except Exception as e:
             raise DataError(f"cannot load dataset '{spec}': {str(e).splitlines()[0]}") from None
-        if image_column not in ds.column_names:
-            raise DataError(f"dataset '{spec}' has no column '{image_column}' (columns: {', '.join(ds.column_names)}); "
-                            f"set data.image_column")
+        for key, column in (("image_column", image_column), ("cond_column", cond_column), ("mask_column", mask_column)):
+            if column is not None and column not in ds.column_names:
+                raise DataError(f"dataset '{spec}' has no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                                f"set data.{key}")
+        if cond_column and mask_column:
+            raise DataError(f"data.cond_column and data.mask_column are both set for '{spec}'; keep one "
+                            f"(cond_column for super-resolution inputs, mask_column for inpainting)")
         self.ds, self.spec, self.image_column = ds, spec, image_column
+        self.condition = "conds" if cond_column else "masks" if mask_column else None        # a key of PARTNERS
+        self.cond_column = cond_column or mask_column
         self.label_column = label_column if label_column in ds.column_names else None
         self.num_classes = None
         if self.label_column is not None:
@@ -300,11 +601,15 @@ class HFDataset(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        row = self.ds[i]
-        image = row[self.image_column]
-        arr = to_array(image) if isinstance(image, Image.Image) else _numeric(np.asarray(image))
+        row, where = self.ds[i], f"{self.spec}[{i}]"
+        image = image_array(row[self.image_column])
         label = int(row[self.label_column]) if self.label_column is not None else -1
-        return to_model_tensor(arr, self.size, self.channels, f"{self.spec}[{i}]"), label
+        if self.condition is None:
+            return to_model_tensor(image, self.size, self.channels, where), label
+        partner = PARTNERS[self.condition].read(row[self.cond_column])
+        image, cond = paired_item(self.condition, image, partner, self.size, self.channels,
+                                  f"{where}.{self.image_column}", f"{where}.{self.cond_column}")
+        return image, label, cond
 
 
 def _numeric(arr: np.ndarray) -> np.ndarray:
@@ -335,6 +640,32 @@ def cifar10_dataset(size, channels: int, root: str | Path = "~/.cache/diffunet/c
     return ArrayDataset(x * 2 - 1, torch.tensor(ds.targets), 10)
 
 
+class DatasetPart(Subset):
+    """The items of ``dataset`` at ``indices``, with the attributes training reads of a dataset."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        super().__init__(dataset, indices)
+        self.num_classes = getattr(dataset, "num_classes", None)
+        self.condition = getattr(dataset, "condition", None)
+        self.root = getattr(dataset, "root", None)
+
+
+def split_holdout(dataset: Dataset, n: int) -> tuple[Dataset, DatasetPart | None]:
+    """``data.holdout``: (the training part, the ``n`` held-out items); ``n=0``: (``dataset``, None).
+
+    A fixed split: the held-out items are the first ``n`` of ``numpy.random.RandomState(0).permutation(len(dataset))``
+    (each part in index order), whatever ``train.seed``, so a script that builds the same dataset and calls this
+    gets the same held-out images. Split after the bad-image policy has dropped files: the indices are positions
+    in the dataset as it is then.
+    """
+    if n == 0:
+        return dataset, None
+    if not 0 < n < len(dataset):
+        raise DataError(f"data.holdout={n} but the dataset has {len(dataset)} images; hold out 0 to {len(dataset) - 1}")
+    order = np.random.RandomState(0).permutation(len(dataset))     # the legacy stream is frozen (NEP 19): stable
+    return DatasetPart(dataset, sorted(order[n:].tolist())), DatasetPart(dataset, sorted(order[:n].tolist()))
+
+
 def build_dataset(data_cfg, sample_size, channels: int) -> Dataset:
     """The dataset ``data.source`` names, at the model's size and channel count."""
     size = as_size(sample_size)
@@ -344,5 +675,6 @@ def build_dataset(data_cfg, sample_size, channels: int) -> Dataset:
     if source == "cifar10":
         return cifar10_dataset(size, channels)
     if source.startswith("hf:"):
-        return HFDataset(source[3:], size, channels, data_cfg.image_column, data_cfg.label_column, data_cfg.split)
-    return ImageFolder(source, size, channels)
+        return HFDataset(source[3:], size, channels, data_cfg.image_column, data_cfg.label_column, data_cfg.split,
+                         data_cfg.cond_column, data_cfg.mask_column)
+    return (PairedFolder if paired_kind(source) else ImageFolder)(source, size, channels)
