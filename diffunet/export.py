@@ -33,6 +33,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, build_model, load_config
 from .objectives import make_noise_scheduler
 from .pipeline import DiffunetPipeline
+from .tasks import task_of
 
 PACKAGE = Path(__file__).resolve().parent
 CARD, GRID = "README.md", "samples.png"
@@ -46,9 +47,10 @@ so every module the class needs is named here: diffunet's own modules, unchanged
 '''
 
 
-def pipeline_of(unet, scheduler) -> DiffusionPipeline:
-    """The pipeline every run saves: the U-Net (EMA weights) and the training noise scheduler."""
-    return DiffunetPipeline(unet=unet, scheduler=scheduler)
+def pipeline_of(unet, scheduler, **options) -> DiffusionPipeline:
+    """The pipeline every run saves: the U-Net (EMA weights), the training noise scheduler, and the task's
+    options (``task``, ``sr_factor``: ``tasks.Task.pipeline_options``)."""
+    return DiffunetPipeline(unet=unet, scheduler=scheduler, **options)
 
 
 # ------------------------------------------------------------------------------------------ the code
@@ -231,7 +233,7 @@ def export(run: Path, out: Path, checkpoint: str | None = None, force: bool = Fa
     grids = [run / "samples" / f"step_{step:06d}.png"] + ([run / "samples" / "final.png"]
                                                           if step == cfg.train.max_steps else [])
     grid = next((g for g in grids if g.is_file()), None)
-    pipeline = pipeline_of(unet, scheduler)
+    pipeline = pipeline_of(unet, scheduler, **task_of(cfg).pipeline_options(cfg))
     return ckpt.replace_folder(out, lambda tmp: write_folder(tmp, pipeline, cfg, run, step, grid))
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
 from .convert import init_from
-from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset, save_grid, to_uint8
+from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset, save_grid, split_holdout, to_uint8
 from .export import pipeline_of, write_folder
 from . import objectives
 from .fast import apply_fast_paths, describe_device, resolve_precision
@@ -150,6 +150,7 @@ class Trainer:
             bad = dataset.preflight(progress=acc.is_main_process) if acc.is_main_process else None
             bad = gather_object([bad])[0] if acc.num_processes > 1 else bad
             apply_bad_image_policy(dataset, bad, cfg.data.bad_images, warn=acc.print)
+        dataset, held = split_holdout(dataset, cfg.data.holdout)    # held-out: grids and evaluation
         set_seed(t.seed, device_specific=True)          # then different noise on each process, reproducible
         self.resume_from = ckpt.find_resume(t.resume, self.ckpt_root, warn=acc.print)
 
@@ -158,7 +159,7 @@ class Trainer:
         if self.sampler.per_epoch == 0:
             raise ConfigError(f"the dataset has {len(dataset)} images, fewer than one global batch "
                               f"({t.batch_size} x {self.world} processes); lower train.batch_size")
-        self.dataset = dataset
+        self.dataset, self.held = dataset, held if held is not None else dataset
         self.task = task_of(cfg)
         self.noise_scheduler = make_noise_scheduler(cfg.diffusion)
         self.unet = model                               # unwrapped: its config and properties, for the task
@@ -297,8 +298,8 @@ class Trainer:
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers,
                             pin_memory=self.accelerator.device.type == "cuda",
                             generator=torch.Generator().manual_seed(self.cfg.train.seed))
-        for x, y in loader:
-            yield x.to(self.accelerator.device, non_blocking=True), y.to(self.accelerator.device, non_blocking=True)
+        for batch in loader:                        # (images, labels[, conditions])
+            yield tuple(t.to(self.accelerator.device, non_blocking=True) for t in batch)
 
     # ---------------------------------------------------------------------------------------- agreement
 
@@ -378,10 +379,16 @@ class Trainer:
             self.ema.restore(model.parameters())
             model.train(was_training)
 
-    def _sample(self, model, n: int, conditions: dict, seed: int, batch_size: int) -> torch.Tensor:
+    def _sampler(self, model, seed: int, batch_size: int):
+        """(n, **conditions) -> n EMA samples in [-1, 1], with the run's sampling settings: the task's sampler."""
         s = self.cfg.sample
-        return generate(model, make_scheduler(s.scheduler, self.noise_scheduler.config), n, steps=s.steps,
-                        seed=seed, guidance_scale=s.guidance_scale, batch_size=batch_size, **conditions)
+        scheduler = make_scheduler(s.scheduler, self.noise_scheduler.config)
+        options = self.task.pipeline_options(self.cfg)
+
+        def sample(n: int, **conditions) -> torch.Tensor:
+            return generate(model, scheduler, n, steps=s.steps, seed=seed, guidance_scale=s.guidance_scale,
+                            batch_size=batch_size, device=self.accelerator.device, **options, **conditions)
+        return sample
 
     def sample_grid(self, name: str) -> Path | None:
         """A grid of EMA samples, laid out as the task says, at ``samples/<name>.png``. Main process only."""
@@ -389,20 +396,19 @@ class Trainer:
             return None
         n = self.cfg.sample.num_images
         with self._ema_weights() as model:
-            conditions, nrow = self.task.grid(model, n)
-            images = self._sample(model, n, conditions, seed=self.cfg.sample.seed, batch_size=max(n, 1))
+            sample = self._sampler(model, seed=self.cfg.sample.seed, batch_size=max(n, 1))
+            images, nrow = self.task.grid(model, n, sample, self.held, self.cfg)
         return save_grid(to_uint8(images), self.out / "samples" / f"{name}.png", nrow=nrow)
 
     def evaluate(self) -> dict | None:
-        """The task's score of ``train.eval_num_images`` EMA samples, logged and appended to ``eval.jsonl``.
+        """The task's scores of EMA samples (``train.eval_num_images``), logged and appended to ``eval.jsonl``.
         Main process only."""
         if not self.accelerator.is_main_process:
             return None
-        s, t = self.cfg.sample, self.cfg.train
+        s = self.cfg.sample
         with self._ema_weights() as model:
-            images = self._sample(model, t.eval_num_images, self.task.evaluation(model), seed=s.seed + 1,
-                                  batch_size=s.num_images)
-        scores = self.task.score(to_uint8(images), self.cfg)
+            sample = self._sampler(model, seed=s.seed + 1, batch_size=s.num_images)
+            scores = self.task.evaluate(model, sample, self.held, self.cfg)
         scores = {k: v for k, v in scores.items() if isinstance(v, float) and math.isfinite(v)}
         self.accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=self.step)
         with open(self.out / "eval.jsonl", "a") as f:
@@ -417,7 +423,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             grid = self.out / "samples" / "final.png"
             with self._ema_weights() as model:
-                pipeline = pipeline_of(model, self.noise_scheduler)
+                pipeline = pipeline_of(model, self.noise_scheduler, **self.task.pipeline_options(self.cfg))
                 ckpt.replace_folder(final, lambda tmp: write_folder(tmp, pipeline, self.cfg, self.out, self.step,
                                                                     grid if grid.is_file() else None))
         self.accelerator.wait_for_everyone()
