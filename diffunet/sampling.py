@@ -19,7 +19,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        HeunDiscreteScheduler, UniPCMultistepScheduler)
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model_folder
+from .checkpoint import load_model_folder, pipeline_options
 from .config import SampleConfig
 from .data import image_path, read_image, save_grid, to_uint8, write_image
 from .fast import describe_device, precision, resolve_precision
@@ -49,7 +49,9 @@ def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, predic
     ``scheduler/``; whichever pipeline class it names: ``DiffunetPipeline``, or ``DDPMPipeline`` in older runs)
     or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
     ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon"). A folder
-    that cannot be used is one ``CheckpointError`` line naming the file (``checkpoint.load_model_folder``)."""
+    that cannot be used is one ``CheckpointError`` line naming the file (``checkpoint.load_model_folder``).
+    The pipeline's own keywords (``task``, ``sr_factor``: which image condition the model takes) are
+    ``checkpoint.pipeline_options(path)``, for ``generate_batches`` / ``generate``."""
     unet, train_config = load_model_folder(path, dtype)
     train_config = dict(train_config if train_config is not None else DDPMScheduler().config)
     if prediction_type is not None:
@@ -172,6 +174,7 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, sch
         print(f"--dtype {dtype}: {name} on {describe_device(where)}")
     unet, sched = load_model(model, scheduler, prediction_type, precision(name, "dtype")[1])
     unet.to(where)
+    options = pipeline_options(model)
     if classes is None and unet.config.num_classes:
         classes = "all"
     out, channels = Path(out), unet.config.in_channels
@@ -182,7 +185,7 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, sch
     with state.split_between_processes(todo) as mine:
         for idx, _, images in generate_batches(unet, sched, mine, steps=steps, seed=seed, classes=classes,
                                                guidance_scale=guidance_scale, eta=eta, batch_size=batch_size,
-                                               progress=progress and state.is_local_main_process):
+                                               progress=progress and state.is_local_main_process, **options):
             for i, image in zip(idx, to_uint8(images)):
                 write_image(image, image_path(out, i, channels))
     state.wait_for_everyone()
