@@ -149,6 +149,24 @@ def generate(unet, scheduler, num_images: int, *, steps: int = SampleConfig.step
 
 # ------------------------------------------------------------------------------------------- sample.py
 
+def load_for_processes(model: str | Path, scheduler: str, prediction_type: str | None, dtype: str,
+                       device: str | None):
+    """(accelerate's process state, unet on this process's device in the ``dtype`` asked for, scheduler): what
+    every sampling run of ``sample.py`` starts with, under ``accelerate launch`` or alone."""
+    from accelerate import PartialState
+
+    # accelerate sets up multi-process CPU runs (gloo) only when told cpu=True; on a GPU machine that would
+    # force the CPU, so ask for it only where there is no GPU or the CPU is requested
+    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    state = PartialState(cpu=str(device).startswith("cpu") or (device is None and no_gpu))
+    where = torch.device(device) if device else state.device
+    name = resolve_precision(dtype, where, what="--dtype", warn=print if state.is_main_process else lambda _: None)
+    if dtype == "auto" and state.is_main_process:
+        print(f"--dtype {dtype}: {name} on {describe_device(where)}")
+    unet, sched = load_model(model, scheduler, prediction_type, precision(name, "dtype")[1])
+    return state, unet.to(where), sched
+
+
 def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, scheduler: str = SampleConfig.scheduler,
                      steps: int = SampleConfig.steps, eta: float = SampleConfig.eta,
                      batch_size: int = SampleConfig.batch_size, seed: int = SampleConfig.seed, start_index: int = 0,
@@ -162,18 +180,7 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, sch
     Indices whose file exists are skipped, so an interrupted run resumes without duplicates or gaps. Under
     ``accelerate launch`` the missing indices are split into contiguous, disjoint chunks, one per process.
     A class-conditional model with ``classes=None`` samples a balanced set ("all")."""
-    from accelerate import PartialState
-
-    # accelerate sets up multi-process CPU runs (gloo) only when told cpu=True; on a GPU machine that would
-    # force the CPU, so ask for it only where there is no GPU or the CPU is requested
-    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    state = PartialState(cpu=str(device).startswith("cpu") or (device is None and no_gpu))
-    where = torch.device(device) if device else state.device
-    name = resolve_precision(dtype, where, what="--dtype", warn=print if state.is_main_process else lambda _: None)
-    if dtype == "auto" and state.is_main_process:
-        print(f"--dtype {dtype}: {name} on {describe_device(where)}")
-    unet, sched = load_model(model, scheduler, prediction_type, precision(name, "dtype")[1])
-    unet.to(where)
+    state, unet, sched = load_for_processes(model, scheduler, prediction_type, dtype, device)
     options = pipeline_options(model)
     if classes is None and unet.config.num_classes:
         classes = "all"
