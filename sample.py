@@ -13,7 +13,7 @@ from diffunet.checkpoint import CheckpointError
 from diffunet.config import SampleConfig
 from diffunet.fast import ALIASES, PRECISION
 from diffunet.objectives import TARGETS
-from diffunet.sampling import SCHEDULERS, sample_to_folder
+from diffunet.sampling import INPAINTING_SCHEDULERS, SCHEDULERS, sample_to_folder
 
 DEFAULTS = SampleConfig()
 
@@ -24,7 +24,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder: 000000.png, ..., grid.png")
     p.add_argument("--num-images", type=int, default=DEFAULTS.num_images)
     p.add_argument("--start-index", type=int, default=0, help="first image index (extend an existing set)")
-    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULTS.scheduler)
+    p.add_argument("--scheduler", choices=[*SCHEDULERS, *INPAINTING_SCHEDULERS], default=DEFAULTS.scheduler,
+                   help="repaint: training-free inpainting (with --cond and --mask)")
     p.add_argument("--steps", type=int, default=DEFAULTS.steps)
     p.add_argument("--eta", type=float, default=DEFAULTS.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, UniPCMultistepScheduler)
+                       HeunDiscreteScheduler, RePaintScheduler, UniPCMultistepScheduler)
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model_folder, pipeline_options
@@ -34,13 +34,17 @@ SCHEDULERS = {
     "heun": HeunDiscreteScheduler,          # two model calls per step
     "unipc": UniPCMultistepScheduler,
 }
+# Schedulers that need an image and a mask (``sample.py --cond --mask``): training-free inpainting with any
+# epsilon-predicting model, unconditional or class-conditional (Lugmayr et al. 2022)
+INPAINTING_SCHEDULERS = {"repaint": RePaintScheduler}
 
 GRID_MAX = 100                                          # images shown in grid.png
 
 
 def make_scheduler(name: str, config) -> object:
-    """A sampling scheduler ``name`` built from the training scheduler's ``config`` (same betas and target)."""
-    return choose(SCHEDULERS, name, "scheduler").from_config(config)
+    """A sampling scheduler ``name`` (``SCHEDULERS``, ``INPAINTING_SCHEDULERS``) built from the training
+    scheduler's ``config`` (same betas and target)."""
+    return choose({**SCHEDULERS, **INPAINTING_SCHEDULERS}, name, "scheduler").from_config(config)
 
 
 def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, prediction_type: str | None = None,
