@@ -68,10 +68,14 @@ def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, predic
 
 # ------------------------------------------------------------------------------------------- seeds, labels
 
-def image_generator(seed: int, index: int) -> torch.Generator:
+def image_generator(seed: int, index: int | tuple[int, ...]) -> torch.Generator:
     """The generator of image ``index``. SeedSequence mixes (seed, index) so that nearby pairs give unrelated
-    streams and no two pairs collide (a plain ``seed * K + index`` would)."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    streams and no two pairs collide (a plain ``seed * K + index`` would). A tuple of ints (a conditioned
+    output: the crc32 of its condition's key, k) is SeedSequence's spawn key, a domain of its own: SeedSequence
+    pads short entropy with zeros ([s, i] and [s, i, 0] are one stream), spawn keys are kept apart."""
+    sequence = (np.random.SeedSequence(seed, spawn_key=index) if isinstance(index, tuple)
+                else np.random.SeedSequence([seed, index]))
+    state = sequence.generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -112,8 +116,9 @@ def generate_batches(unet, scheduler, indices: Sequence[int], *, steps: int = Sa
                      eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size, device=None,
                      progress: bool = False, image=None, mask_image=None, task: str = "generate",
                      sr_factor: int = 1) -> Iterator[tuple[list[int], torch.Tensor | None, torch.Tensor]]:
-    """Yield (indices, labels, images) batch by batch for any list of image indices; see ``generate``.
-    ``image`` / ``mask_image``: image conditions, one per index (sliced with the batches)."""
+    """Yield (indices, labels, images) batch by batch for any list of image indices (or keys that
+    ``image_generator`` takes); see ``generate``. ``image`` / ``mask_image``: image conditions, one per index
+    (sliced with the batches)."""
     pipe = pipeline_for(unet, scheduler, device, task, sr_factor)
     indices = list(indices)
     all_labels = class_labels_for(classes, indices, unet.config.num_classes)
