@@ -5,11 +5,14 @@ grids are written and read by ``diffunet.data``). The loop itself is ``DiffunetP
 Reproducibility rests on one rule: image i is drawn from its own ``torch.Generator``, seeded from (seed, i), for
 its initial noise and for every noise draw of the scheduler. The images therefore do not depend on the batch
 size, the number of processes, or which indices were already on disk, and a set can be extended later
-(``start_index``) or an interrupted run resumed (indices whose file exists are skipped).
+(``start_index``) or an interrupted run resumed (indices whose file exists are skipped). Conditioned runs
+(``sample_conditioned``) seed output k of a condition file from (seed, crc32 of its relative path, k) instead.
 """
 
 from __future__ import annotations
 
+import warnings
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,9 +24,10 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_model_folder, pipeline_options
 from .config import SampleConfig
-from .data import image_path, read_image, save_grid, to_uint8, write_image
+from .data import (IMAGE_EXTENSIONS, PIL_MODES, DataError, image_path, load_image, match_channels, read_image,
+                   save_grid, to_uint8, write_image)
 from .fast import describe_device, precision, resolve_precision
-from .pipeline import DiffunetPipeline
+from .pipeline import DiffunetPipeline, upsample_condition
 from .tables import choose
 
 SCHEDULERS = {
@@ -39,6 +43,7 @@ SCHEDULERS = {
 INPAINTING_SCHEDULERS = {"repaint": RePaintScheduler}
 
 GRID_MAX = 100                                          # images shown in grid.png
+GRID_COLUMNS = 8                                        # conditions shown in a conditioned run's grid.png
 
 
 def make_scheduler(name: str, config) -> object:
@@ -176,12 +181,13 @@ def load_for_processes(model: str | Path, scheduler: str, prediction_type: str |
     return state, unet.to(where), sched
 
 
-def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, scheduler: str = SampleConfig.scheduler,
-                     steps: int = SampleConfig.steps, eta: float = SampleConfig.eta,
-                     batch_size: int = SampleConfig.batch_size, seed: int = SampleConfig.seed, start_index: int = 0,
-                     classes=None, guidance_scale: float = SampleConfig.guidance_scale,
-                     dtype: str = SampleConfig.dtype, device: str | None = None, prediction_type: str | None = None,
-                     npz: str | None = None, grid: bool = True, progress: bool = True) -> Path:
+def sample_to_folder(model: str | Path, out: str | Path, num_images: int = SampleConfig.num_images, *,
+                     scheduler: str = SampleConfig.scheduler, steps: int = SampleConfig.steps,
+                     eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size,
+                     seed: int = SampleConfig.seed, start_index: int = 0, classes=None,
+                     guidance_scale: float = SampleConfig.guidance_scale, dtype: str = SampleConfig.dtype,
+                     device: str | None = None, prediction_type: str | None = None, npz: str | None = None,
+                     grid: bool = True, progress: bool = True) -> Path:
     """Images start_index .. start_index + num_images - 1 of ``model`` (see ``load_model``) as ``out/000042.png``,
     plus ``out/grid.png`` and, with ``npz``, an .npz (path relative to ``out``) of the range: ``images``
     (N, H, W, C) uint8, ``indices`` and, for class-conditional models, ``labels``.
@@ -218,4 +224,196 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, sch
             np.savez(out / npz, **arrays)
         print(f"{len(todo)} images written by {state.num_processes} process(es), "
               f"{num_images - len(todo)} already there: {out}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- sample.py --cond
+# A condition file's key is its path relative to the folder without suffix ("a/x" for cond/a/x.jpg): it names
+# the outputs (out/a/x.png) and seeds them, so an output never depends on which other files exist.
+
+def file_key(path: Path, root: Path) -> str:
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def image_files(root: str | Path) -> dict[str, Path]:
+    """Every image file below ``root`` (any depth, ``data.IMAGE_EXTENSIONS``) by its key; two files of one key
+    (x.png and x.jpg) are one DataError naming both."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder")
+    files: dict[str, Path] = {}
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        key = file_key(path, root)
+        if key in files:
+            raise DataError(f"{files[key]} and {path} differ only in their suffix; keep one")
+        files[key] = path
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
+    return files
+
+
+def pair_files(a_root: str | Path, b_root: str | Path) -> tuple[list[tuple[Path, Path]], list[Path], list[Path]]:
+    """The image files of two folders paired by key (a/x.png with a/x.jpg): (pairs, the files of ``a_root``
+    without a partner, those of ``b_root``), in key order."""
+    a, b = image_files(a_root), image_files(b_root)
+    return [(a[k], b[k]) for k in a if k in b], [a[k] for k in a if k not in b], [b[k] for k in b if k not in a]
+
+
+def conditions(cond: str | Path, mask: str | Path | None = None) -> list[tuple[str, Path, Path | None]]:
+    """(key, condition file, its mask file or None) of every image under ``cond``; with ``mask``, a file of
+    either folder without its partner is one DataError naming it."""
+    cond = Path(cond)
+    if mask is None:
+        return [(key, path, None) for key, path in image_files(cond).items()]
+    pairs, lone_conds, lone_masks = pair_files(cond, mask)
+    for lone, other in ((lone_conds, mask), (lone_masks, cond)):
+        if lone:
+            more = f" ({len(lone) - 1} more files lack one too)" if len(lone) > 1 else ""
+            raise DataError(f"{lone[0]} has no file of the same relative path and stem under {other}{more}")
+    return [(file_key(c, cond), c, m) for c, m in pairs]
+
+
+def output_names(key: str, n: int, suffix: str) -> list[str]:
+    """The files of condition ``key`` under ``out``: ``a/x.png``; for n > 1 ``a/x_0.png`` .. ``a/x_{n-1}.png``,
+    then ``a/x_mean.png`` and ``a/x_std.png``."""
+    if n == 1:
+        return [key + suffix]
+    return [f"{key}_{k}{suffix}" for k in range(n)] + [f"{key}_mean{suffix}", f"{key}_std{suffix}"]
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask file as (H, W, 1) in [0, 1], white = to fill (the pipeline fills where it is >= 1/2); a file of
+    0/1 values, as some tools write masks, counts its 1s as white."""
+    mask = match_channels(load_image(path), 1, str(path))
+    return mask * 255 if mask.max() < 1.5 / 255 else mask
+
+
+def read_condition(pipe: DiffunetPipeline, cond: Path, mask: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One condition as ``generate_batches`` takes it: the image (1, C, H, W) in [0, 1] at the model's size and
+    the mask (1, 1, H, W) in {0, 1}. The pipeline checks them, on this file alone, so that its errors (another
+    aspect ratio, a mask the model takes none of ...) and warnings (another size: resized) name the file."""
+    def tensor(arr: np.ndarray) -> torch.Tensor:                      # (H, W, C) -> (1, C, H, W)
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
+
+    image = tensor(match_channels(load_image(cond), pipe.unet.config.in_channels, str(cond)))
+    fill = None if mask is None else tensor(read_mask(mask))
+    where = cond if mask is None else f"{cond} (mask {mask})"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            known, fill = pipe.known_pixels(image, fill, 1, torch.device("cpu"))   # [-1, 1], as fitted
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    for w in caught:
+        warnings.warn(f"{where}: {w.message}", w.category, stacklevel=2)
+    # super-resolution takes its input at the low size or the model's: the model's, so any mix stacks in a batch
+    return (upsample_condition(known, pipe.unet.image_size) + 1) / 2, fill
+
+
+def read_batch(pipe: DiffunetPipeline, items: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The conditions of a batch of (key, cond, mask) items, stacked: (B, C, H, W) and (B, 1, H, W) or None;
+    each file read once. Warnings were shown when the files were first checked."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        read = {item[1]: read_condition(pipe, item[1], item[2]) for item in items}
+    image = torch.cat([read[c][0] for _, c, _ in items])
+    return image, None if items[0][2] is None else torch.cat([read[c][1] for _, c, _ in items])
+
+
+def write_mean_std(out: Path, names: list[str]) -> None:
+    """The per-pixel mean and std of the outputs ``names[:-2]`` as uint8 images ``names[-2:]``: the mean as an
+    image, the (population) standard deviation doubled, 2 * std * 255 in [0, 1] units: 0 where the outputs agree,
+    255 at the largest spread a pixel can have (half its outputs black, half white); a uniform one shows 147."""
+    stack = np.stack([read_image(out / name) for name in names[:-2]]).astype(np.float64)
+    write_image(np.round(stack.mean(0)).astype(np.uint8), out / names[-2])
+    write_image(np.clip(np.round(2 * stack.std(0)), 0, 255).astype(np.uint8), out / names[-1])
+
+
+def condition_grid(pipe: DiffunetPipeline, items: list, outputs: list[Path], path: Path) -> Path:
+    """``items``' conditions, masks (where given) and ``outputs``, one row each, one column per condition."""
+    channels = pipe.unet.config.in_channels
+    image, fill = read_batch(pipe, items)
+    rows = [to_uint8(image * 2 - 1)]                                    # (N, C, H, W) [0, 1] -> (N, H, W, C) uint8
+    if fill is not None:
+        rows.append(to_uint8(fill.expand(-1, channels, -1, -1) * 2 - 1))
+    rows.append(np.stack([read_image(p) for p in outputs]))
+    return save_grid(np.concatenate(rows), path, nrow=len(items))
+
+
+def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, mask: str | Path | None = None,
+                       num_per_cond: int = 1, scheduler: str = SampleConfig.scheduler, steps: int = SampleConfig.steps,
+                       eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size,
+                       seed: int = SampleConfig.seed, classes=None, guidance_scale: float = SampleConfig.guidance_scale,
+                       dtype: str = SampleConfig.dtype, device: str | None = None, prediction_type: str | None = None,
+                       grid: bool = True, progress: bool = True) -> Path:
+    """``num_per_cond`` outputs of ``model`` (see ``load_model``) for every image file under ``cond`` (any
+    depth), each the condition of the model's task (``checkpoint.pipeline_options``: the low-resolution input of
+    super-resolution, the image to complete of inpainting, or of any epsilon model with ``scheduler="repaint"``),
+    with the file of the same relative path and stem under ``mask`` (white: to fill) where a mask is taken.
+    Images are converted to the model's channel count; another size is resized with a warning.
+
+    Files: ``out/a/x.png`` for ``cond/a/x.jpg``; for N = ``num_per_cond`` > 1 ``out/a/x_0.png`` ..
+    ``x_{N-1}.png``, ``x_mean.png`` and ``x_std.png`` (``write_mean_std``); ``out/grid.png``: condition / mask /
+    output rows of the first ``GRID_COLUMNS`` conditions. Output k of key "a/x" draws from
+    ``image_generator(seed, (crc32("a/x"), k))``: it depends neither on the batch size, nor on the processes,
+    nor on the other files. Outputs whose file exists are skipped (a run resumes); a key's mean and std are
+    (re)written once its N outputs exist. Under ``accelerate launch`` the missing outputs are split between the
+    processes. Every file is checked before any sampling: a file without its partner, or one of another aspect
+    ratio, is one error naming it. ``classes``: None (a class-conditional model's null class) or one class."""
+    state, unet, sched = load_for_processes(model, scheduler, prediction_type, dtype, device)
+    options = pipeline_options(model)
+    pipe = pipeline_for(unet, sched, **options)
+    task = pipe.image_task
+    if mask is None and (isinstance(sched, RePaintScheduler) or (task is not None and task.takes_mask)):
+        raise ValueError(f"this {options['task']} pipeline{' with RePaint' if task is None else ''} fills masks: "
+                         f"pass --mask DIR, one mask per condition (same relative path and stem; white = to fill)")
+    if isinstance(classes, str):
+        raise ValueError(f"classes={classes!r} balances a numbered set; with conditions give one class, or none "
+                         f"(the null class)")
+    out, items = Path(out), conditions(cond, mask)
+    suffix = ".png" if unet.config.in_channels in PIL_MODES else ".npy"          # as data.image_path
+    names = {key: output_names(key, num_per_cond, suffix) for key, _, _ in items}
+    writer: dict[str, Path | None] = {"grid.png": None} if grid else {}
+    for key, path, _ in items:
+        for name in names[key]:
+            if name in writer:
+                raise DataError(f"{path} and {writer[name] or 'the grid'} would both write {out / name}; rename "
+                                f"one{'' if writer[name] else ' or pass --no-grid'}")
+            writer[name] = path
+    with warnings.catch_warnings():         # every process checks every file: all stop alike, before any sampling
+        if not state.is_main_process:
+            warnings.simplefilter("ignore")
+        for _, path, mask_path in items:
+            read_condition(pipe, path, mask_path)
+
+    todo = [(i, k) for i, (key, _, _) in enumerate(items) for k in range(num_per_cond)
+            if not (out / names[key][k]).exists()]
+    state.wait_for_everyone()                                   # every process lists the folder before any writes
+    with state.split_between_processes(todo) as mine:
+        show = progress and state.is_local_main_process
+        with tqdm(total=len(mine), unit="img", disable=not show, desc="sampling") as bar:
+            for lo in range(0, len(mine), batch_size):
+                batch = mine[lo:lo + batch_size]                        # (condition index, k) pairs
+                image, fill = read_batch(pipe, [items[i] for i, _ in batch])
+                keys = [(zlib.crc32(items[i][0].encode()), k) for i, k in batch]
+                for _, _, images in generate_batches(unet, sched, keys, steps=steps, seed=seed, classes=classes,
+                                                     guidance_scale=guidance_scale, eta=eta, batch_size=len(batch),
+                                                     image=image, mask_image=fill, **options):
+                    for (i, k), x in zip(batch, to_uint8(images)):
+                        path = out / names[items[i][0]][k]
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        write_image(x, path)
+                bar.update(len(batch))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if num_per_cond > 1:
+            redone = {items[i][0] for i, _ in todo}
+            for key, _, _ in items:
+                if key in redone or not all((out / name).exists() for name in names[key][-2:]):
+                    write_mean_std(out, names[key])
+        if grid:
+            shown = items[:GRID_COLUMNS]
+            condition_grid(pipe, shown, [out / names[key][0] for key, _, _ in shown], out / "grid.png")
+        print(f"{len(todo)} images written by {state.num_processes} process(es), "
+              f"{len(items) * num_per_cond - len(todo)} already there: {out}")
     return out
