@@ -373,13 +373,10 @@ def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, 
     out, items = Path(out), conditions(cond, mask)
     suffix = ".png" if unet.config.in_channels in PIL_MODES else ".npy"          # as data.image_path
     names = {key: output_names(key, num_per_cond, suffix) for key, _, _ in items}
-    writer: dict[str, Path | None] = {"grid.png": None} if grid else {}
-    for key, path, _ in items:
-        for name in names[key]:
-            if name in writer:
-                raise DataError(f"{path} and {writer[name] or 'the grid'} would both write {out / name}; rename "
-                                f"one{'' if writer[name] else ' or pass --no-grid'}")
-            writer[name] = path
+    # keys are distinct, and for N > 1 every name ends in _k, _mean or _std: only the grid can take a name
+    clash = [path for key, path, _ in items if grid and "grid.png" in names[key]]
+    if clash:
+        raise DataError(f"{clash[0]} and the grid would both write {out / 'grid.png'}; rename it or pass --no-grid")
     with warnings.catch_warnings():         # every process checks every file: all stop alike, before any sampling
         if not state.is_main_process:
             warnings.simplefilter("ignore")

@@ -236,3 +236,16 @@ def test_two_processes_split_the_work_and_write_the_same_files(sr, tmp_path):
     assert sorted(one) == sorted(two) and len(one) == 3 * 4 + 1                    # outputs, mean, std, grid
     for name in one:
         assert np.abs(one[name].astype(int) - two[name]).max() <= 1               # float rounding at .5 only
+
+
+def test_files_that_would_write_one_output_are_refused(sr, tmp_path, capsys):
+    cond = lows(tmp_path / "cond", ["a/x.png", "a/x.jpg"])
+    code, err = run_main([sr, "--cond", cond, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err == f"error: {cond / 'a/x.jpg'} and {cond / 'a/x.png'} differ only in their suffix; " \
+                                "keep one"
+    cond = lows(tmp_path / "cond2", ["grid.png", "x.png", "x_mean.png", "x_0.png"])
+    code, err = run_main([sr, "--cond", cond, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.startswith(f"error: {cond / 'grid.png'} and the grid would both write")
+    assert not (tmp_path / "out").exists()
+    out = files(sample_conditioned(sr, cond, tmp_path / "out", num_per_cond=2, **KW))   # x_mean_0 is not x_mean
+    assert len(out) == 4 * 4 + 1 and "x_mean_mean.png" in out and "grid_std.png" in out
