@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_model_folder, pipeline_options
 from .config import SampleConfig
-from .data import (IMAGE_EXTENSIONS, PIL_MODES, DataError, image_path, load_image, match_channels, read_image,
-                   save_grid, to_uint8, write_image)
+from .data import (IMAGE_EXTENSIONS, PIL_MODES, DataError, decode, image_path, load_image, mask_problem, mask_values,
+                   match_channels, pair_files, read_image, save_grid, to_uint8, write_image)
 from .fast import describe_device, precision, resolve_precision
 from .pipeline import DiffunetPipeline, upsample_condition
 from .tables import choose
@@ -228,49 +228,25 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int = Sampl
 
 
 # ------------------------------------------------------------------------------------------- sample.py --cond
-# A condition file's key is its path relative to the folder without suffix ("a/x" for cond/a/x.jpg): it names
-# the outputs (out/a/x.png) and seeds them, so an output never depends on which other files exist.
-
-def file_key(path: Path, root: Path) -> str:
-    return path.relative_to(root).with_suffix("").as_posix()
-
-
-def image_files(root: str | Path) -> dict[str, Path]:
-    """Every image file below ``root`` (any depth, ``data.IMAGE_EXTENSIONS``) by its key; two files of one key
-    (x.png and x.jpg) are one DataError naming both."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder")
-    files: dict[str, Path] = {}
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
-        key = file_key(path, root)
-        if key in files:
-            raise DataError(f"{files[key]} and {path} differ only in their suffix; keep one")
-        files[key] = path
-    if not files:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
-    return files
-
-
-def pair_files(a_root: str | Path, b_root: str | Path) -> tuple[list[tuple[Path, Path]], list[Path], list[Path]]:
-    """The image files of two folders paired by key (a/x.png with a/x.jpg): (pairs, the files of ``a_root``
-    without a partner, those of ``b_root``), in key order."""
-    a, b = image_files(a_root), image_files(b_root)
-    return [(a[k], b[k]) for k in a if k in b], [a[k] for k in a if k not in b], [b[k] for k in b if k not in a]
-
+# A condition file's key is its path relative to the folder without suffix ("a/x" for cond/a/x.jpg), as
+# data.pair_files pairs files: it names the outputs (out/a/x.png) and seeds them, so an output never depends on
+# which other files exist.
 
 def conditions(cond: str | Path, mask: str | Path | None = None) -> list[tuple[str, Path, Path | None]]:
-    """(key, condition file, its mask file or None) of every image under ``cond``; with ``mask``, a file of
-    either folder without its partner is one DataError naming it."""
+    """(key, condition file, its mask file or None) of every image under ``cond``, in key order; a file of
+    either folder without its partner, or two files of one key (x.png and x.jpg), is one DataError naming it."""
     cond = Path(cond)
-    if mask is None:
-        return [(key, path, None) for key, path in image_files(cond).items()]
-    pairs, lone_conds, lone_masks = pair_files(cond, mask)
+    for folder in (cond, mask):
+        if folder is not None and not Path(folder).is_dir():
+            raise DataError(f"{folder} is not a folder")
+    pairs, lone_conds, lone_masks = pair_files(cond, cond if mask is None else mask)   # itself: just the keys
     for lone, other in ((lone_conds, mask), (lone_masks, cond)):
         if lone:
             more = f" ({len(lone) - 1} more files lack one too)" if len(lone) > 1 else ""
             raise DataError(f"{lone[0]} has no file of the same relative path and stem under {other}{more}")
-    return [(file_key(c, cond), c, m) for c, m in pairs]
+    if not pairs:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {cond}")
+    return [(c.relative_to(cond).with_suffix("").as_posix(), c, None if mask is None else m) for c, m in pairs]
 
 
 def output_names(key: str, n: int, suffix: str) -> list[str]:
@@ -281,11 +257,15 @@ def output_names(key: str, n: int, suffix: str) -> list[str]:
     return [f"{key}_{k}{suffix}" for k in range(n)] + [f"{key}_mean{suffix}", f"{key}_std{suffix}"]
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """A mask file as (H, W, 1) in [0, 1], white = to fill (the pipeline fills where it is >= 1/2); a file of
-    0/1 values, as some tools write masks, counts its 1s as white."""
-    mask = match_channels(load_image(path), 1, str(path))
-    return mask * 255 if mask.max() < 1.5 / 255 else mask
+def read_mask(path: Path, image: np.ndarray, image_name: str) -> np.ndarray:
+    """The mask file of ``image`` (H, W, C) as (H, W, 1) float, 1 where a pixel is to be filled: checked as
+    training's masks are (``data.mask_problem``: 0/255 or 0/1, white / 1 = to fill, the image's size)."""
+    mask = decode(path, mask_values)
+    problem = mask_problem(image, mask, image_name, str(path))
+    if problem:
+        raise DataError(problem)
+    gray = mask[..., 0] if mask.ndim == 3 else mask
+    return (gray > 0).astype(np.float32)[..., None]
 
 
 def read_condition(pipe: DiffunetPipeline, cond: Path, mask: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -295,8 +275,9 @@ def read_condition(pipe: DiffunetPipeline, cond: Path, mask: Path | None) -> tup
     def tensor(arr: np.ndarray) -> torch.Tensor:                      # (H, W, C) -> (1, C, H, W)
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
 
-    image = tensor(match_channels(load_image(cond), pipe.unet.config.in_channels, str(cond)))
-    fill = None if mask is None else tensor(read_mask(mask))
+    array = load_image(cond)
+    image = tensor(match_channels(array, pipe.unet.config.in_channels, str(cond)))
+    fill = None if mask is None else tensor(read_mask(mask, array, str(cond)))
     where = cond if mask is None else f"{cond} (mask {mask})"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
