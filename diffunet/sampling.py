@@ -239,7 +239,8 @@ def conditions(cond: str | Path, mask: str | Path | None = None) -> list[tuple[s
     for folder in (cond, mask):
         if folder is not None and not Path(folder).is_dir():
             raise DataError(f"{folder} is not a folder")
-    pairs, lone_conds, lone_masks = pair_files(cond, cond if mask is None else mask)   # itself: just the keys
+    # without masks the folder is paired with itself: its files by key, two files of one key still refused
+    pairs, lone_conds, lone_masks = pair_files(cond, cond if mask is None else mask)
     for lone, other in ((lone_conds, mask), (lone_masks, cond)):
         if lone:
             more = f" ({len(lone) - 1} more files lack one too)" if len(lone) > 1 else ""
