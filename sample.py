@@ -2,29 +2,46 @@
 
     python sample.py runs/digits/pipeline --out samples --num-images 100 [--scheduler ddim --steps 50 ...]
     accelerate launch sample.py runs/digits/pipeline --out samples --num-images 10000    # indices split over processes
+    python sample.py runs/digits-sr/pipeline --cond lowres/ --out sharp [--mask masks/] [--num-per-cond 4]
 
-Every option is a keyword of ``diffunet.sampling.sample_to_folder``; see docs/sampling.md.
+Every option is a keyword of ``diffunet.sampling.sample_to_folder`` or, with --cond,
+``diffunet.sampling.sample_conditioned``; see docs/sampling.md.
 """
 
 import argparse
+import inspect
 import sys
 
 from diffunet.checkpoint import CheckpointError
 from diffunet.config import SampleConfig
 from diffunet.fast import ALIASES, PRECISION
 from diffunet.objectives import TARGETS
-from diffunet.sampling import SCHEDULERS, sample_to_folder
+from diffunet.sampling import INPAINTING_SCHEDULERS, SCHEDULERS, sample_conditioned, sample_to_folder
 
 DEFAULTS = SampleConfig()
+ONE_MODE = argparse.SUPPRESS        # options of one of the two functions: passed only when given, so that the
+                                    # function's own default applies and the other function refuses them by name
+
+
+def runner(args: dict):
+    return sample_conditioned if "cond" in args else sample_to_folder
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="pipeline folder written by train.py, or a UNet.save_pretrained folder")
-    p.add_argument("--out", required=True, help="output folder: 000000.png, ..., grid.png")
-    p.add_argument("--num-images", type=int, default=DEFAULTS.num_images)
-    p.add_argument("--start-index", type=int, default=0, help="first image index (extend an existing set)")
-    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULTS.scheduler)
+    p.add_argument("--out", required=True, help="output folder: 000000.png, ..., grid.png (with --cond: the "
+                                                "conditions' relative paths and stems)")
+    p.add_argument("--num-images", type=int, default=ONE_MODE, help=f"default {DEFAULTS.num_images}")
+    p.add_argument("--start-index", type=int, default=ONE_MODE, help="first image index (extend an existing set)")
+    p.add_argument("--cond", default=ONE_MODE, metavar="DIR",
+                   help="sample an image-conditioned model: one output per image file under DIR (any depth)")
+    p.add_argument("--mask", default=ONE_MODE, metavar="DIR",
+                   help="with --cond: the masks (white = to fill), paired by relative path and stem")
+    p.add_argument("--num-per-cond", type=int, default=ONE_MODE, metavar="N",
+                   help="with --cond: N outputs per condition (stem_0 ... stem_{N-1}, stem_mean, stem_std)")
+    p.add_argument("--scheduler", choices=[*SCHEDULERS, *INPAINTING_SCHEDULERS], default=DEFAULTS.scheduler,
+                   help="repaint: training-free inpainting (with --cond and --mask)")
     p.add_argument("--steps", type=int, default=DEFAULTS.steps)
     p.add_argument("--eta", type=float, default=DEFAULTS.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
@@ -38,17 +55,23 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: the process's accelerator, else the CPU")
     p.add_argument("--prediction-type", choices=list(TARGETS), default=None,
                    help="the model's target, for a bare model folder (a pipeline folder records it)")
-    p.add_argument("--npz", nargs="?", const="samples.npz", default=None,
+    p.add_argument("--npz", nargs="?", const="samples.npz", default=ONE_MODE,
                    help="also write the images as uint8 in an .npz (default name samples.npz, in --out)")
     p.add_argument("--no-grid", dest="grid", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    wrong = sorted(set(vars(args)) - set(inspect.signature(runner(vars(args))).parameters))
+    if wrong:
+        p.error(f"{', '.join('--' + name.replace('_', '-') for name in wrong)}: "
+                f"{'not with' if 'cond' in vars(args) else 'only with'} --cond")
+    return args
 
 
 def main(argv=None) -> int:
+    args = vars(parse(argv))
     try:
-        sample_to_folder(**vars(parse(argv)))
-    except (CheckpointError, ValueError) as e:          # a bad folder, label or option: one line, no traceback
+        runner(args)(**args)
+    except (CheckpointError, ValueError) as e:          # a bad folder, file, label or option: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

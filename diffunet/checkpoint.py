@@ -30,6 +30,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
+from .pipeline import IMAGE_TASKS
 from .unet import UNet
 
 MANIFEST = "manifest.json"
@@ -427,6 +428,26 @@ def _check_pipeline_index(path: Path) -> dict:
             and hasattr(diffusers, scheduler[1])):
         raise CheckpointError(f"{path} names {named(scheduler)} as its scheduler, not one of diffusers' schedulers")
     return index
+
+
+# What a pipeline folder's model_index.json says of its own pipeline; a folder from before image conditions, or a
+# bare model folder, means these.
+PIPELINE_OPTIONS = {"task": "generate", "sr_factor": 1}
+
+
+def pipeline_options(path) -> dict:
+    """``{"task": ..., "sr_factor": ...}`` of a pipeline folder (its ``model_index.json``), the keywords of
+    ``DiffunetPipeline`` beside the unet and scheduler; ``PIPELINE_OPTIONS`` where it names none, or where
+    ``path`` is a bare model folder. Values no pipeline takes are one CheckpointError line naming the file."""
+    index = Path(path) / "model_index.json"
+    saved = _read_json(index) if index.is_file() else {}
+    options = {key: saved.get(key, default) for key, default in PIPELINE_OPTIONS.items()}
+    task, factor = options["task"], options["sr_factor"]
+    if task != "generate" and task not in IMAGE_TASKS:
+        raise CheckpointError(f"{index} names task {task!r}; this diffunet knows generate, {', '.join(IMAGE_TASKS)}")
+    if type(factor) is not int or factor < 1:
+        raise CheckpointError(f"{index} has sr_factor {factor!r}; it must be a positive integer")
+    return options
 
 
 def load_model_folder(path: Path, dtype: torch.dtype = torch.float32) -> tuple[UNet, dict | None]:

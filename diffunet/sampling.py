@@ -5,25 +5,29 @@ grids are written and read by ``diffunet.data``). The loop itself is ``DiffunetP
 Reproducibility rests on one rule: image i is drawn from its own ``torch.Generator``, seeded from (seed, i), for
 its initial noise and for every noise draw of the scheduler. The images therefore do not depend on the batch
 size, the number of processes, or which indices were already on disk, and a set can be extended later
-(``start_index``) or an interrupted run resumed (indices whose file exists are skipped).
+(``start_index``) or an interrupted run resumed (indices whose file exists are skipped). Conditioned runs
+(``sample_conditioned``) seed output k of a condition file from (seed, crc32 of its relative path, k) instead.
 """
 
 from __future__ import annotations
 
+import warnings
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, UniPCMultistepScheduler)
+                       HeunDiscreteScheduler, RePaintScheduler, UniPCMultistepScheduler)
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model_folder
+from .checkpoint import load_model_folder, pipeline_options
 from .config import SampleConfig
-from .data import image_path, read_image, save_grid, to_uint8, write_image
+from .data import (IMAGE_EXTENSIONS, PIL_MODES, DataError, decode, image_path, load_image, mask_problem, mask_values,
+                   match_channels, pair_files, read_image, save_grid, to_uint8, write_image)
 from .fast import describe_device, precision, resolve_precision
-from .pipeline import DiffunetPipeline
+from .pipeline import DiffunetPipeline, upsample_condition
 from .tables import choose
 
 SCHEDULERS = {
@@ -34,13 +38,18 @@ SCHEDULERS = {
     "heun": HeunDiscreteScheduler,          # two model calls per step
     "unipc": UniPCMultistepScheduler,
 }
+# Schedulers that need an image and a mask (``sample.py --cond --mask``): training-free inpainting with any
+# epsilon-predicting model, unconditional or class-conditional (Lugmayr et al. 2022)
+INPAINTING_SCHEDULERS = {"repaint": RePaintScheduler}
 
 GRID_MAX = 100                                          # images shown in grid.png
+GRID_COLUMNS = 8                                        # conditions shown in a conditioned run's grid.png
 
 
 def make_scheduler(name: str, config) -> object:
-    """A sampling scheduler ``name`` built from the training scheduler's ``config`` (same betas and target)."""
-    return choose(SCHEDULERS, name, "scheduler").from_config(config)
+    """A sampling scheduler ``name`` (``SCHEDULERS``, ``INPAINTING_SCHEDULERS``) built from the training
+    scheduler's ``config`` (same betas and target)."""
+    return choose({**SCHEDULERS, **INPAINTING_SCHEDULERS}, name, "scheduler").from_config(config)
 
 
 def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, prediction_type: str | None = None,
@@ -49,7 +58,9 @@ def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, predic
     ``scheduler/``; whichever pipeline class it names: ``DiffunetPipeline``, or ``DDPMPipeline`` in older runs)
     or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
     ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon"). A folder
-    that cannot be used is one ``CheckpointError`` line naming the file (``checkpoint.load_model_folder``)."""
+    that cannot be used is one ``CheckpointError`` line naming the file (``checkpoint.load_model_folder``).
+    The pipeline's own keywords (``task``, ``sr_factor``: which image condition the model takes) are
+    ``checkpoint.pipeline_options(path)``, for ``generate_batches`` / ``generate``."""
     unet, train_config = load_model_folder(path, dtype)
     train_config = dict(train_config if train_config is not None else DDPMScheduler().config)
     if prediction_type is not None:
@@ -62,10 +73,14 @@ def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, predic
 
 # ------------------------------------------------------------------------------------------- seeds, labels
 
-def image_generator(seed: int, index: int) -> torch.Generator:
+def image_generator(seed: int, index: int | tuple[int, ...]) -> torch.Generator:
     """The generator of image ``index``. SeedSequence mixes (seed, index) so that nearby pairs give unrelated
-    streams and no two pairs collide (a plain ``seed * K + index`` would)."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    streams and no two pairs collide (a plain ``seed * K + index`` would). A tuple of ints (a conditioned
+    output: the crc32 of its condition's key, k) is SeedSequence's spawn key, a domain of its own: SeedSequence
+    pads short entropy with zeros ([s, i] and [s, i, 0] are one stream), spawn keys are kept apart."""
+    sequence = (np.random.SeedSequence(seed, spawn_key=index) if isinstance(index, tuple)
+                else np.random.SeedSequence([seed, index]))
+    state = sequence.generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -106,8 +121,9 @@ def generate_batches(unet, scheduler, indices: Sequence[int], *, steps: int = Sa
                      eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size, device=None,
                      progress: bool = False, image=None, mask_image=None, task: str = "generate",
                      sr_factor: int = 1) -> Iterator[tuple[list[int], torch.Tensor | None, torch.Tensor]]:
-    """Yield (indices, labels, images) batch by batch for any list of image indices; see ``generate``.
-    ``image`` / ``mask_image``: image conditions, one per index (sliced with the batches)."""
+    """Yield (indices, labels, images) batch by batch for any list of image indices (or keys that
+    ``image_generator`` takes); see ``generate``. ``image`` / ``mask_image``: image conditions, one per index
+    (sliced with the batches)."""
     pipe = pipeline_for(unet, scheduler, device, task, sr_factor)
     indices = list(indices)
     all_labels = class_labels_for(classes, indices, unet.config.num_classes)
@@ -147,19 +163,10 @@ def generate(unet, scheduler, num_images: int, *, steps: int = SampleConfig.step
 
 # ------------------------------------------------------------------------------------------- sample.py
 
-def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, scheduler: str = SampleConfig.scheduler,
-                     steps: int = SampleConfig.steps, eta: float = SampleConfig.eta,
-                     batch_size: int = SampleConfig.batch_size, seed: int = SampleConfig.seed, start_index: int = 0,
-                     classes=None, guidance_scale: float = SampleConfig.guidance_scale,
-                     dtype: str = SampleConfig.dtype, device: str | None = None, prediction_type: str | None = None,
-                     npz: str | None = None, grid: bool = True, progress: bool = True) -> Path:
-    """Images start_index .. start_index + num_images - 1 of ``model`` (see ``load_model``) as ``out/000042.png``,
-    plus ``out/grid.png`` and, with ``npz``, an .npz (path relative to ``out``) of the range: ``images``
-    (N, H, W, C) uint8, ``indices`` and, for class-conditional models, ``labels``.
-
-    Indices whose file exists are skipped, so an interrupted run resumes without duplicates or gaps. Under
-    ``accelerate launch`` the missing indices are split into contiguous, disjoint chunks, one per process.
-    A class-conditional model with ``classes=None`` samples a balanced set ("all")."""
+def load_for_processes(model: str | Path, scheduler: str, prediction_type: str | None, dtype: str,
+                       device: str | None):
+    """(accelerate's process state, unet on this process's device in the ``dtype`` asked for, scheduler): what
+    every sampling run of ``sample.py`` starts with, under ``accelerate launch`` or alone."""
     from accelerate import PartialState
 
     # accelerate sets up multi-process CPU runs (gloo) only when told cpu=True; on a GPU machine that would
@@ -171,7 +178,25 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, sch
     if dtype == "auto" and state.is_main_process:
         print(f"--dtype {dtype}: {name} on {describe_device(where)}")
     unet, sched = load_model(model, scheduler, prediction_type, precision(name, "dtype")[1])
-    unet.to(where)
+    return state, unet.to(where), sched
+
+
+def sample_to_folder(model: str | Path, out: str | Path, num_images: int = SampleConfig.num_images, *,
+                     scheduler: str = SampleConfig.scheduler, steps: int = SampleConfig.steps,
+                     eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size,
+                     seed: int = SampleConfig.seed, start_index: int = 0, classes=None,
+                     guidance_scale: float = SampleConfig.guidance_scale, dtype: str = SampleConfig.dtype,
+                     device: str | None = None, prediction_type: str | None = None, npz: str | None = None,
+                     grid: bool = True, progress: bool = True) -> Path:
+    """Images start_index .. start_index + num_images - 1 of ``model`` (see ``load_model``) as ``out/000042.png``,
+    plus ``out/grid.png`` and, with ``npz``, an .npz (path relative to ``out``) of the range: ``images``
+    (N, H, W, C) uint8, ``indices`` and, for class-conditional models, ``labels``.
+
+    Indices whose file exists are skipped, so an interrupted run resumes without duplicates or gaps. Under
+    ``accelerate launch`` the missing indices are split into contiguous, disjoint chunks, one per process.
+    A class-conditional model with ``classes=None`` samples a balanced set ("all")."""
+    state, unet, sched = load_for_processes(model, scheduler, prediction_type, dtype, device)
+    options = pipeline_options(model)
     if classes is None and unet.config.num_classes:
         classes = "all"
     out, channels = Path(out), unet.config.in_channels
@@ -182,7 +207,7 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, sch
     with state.split_between_processes(todo) as mine:
         for idx, _, images in generate_batches(unet, sched, mine, steps=steps, seed=seed, classes=classes,
                                                guidance_scale=guidance_scale, eta=eta, batch_size=batch_size,
-                                               progress=progress and state.is_local_main_process):
+                                               progress=progress and state.is_local_main_process, **options):
             for i, image in zip(idx, to_uint8(images)):
                 write_image(image, image_path(out, i, channels))
     state.wait_for_everyone()
@@ -199,4 +224,175 @@ def sample_to_folder(model: str | Path, out: str | Path, num_images: int, *, sch
             np.savez(out / npz, **arrays)
         print(f"{len(todo)} images written by {state.num_processes} process(es), "
               f"{num_images - len(todo)} already there: {out}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- sample.py --cond
+# A condition file's key is its path relative to the folder without suffix ("a/x" for cond/a/x.jpg), as
+# data.pair_files pairs files: it names the outputs (out/a/x.png) and seeds them, so an output never depends on
+# which other files exist.
+
+def conditions(cond: str | Path, mask: str | Path | None = None) -> list[tuple[str, Path, Path | None]]:
+    """(key, condition file, its mask file or None) of every image under ``cond``, in key order; a file of
+    either folder without its partner, or two files of one key (x.png and x.jpg), is one DataError naming it."""
+    cond = Path(cond)
+    for folder in (cond, mask):
+        if folder is not None and not Path(folder).is_dir():
+            raise DataError(f"{folder} is not a folder")
+    # without masks the folder is paired with itself: its files by key, two files of one key still refused
+    pairs, lone_conds, lone_masks = pair_files(cond, cond if mask is None else mask)
+    for lone, other in ((lone_conds, mask), (lone_masks, cond)):
+        if lone:
+            more = f" ({len(lone) - 1} more files lack one too)" if len(lone) > 1 else ""
+            raise DataError(f"{lone[0]} has no file of the same relative path and stem under {other}{more}")
+    if not pairs:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {cond}")
+    return [(c.relative_to(cond).with_suffix("").as_posix(), c, None if mask is None else m) for c, m in pairs]
+
+
+def output_names(key: str, n: int, suffix: str) -> list[str]:
+    """The files of condition ``key`` under ``out``: ``a/x.png``; for n > 1 ``a/x_0.png`` .. ``a/x_{n-1}.png``,
+    then ``a/x_mean.png`` and ``a/x_std.png``."""
+    if n == 1:
+        return [key + suffix]
+    return [f"{key}_{k}{suffix}" for k in range(n)] + [f"{key}_mean{suffix}", f"{key}_std{suffix}"]
+
+
+def read_mask(path: Path, image: np.ndarray, image_name: str) -> np.ndarray:
+    """The mask file of ``image`` (H, W, C) as (H, W, 1) float, 1 where a pixel is to be filled: checked as
+    training's masks are (``data.mask_problem``: 0/255 or 0/1, white / 1 = to fill, the image's size)."""
+    mask = decode(path, mask_values)
+    problem = mask_problem(image, mask, image_name, str(path))
+    if problem:
+        raise DataError(problem)
+    gray = mask[..., 0] if mask.ndim == 3 else mask
+    return (gray > 0).astype(np.float32)[..., None]
+
+
+def read_condition(pipe: DiffunetPipeline, cond: Path, mask: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One condition as ``generate_batches`` takes it: the image (1, C, H, W) in [0, 1] at the model's size and
+    the mask (1, 1, H, W) in {0, 1}. The pipeline checks them, on this file alone, so that its errors (another
+    aspect ratio, a mask the model takes none of ...) and warnings (another size: resized) name the file."""
+    def tensor(arr: np.ndarray) -> torch.Tensor:                      # (H, W, C) -> (1, C, H, W)
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
+
+    array = load_image(cond)
+    image = tensor(match_channels(array, pipe.unet.config.in_channels, str(cond)))
+    fill = None if mask is None else tensor(read_mask(mask, array, str(cond)))
+    where = cond if mask is None else f"{cond} (mask {mask})"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            known, fill = pipe.known_pixels(image, fill, 1, torch.device("cpu"))   # [-1, 1], as fitted
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    for w in caught:
+        warnings.warn(f"{where}: {w.message}", w.category, stacklevel=2)
+    # super-resolution takes its input at the low size or the model's: the model's, so any mix stacks in a batch
+    return (upsample_condition(known, pipe.unet.image_size) + 1) / 2, fill
+
+
+def read_batch(pipe: DiffunetPipeline, items: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The conditions of a batch of (key, cond, mask) items, stacked: (B, C, H, W) and (B, 1, H, W) or None;
+    each file read once. Warnings were shown when the files were first checked."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        read = {item[1]: read_condition(pipe, item[1], item[2]) for item in items}
+    image = torch.cat([read[c][0] for _, c, _ in items])
+    return image, None if items[0][2] is None else torch.cat([read[c][1] for _, c, _ in items])
+
+
+def write_mean_std(out: Path, names: list[str]) -> None:
+    """The per-pixel mean and std of the outputs ``names[:-2]`` as uint8 images ``names[-2:]``: the mean as an
+    image, the (population) standard deviation doubled, 2 * std * 255 in [0, 1] units: 0 where the outputs agree,
+    255 at the largest spread a pixel can have (half its outputs black, half white); a uniform one shows 147."""
+    stack = np.stack([read_image(out / name) for name in names[:-2]]).astype(np.float64)
+    write_image(np.round(stack.mean(0)).astype(np.uint8), out / names[-2])
+    write_image(np.clip(np.round(2 * stack.std(0)), 0, 255).astype(np.uint8), out / names[-1])
+
+
+def condition_grid(pipe: DiffunetPipeline, items: list, outputs: list[Path], path: Path) -> Path:
+    """``items``' conditions, masks (where given) and ``outputs``, one row each, one column per condition."""
+    channels = pipe.unet.config.in_channels
+    image, fill = read_batch(pipe, items)
+    rows = [to_uint8(image * 2 - 1)]                                    # (N, C, H, W) [0, 1] -> (N, H, W, C) uint8
+    if fill is not None:
+        rows.append(to_uint8(fill.expand(-1, channels, -1, -1) * 2 - 1))
+    rows.append(np.stack([read_image(p) for p in outputs]))
+    return save_grid(np.concatenate(rows), path, nrow=len(items))
+
+
+def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, mask: str | Path | None = None,
+                       num_per_cond: int = 1, scheduler: str = SampleConfig.scheduler, steps: int = SampleConfig.steps,
+                       eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size,
+                       seed: int = SampleConfig.seed, classes=None, guidance_scale: float = SampleConfig.guidance_scale,
+                       dtype: str = SampleConfig.dtype, device: str | None = None, prediction_type: str | None = None,
+                       grid: bool = True, progress: bool = True) -> Path:
+    """``num_per_cond`` outputs of ``model`` (see ``load_model``) for every image file under ``cond`` (any
+    depth), each the condition of the model's task (``checkpoint.pipeline_options``: the low-resolution input of
+    super-resolution, the image to complete of inpainting, or of any epsilon model with ``scheduler="repaint"``),
+    with the file of the same relative path and stem under ``mask`` (white: to fill) where a mask is taken.
+    Images are converted to the model's channel count; another size is resized with a warning.
+
+    Files: ``out/a/x.png`` for ``cond/a/x.jpg``; for N = ``num_per_cond`` > 1 ``out/a/x_0.png`` ..
+    ``x_{N-1}.png``, ``x_mean.png`` and ``x_std.png`` (``write_mean_std``); ``out/grid.png``: condition / mask /
+    output rows of the first ``GRID_COLUMNS`` conditions. Output k of key "a/x" draws from
+    ``image_generator(seed, (crc32("a/x"), k))``: it depends neither on the batch size, nor on the processes,
+    nor on the other files. Outputs whose file exists are skipped (a run resumes); a key's mean and std are
+    (re)written once its N outputs exist. Under ``accelerate launch`` the missing outputs are split between the
+    processes. Every file is checked before any sampling: a file without its partner, or one of another aspect
+    ratio, is one error naming it. ``classes``: None (a class-conditional model's null class) or one class."""
+    state, unet, sched = load_for_processes(model, scheduler, prediction_type, dtype, device)
+    options = pipeline_options(model)
+    pipe = pipeline_for(unet, sched, **options)
+    task = pipe.image_task
+    if mask is None and (isinstance(sched, RePaintScheduler) or (task is not None and task.takes_mask)):
+        raise ValueError(f"this {options['task']} pipeline{' with RePaint' if task is None else ''} fills masks: "
+                         f"pass --mask DIR, one mask per condition (same relative path and stem; white = to fill)")
+    if isinstance(classes, str):
+        raise ValueError(f"classes={classes!r} balances a numbered set; with conditions give one class, or none "
+                         f"(the null class)")
+    out, items = Path(out), conditions(cond, mask)
+    suffix = ".png" if unet.config.in_channels in PIL_MODES else ".npy"          # as data.image_path
+    names = {key: output_names(key, num_per_cond, suffix) for key, _, _ in items}
+    # keys are distinct, and for N > 1 every name ends in _k, _mean or _std: only the grid can take a name
+    clash = [path for key, path, _ in items if grid and "grid.png" in names[key]]
+    if clash:
+        raise DataError(f"{clash[0]} and the grid would both write {out / 'grid.png'}; rename it or pass --no-grid")
+    with warnings.catch_warnings():         # every process checks every file: all stop alike, before any sampling
+        if not state.is_main_process:
+            warnings.simplefilter("ignore")
+        for _, path, mask_path in items:
+            read_condition(pipe, path, mask_path)
+
+    todo = [(i, k) for i, (key, _, _) in enumerate(items) for k in range(num_per_cond)
+            if not (out / names[key][k]).exists()]
+    state.wait_for_everyone()                                   # every process lists the folder before any writes
+    with state.split_between_processes(todo) as mine:
+        show = progress and state.is_local_main_process
+        with tqdm(total=len(mine), unit="img", disable=not show, desc="sampling") as bar:
+            for lo in range(0, len(mine), batch_size):
+                batch = mine[lo:lo + batch_size]                        # (condition index, k) pairs
+                image, fill = read_batch(pipe, [items[i] for i, _ in batch])
+                keys = [(zlib.crc32(items[i][0].encode()), k) for i, k in batch]
+                for _, _, images in generate_batches(unet, sched, keys, steps=steps, seed=seed, classes=classes,
+                                                     guidance_scale=guidance_scale, eta=eta, batch_size=len(batch),
+                                                     image=image, mask_image=fill, **options):
+                    for (i, k), x in zip(batch, to_uint8(images)):
+                        path = out / names[items[i][0]][k]
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        write_image(x, path)
+                bar.update(len(batch))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if num_per_cond > 1:
+            redone = {items[i][0] for i, _ in todo}
+            for key, _, _ in items:
+                if key in redone or not all((out / name).exists() for name in names[key][-2:]):
+                    write_mean_std(out, names[key])
+        if grid:
+            shown = items[:GRID_COLUMNS]
+            condition_grid(pipe, shown, [out / names[key][0] for key, _, _ in shown], out / "grid.png")
+        print(f"{len(todo)} images written by {state.num_processes} process(es), "
+              f"{len(items) * num_per_cond - len(todo)} already there: {out}")
     return out
