@@ -116,8 +116,8 @@ def config_from_unet2d(config) -> dict:
     height = as_size(cfg["sample_size"])[0]
     head_dim = cfg["attention_head_dim"]           # None: one head as wide as the block (the DDPM checkpoints)
     return dict(
-        sample_size=cfg["sample_size"], in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], cond_channels=0,
-        base_channels=chans[0], channel_mult=[c // chans[0] for c in chans],
+        sample_size=cfg["sample_size"], in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+        cond_channels=0, base_channels=chans[0], channel_mult=[c // chans[0] for c in chans],
         num_res_blocks=cfg["layers_per_block"], dropout=cfg["dropout"],
         norm_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"],
         attention_resolutions=[height // 2**i for i, a in enumerate(attention) if a],
