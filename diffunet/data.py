@@ -438,6 +438,18 @@ def mask_tensor(mask: np.ndarray, size: tuple[int, int], channels: int, where: s
     return fit(torch.from_numpy((gray > 0).astype(np.float32))[None], size, "nearest")
 
 
+def read_mask(path: Path, image: np.ndarray, image_name: str) -> np.ndarray:
+    """The mask file of ``image`` (H, W, C) as (H, W, 1) float, 1 where a pixel is to be filled, checked as
+    training's masks are (``mask_problem``: 0/255 or 0/1, white / 1 = to fill, the image's size); a DataError
+    naming the file otherwise. sample.py's and evaluate's ``--mask`` read their files with it."""
+    mask = decode(path, mask_values)
+    problem = mask_problem(image, mask, image_name, str(path))
+    if problem:
+        raise DataError(problem)
+    gray = mask[..., 0] if mask.ndim == 3 else mask
+    return (gray > 0).astype(np.float32)[..., None]
+
+
 @dataclass(frozen=True)
 class Partner:
     """How one kind of condition is read, checked against its image, and made the condition tensor."""

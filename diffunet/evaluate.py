@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import EvalConfig
-from .data import read_image
+from .data import DataError, read_image, read_mask
 from .metrics import EXTRACTORS, IMAGE_SUFFIXES, ExtractorUnavailable, classify, evaluate, paired_scores
 
 SAMPLE_K = re.compile(r"(.+)_\d+")                  # stem_k: the k-th output for the condition `stem`
@@ -76,18 +76,14 @@ def class_folders(truth: dict[str, Path]) -> dict[str, int] | None:
     return {key: names.index(folder) for key, folder in folders.items()}
 
 
-def read_masks(files: list[Path], shape: tuple[int, int]) -> np.ndarray:
-    """(N, H, W, 1) masks (a file's first channel), or one line naming the first file of the wrong size or with
-    values other than 0/1 or 0/255."""
-    masks = []
-    for path in files:
-        m = read_image(path)[..., :1]
-        if m.shape[:2] != shape:
-            raise PairingError(f"mask {path} is {m.shape[0]}x{m.shape[1]}, its truth image {shape[0]}x{shape[1]}")
-        if not (set(np.unique(m)) <= {0, 1} or set(np.unique(m)) <= {0, 255}):
-            raise PairingError(f"mask {path} has values other than 0/1 or 0/255 (1 / 255: the filled region)")
-        masks.append(m)
-    return np.stack(masks)
+def read_masks(files: list[Path], truth: np.ndarray) -> np.ndarray:
+    """(N, H, W, 1) masks of the truth images (N, H, W, C), 1 for the filled region, read as sample.py reads its
+    masks (``data.read_mask``); one line naming the first file of the wrong size or with other values than
+    0/1 or 0/255."""
+    try:
+        return np.stack([read_mask(path, image, "its truth image") for path, image in zip(files, truth)])
+    except DataError as e:
+        raise PairingError(str(e)) from None
 
 
 def read_stack(files: list[Path], what: str) -> np.ndarray:
@@ -131,7 +127,7 @@ def evaluate_paired(outputs: str | Path, truth: str | Path, mask: str | Path | N
         missing = [truth_files[key] for key in keys if key not in mask_files]
         if missing:
             raise PairingError(f"{len(missing)} truth image(s) have no mask in {mask}, the first {missing[0]}")
-        masks = read_masks([mask_files[key] for key in keys], true_images.shape[1:3])[index]
+        masks = read_masks([mask_files[key] for key in keys], true_images)[index]
     labels, name = None, "accuracy"
     if classifier is not None:
         by_folder = class_folders(truth_files)

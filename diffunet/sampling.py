@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_model_folder, pipeline_options
 from .config import SampleConfig
-from .data import (IMAGE_EXTENSIONS, PIL_MODES, DataError, decode, image_path, load_image, mask_problem, mask_values,
-                   match_channels, pair_files, read_image, save_grid, to_uint8, write_image)
+from .data import (IMAGE_EXTENSIONS, PIL_MODES, DataError, image_path, load_image, match_channels, pair_files,
+                   read_image, read_mask, save_grid, to_uint8, write_image)
 from .fast import describe_device, precision, resolve_precision
 from .pipeline import DiffunetPipeline, upsample_condition
 from .tables import choose
@@ -256,17 +256,6 @@ def output_names(key: str, n: int, suffix: str) -> list[str]:
     if n == 1:
         return [key + suffix]
     return [f"{key}_{k}{suffix}" for k in range(n)] + [f"{key}_mean{suffix}", f"{key}_std{suffix}"]
-
-
-def read_mask(path: Path, image: np.ndarray, image_name: str) -> np.ndarray:
-    """The mask file of ``image`` (H, W, C) as (H, W, 1) float, 1 where a pixel is to be filled: checked as
-    training's masks are (``data.mask_problem``: 0/255 or 0/1, white / 1 = to fill, the image's size)."""
-    mask = decode(path, mask_values)
-    problem = mask_problem(image, mask, image_name, str(path))
-    if problem:
-        raise DataError(problem)
-    gray = mask[..., 0] if mask.ndim == 3 else mask
-    return (gray > 0).astype(np.float32)[..., None]
 
 
 def read_condition(pipe: DiffunetPipeline, cond: Path, mask: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
