@@ -62,7 +62,8 @@ def test_cond_channels_zero_is_todays_model():
 
 def test_a_condition_of_the_wrong_shape_is_one_error():
     model = tiny(cond_channels=2)
-    with pytest.raises(ValueError, match=r"cond must be \(B, cond_channels, H, W\) = \(1, 2, 16, 16\), got \(1, 1, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"cond must be \(B, cond_channels, H, W\) = \(1, 2, 16, 16\), "
+                                         r"got \(1, 1, 16, 16\)"):
         model(torch.randn(1, 1, 16, 16), 3, cond=torch.randn(1, 1, 16, 16))
 
 

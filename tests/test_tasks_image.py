@@ -94,7 +94,7 @@ def test_a_super_resolution_run_end_to_end(tmp_path):
     pipe_dir = train(cfg)
     run = Path(cfg.output_dir)
     grid = Image.open(run / "samples" / "final.png")
-    assert grid.size == (6 * 18 + 2, 4 * 18 + 2)                    # 6 held-out digits x (input, bicubic, output, truth)
+    assert grid.size == (6 * 18 + 2, 4 * 18 + 2)        # 6 held-out digits x (input, bicubic, output, truth)
     scores = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
     assert {"psnr", "ssim", "accuracy"} <= scores.keys() and 0 <= scores["accuracy"] <= 1
     index = json.loads((pipe_dir / "model_index.json").read_text())
@@ -146,3 +146,30 @@ def test_training_from_a_paired_mask_folder_uses_its_masks(tmp_path):
     assert torch.equal(keywords["cond"][:, 1:], mask[None])
     train(cfg)
     assert "psnr_masked" in json.loads((Path(cfg.output_dir) / "eval.jsonl").read_text())
+
+
+def test_the_image_conditioned_bench_runs_end_to_end(tmp_path, capsys):
+    """A smoke run of bench/bench_image_cond.py on three tiny runs (no numbers asserted: the targets are the
+    bench's business), so that a change of the task or pipeline API cannot break it unnoticed."""
+    import importlib.util
+    import sys
+
+    runs = {}
+    for name, preset, extra in (("sr", "digits-sr", []), ("inpaint", "digits-inpaint", []),
+                                ("uncond", "digits", ["model.num_classes=null", "data.holdout=20"])):
+        cfg = load_config(preset, FAST + [f"output_dir={tmp_path / name}", "train.max_steps=2", "train.eval_every=0",
+                                          *extra])
+        train(cfg)
+        runs[name] = tmp_path / name
+    path = Path(__file__).parents[1] / "bench" / "bench_image_cond.py"
+    spec = importlib.util.spec_from_file_location("bench_image_cond", path)
+    bench = sys.modules["bench_image_cond"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--sr", str(runs["sr"]), "--inpaint", str(runs["inpaint"]), "--repaint", str(runs["uncond"]),
+                "--num", "6", "--steps", "2", "--repaint-steps", "10", "--grids", str(tmp_path / "grids"),
+                "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert "super_resolution x4, the first 6 held-out digits" in out and "repaint" in out
+    results = json.loads((tmp_path / "b.json").read_text())
+    assert [set(r["rows"]) for r in results] == [{"bicubic", "ours"}, {"ours", "repaint"}]
+    assert Image.open(tmp_path / "grids" / "inpainting.png").size == (6 * 66 + 2, 5 * 66 + 2)   # 5 rows, 64 px
