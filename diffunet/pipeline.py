@@ -3,6 +3,9 @@
     pipe = DiffusionPipeline.from_pretrained("runs/digits/pipeline", trust_remote_code=True)   # the folder's code
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     images = pipe(class_labels=[3, 3, 7], guidance_scale=2.0, num_inference_steps=20).images
+    sharp = sr_pipe(image=low_res_images).images                        # a super_resolution run's pipeline
+    filled = inpaint_pipe(image=images, mask_image=masks).images        # white in the mask: to fill
+    pipe.scheduler = RePaintScheduler.from_config(pipe.scheduler.config)   # any epsilon model inpaints (RePaint)
 
 Image i draws all its randomness (initial noise and every noise draw of a stochastic scheduler) from
 ``generator[i]`` when ``generator`` is a list, so an image depends on its own generator only, never on the batch
