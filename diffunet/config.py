@@ -63,7 +63,7 @@ class DataConfig:
     holdout: int = 0                            # images held out of training (a fixed split, seed 0): the
                                                 # conditions of grids and evaluation for image-conditioned tasks
     sr_factor: int = 4                          # super_resolution: the condition is x0 area-downsampled by this
-    mask: str = "mixed"                         # inpainting masks drawn per batch: a name in data.MASKS
+    mask: str = "mixed"                         # inpainting masks drawn per batch: a name in masks.MASKS
     eval_mask: str = "half"                     # inpainting masks of grids and evaluation (seeded by sample.seed)
     cond_column: Optional[str] = None           # HF datasets: column of conditioning images (low-res inputs)
     mask_column: Optional[str] = None           # HF datasets: column of inpainting masks (white/1: to fill)

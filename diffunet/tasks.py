@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from . import objectives
 from .config import ConfigError
-from .data import MASKS, draw_masks, to_uint8
+from .data import to_uint8
+from .masks import MASKS, draw_masks
 from .metrics import ExtractorUnavailable, evaluate, load_extractor, paired_scores
 from .pipeline import IMAGE_TASKS, inpainting_condition, upsample_condition
 from .tables import choose
@@ -213,7 +214,7 @@ class SuperResolution(ImageConditioned):
 
 class Inpainting(ImageConditioned):
     """The condition: the image with a region masked out, plus the mask (1: to fill), so cond_channels =
-    in_channels + 1. Masks are drawn per batch (``data.mask``: a name in ``data.MASKS``) or read from paired
+    in_channels + 1. Masks are drawn per batch (``data.mask``: a name in ``masks.MASKS``) or read from paired
     data. The output equals the input outside the mask, exactly (the pipeline pastes it back)."""
 
     name = "inpainting"

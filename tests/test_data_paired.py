@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from diffunet.config import load_config
-from diffunet.data import (MASKS, DataError, ImageFolder, PairedFolder, apply_bad_image_policy, build_dataset,
-                           draw_masks, pair_files, split_holdout)
+from diffunet.data import (DataError, ImageFolder, PairedFolder, apply_bad_image_policy, build_dataset, pair_files,
+                           split_holdout)
+from diffunet.masks import MASKS, draw_masks
 
 
 # ------------------------------------------------------------------------------------------ masks
