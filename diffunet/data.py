@@ -513,6 +513,29 @@ class HFDataset(Dataset):
             self.num_classes = getattr(feature, "num_classes", None) or int(max(ds[self.label_column])) + 1
         self.size, self.channels = tuple(size), channels
 
+    @property
+    def root(self) -> str:                      # what apply_bad_image_policy's messages name
+        return self.spec
+
+    def preflight(self, progress: bool = False) -> list[tuple[str, str]]:
+        """With a condition column, read every row once before training, as a PairedFolder's preflight does:
+        (row, reason) for each whose image and condition do not go together (a mask of another size, other
+        values). Without one, nothing: rows are read as training reaches them."""
+        from tqdm.auto import tqdm
+
+        if self.condition is None:
+            return []
+        bad = []
+        for i in tqdm(range(len(self.ds)), desc="checking rows", disable=not progress, leave=False):
+            try:
+                self[i]
+            except DataError as e:
+                bad.append((f"{self.spec}[{i}]", str(e)))
+        return bad
+
+    def drop(self, rows: set[str]) -> None:
+        self.ds = self.ds.select([i for i in range(len(self.ds)) if f"{self.spec}[{i}]" not in rows])
+
     def __len__(self):
         return len(self.ds)
 

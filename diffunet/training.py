@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
 from .convert import init_from
-from .data import DataError, ImageFolder, apply_bad_image_policy, build_dataset, save_grid, split_holdout, to_uint8
+from .data import DataError, apply_bad_image_policy, build_dataset, save_grid, split_holdout, to_uint8
 from .export import pipeline_of, write_folder
 from . import objectives
 from .fast import apply_fast_paths, describe_device, resolve_precision
@@ -146,7 +146,7 @@ class Trainer:
             acc.print(f"WARNING: {note}")
         set_seed(t.seed)                                # the same initial weights on every process, every run
         model, dataset = validate(cfg)
-        if isinstance(dataset, ImageFolder):            # decode every file once, on the main process
+        if hasattr(dataset, "preflight"):               # decode every file (or paired row) once, on the main process
             bad = dataset.preflight(progress=acc.is_main_process) if acc.is_main_process else None
             bad = gather_object([bad])[0] if acc.num_processes > 1 else bad
             apply_bad_image_policy(dataset, bad, cfg.data.bad_images, warn=acc.print)

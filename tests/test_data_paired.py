@@ -217,6 +217,16 @@ def test_hf_datasets_cond_and_mask_columns(tmp_path):
         _hf(tmp_path, "data.mask_column=masks")
     with pytest.raises(DataError, match=r"cond_column and data.mask_column are both set .*keep one"):
         _hf(tmp_path, "data.mask_column=mask", "data.cond_column=low")
+    # before any compute, as a paired folder's: strict names the first bad row, skip drops both and counts them
+    ds = _hf(tmp_path, "data.mask_column=mask")
+    bad = ds.preflight()
+    assert [row for row, _ in bad] == [f"{tmp_path / 'saved'}[1]", f"{tmp_path / 'saved'}[2]"]
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\) under .*saved, first .*saved\[1\]\.mask is 16x12"):
+        apply_bad_image_policy(ds, bad, "strict")
+    warned = []
+    apply_bad_image_policy(ds, bad, "skip", warn=warned.append)
+    assert len(ds) == 1 and torch.equal(ds[0][2][0], expected) and "skipping 2" in warned[0]
+    assert _hf(tmp_path).preflight() == []                                  # no condition: rows read as trained on
 
 
 # ------------------------------------------------------------------------------------------ holdout

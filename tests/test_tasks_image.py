@@ -173,3 +173,25 @@ def test_the_image_conditioned_bench_runs_end_to_end(tmp_path, capsys):
     results = json.loads((tmp_path / "b.json").read_text())
     assert [set(r["rows"]) for r in results] == [{"bicubic", "ours"}, {"ours", "repaint"}]
     assert Image.open(tmp_path / "grids" / "inpainting.png").size == (6 * 66 + 2, 5 * 66 + 2)   # 5 rows, 64 px
+
+
+def test_a_bad_mask_row_of_a_hf_dataset_stops_before_any_compute(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from diffunet.data import DataError
+
+    good = np.zeros((16, 16), np.uint8)
+    good[4:12, 4:12] = 255
+    bad = good.copy()
+    bad[0, 0] = 128
+    rows = {"image": [Image.fromarray(np.full((16, 16), 200, np.uint8))] * 12,
+            "mask": [Image.fromarray(good)] * 11 + [Image.fromarray(bad)]}
+    datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+                               ).save_to_disk(tmp_path / "hf")
+    cfg = cfg_of("digits-inpaint", tmp_path, f"data.source=hf:{tmp_path / 'hf'}", "data.mask_column=mask",
+                 "data.label_column=null", "data.holdout=2", "train.eval_num_images=2", "train.max_steps=2")
+    with pytest.raises(DataError, match=r"hf\[11\]\.mask has values other than 0/255 or 0/1 \(e\.g\. 128\)"):
+        train(cfg)
+    assert not (Path(cfg.output_dir) / "checkpoints").exists()
+    train(cfg_of("digits-inpaint", tmp_path / "skip", f"data.source=hf:{tmp_path / 'hf'}", "data.mask_column=mask",
+                 "data.label_column=null", "data.holdout=2", "train.eval_num_images=2", "train.max_steps=2",
+                 "data.bad_images=skip"))
