@@ -76,10 +76,12 @@ def _mirror_pad_axis(x: torch.Tensor, dim: int, before: int, after: int) -> torc
 # ----------------------------------------------------------------------------------------------- time
 
 # How each residual block takes the time (and class) embedding ``e``: as a scale and shift of the normalized
-# features (ADM's AdaGN, the default) or added before the norm (DDPM). Value: (width factor of e, apply).
+# features (ADM's AdaGN, the default), added before the norm (DDPM), or not at all ("none": a deterministic U-Net,
+# the 2015 segmentation network, with no embedding). Value: (width factor of e, apply).
 TIME_CONDITION = {
     "scale_shift": (2, lambda norm, h, e: norm(h) * (1 + e.chunk(2, dim=1)[0]) + e.chunk(2, dim=1)[1]),
     "add": (1, lambda norm, h, e: norm(h + e)),
+    "none": (0, lambda norm, h, e: norm(h)),
 }
 
 # "same": p = (k-1)//2 keeps the size; "valid": no padding, every 3x3 conv eats one pixel per side.
@@ -99,7 +101,7 @@ class ResBlock(nn.Module):
         width, self.condition = choose(TIME_CONDITION, time_condition, "time_condition")
         self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=p)
-        self.emb = nn.Linear(emb_dim, width * c_out)
+        self.emb = nn.Linear(emb_dim, width * c_out) if width else None
         self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
         self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=p)
@@ -111,9 +113,9 @@ class ResBlock(nn.Module):
     def size(self, n: int) -> int:
         return conv_size(conv_size(n, 3, 1, self.pad), 3, 1, self.pad)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))                       # (B, Cin, H, W) -> (B, Cout, H', W')
-        e = self.emb(F.silu(emb))[:, :, None, None]                 # (B, E) -> (B, k*Cout, 1, 1)
+        e = None if self.emb is None else self.emb(F.silu(emb))[:, :, None, None]   # (B, E) -> (B, k*Cout, 1, 1)
         h = self.conv2(self.dropout(F.silu(self.condition(self.norm2, h, e))))
         if self.shortcut is None:
             return h

@@ -36,6 +36,7 @@ class Generate:
 
     def check(self, cfg, model, dataset) -> None:
         """What this task needs of the config, the model and the data; ConfigError (one line) otherwise."""
+        needs_time(cfg, model)
         if cfg.train.eval_every > 0:
             if eval_reference(cfg) is None:
                 raise ConfigError(f"train.eval_every needs train.eval_reference (a folder, an .npz or 'digits') "
@@ -81,6 +82,13 @@ class Generate:
         return evaluate(to_uint8(images), eval_reference(cfg), cfg.train.eval_extractor, seed=cfg.sample.seed)
 
 
+def needs_time(cfg, model) -> None:
+    """Diffusion denoises at a timestep: a model built without time cannot be trained for it."""
+    if model.config.time_condition == "none":
+        raise ConfigError(f"task={cfg.task} trains a diffusion model, which needs a timestep: set "
+                          f"model.time_condition=scale_shift (or add); 'none' is for deterministic networks")
+
+
 def flip(cfg, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Random horizontal flips if ``data.hflip``, one draw per image, the same for an image and its condition."""
     if not cfg.data.hflip:
@@ -114,6 +122,7 @@ class ImageConditioned(Generate):
     paired = ""                         # the paired data this task can take: "conds" or "masks"
 
     def check(self, cfg, model, dataset) -> None:
+        needs_time(cfg, model)
         want = model.config.in_channels + IMAGE_TASKS[self.name].extra_channels
         if model.config.cond_channels != want:
             raise ConfigError(f"task={self.name} needs model.cond_channels={want} (got "

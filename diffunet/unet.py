@@ -166,7 +166,8 @@ class UNet(ModelMixin, ConfigMixin):
         upsample: str = "nearest",                      # "transposed" | "bilinear" | "nearest" (then a 3x3 conv)
         skip: str = "concat",                           # "concat" | "concat_1x1" | "add" | "none"
         padding: str = "same",                          # "same": p=(k-1)//2 ; "valid": none, skips center-cropped
-        time_condition: str = "scale_shift",            # "scale_shift" (AdaGN) | "add" (DDPM)
+        time_condition: str = "scale_shift",            # "scale_shift" (AdaGN) | "add" (DDPM) | "none" (no time:
+                                                        # a deterministic U-Net, forward(sample) alone)
         flip_sin_to_cos: bool = True,                   # time features cos first (False: sin first, as DDPM)
         freq_shift: float = 0,                          # frequencies exp(-ln(1e4) i / (half - shift)) (DDPM: 1)
         num_classes: Optional[int] = None,              # class-conditional; id num_classes is the "null" class
@@ -190,6 +191,9 @@ class UNet(ModelMixin, ConfigMixin):
             raise ValueError(f"attention_resolutions {sorted(unknown)} match no level; "
                              f"feature heights at sample_size are {heights}")
         out_channels = out_channels or in_channels
+        timed = time_condition != "none"
+        if not timed and num_classes:
+            raise ValueError("time_condition='none' has no embedding to add class labels to; set num_classes=None")
         emb_dim = 4 * base_channels
         pad = PADDING[padding](3)
         res = functools.partial(ResBlock, emb_dim=emb_dim, groups=norm_groups, dropout=dropout, padding=padding,
@@ -204,10 +208,10 @@ class UNet(ModelMixin, ConfigMixin):
         # diffusers' sinusoidal features (UNet2DModel's flip_sin_to_cos and freq_shift): fp32 under autocast too
         self.time_embed = nn.Sequential(Timesteps(base_channels, flip_sin_to_cos, downscale_freq_shift=freq_shift),
                                         nn.Linear(base_channels, emb_dim),
-                                        nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                                        nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if timed else None
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         # the flag of a dropped image condition (zeros in its channels), added to the embedding: guidance on it
-        self.cond_null = nn.Parameter(torch.zeros(emb_dim)) if cond_channels else None
+        self.cond_null = nn.Parameter(torch.zeros(emb_dim)) if cond_channels and timed else None
         self.conv_in = nn.Conv2d(in_channels + cond_channels, chans[0], 3, padding=pad)
 
         skip_chans, c = [chans[0]], chans[0]
@@ -252,7 +256,7 @@ class UNet(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
+    def forward(self, sample: torch.Tensor, timestep=None, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True, *, cond: torch.Tensor | None = None,
                 cond_dropped: torch.Tensor | None = None):
         """Predict from ``sample`` (B, C, H, W) at ``timestep``: the forms UNet2DModel takes, a number, a 0-d, a (1,)
@@ -260,25 +264,9 @@ class UNet(ModelMixin, ConfigMixin):
         is (UNet2DModel truncates a Python number to an int; it keeps tensors' fractions, as we do).
 
         ``cond`` (B, cond_channels, H, W): the image condition of a model built with ``cond_channels``; None, or
-        the rows where ``cond_dropped`` (B,) bool is True, stand for "no condition": zeros and the null flag."""
-        batch = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device)
-        if t.ndim == 0 or t.shape == (1,):                              # one timestep for the whole batch
-            t = t.reshape(()).expand(batch)
-        elif t.shape != (batch,):
-            raise ValueError(f"timestep must be a number, a 0-d or (1,) tensor, or a ({batch},) tensor, "
-                             f"got shape {tuple(t.shape)}")
-        # sinusoids in fp32, then the dtype of the layer they feed (UNet2DModel casts to the model's; under autocast
-        # that stays fp32): ModelMixin.dtype would walk every submodule, looking for casting hooks, on every call
-        sinusoids, mlp = self.time_embed[0], self.time_embed[1:]
-        emb = mlp(sinusoids(t).to(mlp[0].weight.dtype))                  # (B,) -> (B, 4*base)
-        if self.class_embed is not None:
-            if class_labels is None:                                    # unconditional: the "null" class
-                class_labels = torch.full((batch,), self.null_class, device=sample.device)
-            emb = emb + self.class_embed(class_labels.to(sample.device).long())
-        elif class_labels is not None:
-            raise ValueError("class_labels given, but this UNet was built with num_classes=None")
-
+        the rows where ``cond_dropped`` (B,) bool is True, stand for "no condition": zeros and the null flag.
+        A model with ``time_condition="none"`` takes no timestep (``model(sample)``)."""
+        emb = self._embedding(sample, timestep, class_labels)             # (B, 4*base), or None: no time
         x, emb = self._condition(sample, cond, cond_dropped, emb)         # (B, C, H, W) -> (B, C + K, H, W)
 
         tiling = self.tiling(sample.shape[-2:])
@@ -298,6 +286,37 @@ class UNet(ModelMixin, ConfigMixin):
         out = h[..., top:top + rows, left:left + cols]
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
+    def _embedding(self, sample, timestep, class_labels) -> torch.Tensor | None:
+        """The time (and class) embedding the blocks take; None for a model without time (``time_condition``
+        "none"), which takes no timestep."""
+        batch = sample.shape[0]
+        if self.time_embed is None:
+            if timestep is not None:
+                raise ValueError("timestep given, but this UNet was built with time_condition='none' (no time)")
+            if class_labels is not None:
+                raise ValueError("class_labels given, but this UNet was built with num_classes=None")
+            return None
+        if timestep is None:
+            raise ValueError("this UNet is time-conditioned: pass a timestep (or build it with "
+                             "time_condition='none')")
+        t = torch.as_tensor(timestep, device=sample.device)
+        if t.ndim == 0 or t.shape == (1,):                              # one timestep for the whole batch
+            t = t.reshape(()).expand(batch)
+        elif t.shape != (batch,):
+            raise ValueError(f"timestep must be a number, a 0-d or (1,) tensor, or a ({batch},) tensor, "
+                             f"got shape {tuple(t.shape)}")
+        # sinusoids in fp32, then the dtype of the layer they feed (UNet2DModel casts to the model's; under autocast
+        # that stays fp32): ModelMixin.dtype would walk every submodule, looking for casting hooks, on every call
+        sinusoids, mlp = self.time_embed[0], self.time_embed[1:]
+        emb = mlp(sinusoids(t).to(mlp[0].weight.dtype))                  # (B,) -> (B, 4*base)
+        if self.class_embed is not None:
+            if class_labels is None:                                    # unconditional: the "null" class
+                class_labels = torch.full((batch,), self.null_class, device=sample.device)
+            emb = emb + self.class_embed(class_labels.to(sample.device).long())
+        elif class_labels is not None:
+            raise ValueError("class_labels given, but this UNet was built with num_classes=None")
+        return emb
+
     def _condition(self, sample, cond, dropped, emb):
         """The stem's input: ``sample`` with the image condition concatenated (zeros where dropped), and the
         embedding with the null flag added where it was dropped."""
@@ -315,7 +334,8 @@ class UNet(ModelMixin, ConfigMixin):
         if dropped is not None:
             dropped = dropped.to(sample.device).bool()
             cond = cond.masked_fill(dropped[:, None, None, None], 0)
-            emb = emb + dropped[:, None].to(emb.dtype) * self.cond_null.to(emb.dtype)
+            if emb is not None:                                         # no time, no flag: zeros only
+                emb = emb + dropped[:, None].to(emb.dtype) * self.cond_null.to(emb.dtype)
         return torch.cat([sample, cond], dim=1), emb
 
     def _run(self, module, *args):

@@ -74,6 +74,9 @@ def test_cond_dropout_flags_about_that_fraction(tmp_path):
     ("digits-inpaint", ["data.mask=boxes"], "data.mask"),
     ("digits-sr", ["task=super_res"], "task"),
     ("digits-sr", ["train.cond_dropout=1.0"], r"train.cond_dropout must be in \[0, 1\)"),
+    ("digits-sr", ["model.time_condition=none"], "task=super_resolution trains a diffusion model, which needs a "
+                                                 "timestep"),
+    ("digits", ["model.time_condition=none", "model.num_classes=null"], "task=generate trains a diffusion model"),
 ])
 def test_bad_task_configs_stop_before_compute(tmp_path, preset, overrides, message):
     with pytest.raises(ConfigError, match=message):
