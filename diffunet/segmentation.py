@@ -1,5 +1,6 @@
 """Segmentation losses, one table entry each (``LOSSES``): what the deterministic U-Net (``time_condition="none"``)
-is trained with on image -> mask pairs, binary or multi-class.
+is trained with on image -> mask pairs, binary or multi-class; and the scores of predicted masks (Dice, IoU, the
+95 % Hausdorff distance) through torchmetrics.
 
 The network outputs logits (B, K, H, W), K >= 2 classes (a binary mask is background / foreground, K = 2), and the
 target is (B, H, W) or (B, 1, H, W) class ids. ``unet_weighted_ce`` also takes the per-pixel weight map of the
@@ -16,6 +17,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.segmentation.utils import edge_surface_distance
+from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from .tables import choose
 
@@ -63,3 +66,27 @@ def segmentation_loss(name: str, logits: torch.Tensor, target: torch.Tensor,
         raise ValueError(f"segmentation needs at least 2 output channels (background and foreground), got "
                          f"{logits.shape[1]}; set model.out_channels=2 for a binary mask")
     return loss(logits, class_ids(target, logits.shape[1]), weight)
+
+
+# ------------------------------------------------------------------------------------------ scores
+
+def hd95(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """The 95 % Hausdorff distance (pixels) between two binary masks (H, W): the larger of the two directed 95th
+    percentiles of edge-to-edge distances (torchmetrics' surface distances; the definition MONAI uses), nan if
+    either mask is empty. torchmetrics' own HausdorffDistance is the 100 % one, which a single stray pixel sets."""
+    if not pred.any() or not truth.any():
+        return float("nan")
+    there, back = edge_surface_distance(pred.bool(), truth.bool(), symmetric=True)
+    return max(float(torch.quantile(there.float(), 0.95)), float(torch.quantile(back.float(), 0.95)))
+
+
+def segmentation_scores(pred: torch.Tensor, truth: torch.Tensor, num_classes: int = 2) -> dict:
+    """Dice, IoU (foreground classes, macro, per image then averaged: torchmetrics) and the mean 95 % Hausdorff
+    distance over images and foreground classes present in both, of class-id masks (N, H, W) or (N, 1, H, W)."""
+    pred, truth = class_ids(pred, num_classes), class_ids(truth, num_classes)
+    dice = DiceScore(num_classes, include_background=False, input_format="index")(pred, truth)
+    iou = MeanIoU(num_classes, include_background=False, input_format="index")(pred, truth)
+    distances = [hd95(p == c, t == c) for p, t in zip(pred, truth) for c in range(1, num_classes)]
+    finite = [d for d in distances if d == d]
+    return {"dice": float(dice), "iou": float(iou),
+            "hd95": sum(finite) / len(finite) if finite else float("nan"), "num_images": len(pred)}

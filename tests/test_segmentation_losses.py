@@ -1,4 +1,7 @@
-"""The segmentation loss table: properties of ce, dice_ce and unet_weighted_ce on binary and multi-class masks."""
+"""The segmentation loss table: properties of ce, dice_ce and unet_weighted_ce on binary and multi-class masks;
+the scores (Dice, IoU, 95 % Hausdorff) of predicted masks."""
+
+import math
 
 import pytest
 import torch
@@ -69,3 +72,36 @@ def test_bad_inputs_are_one_line_each():
         segmentation_loss("ce", torch.zeros(3, 1, 12, 10), target)
     with pytest.raises(ValueError, match=r"mask ids must be in 0..1 for a 2-class output, got 0..2"):
         segmentation_loss("ce", torch.zeros(3, 2, 12, 10), masks(3))
+
+
+# ---------------------------------------------------------------------------------------------- scores
+
+def disc(center, radius=5, size=(32, 32)):
+    yy, xx = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+    return ((yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius ** 2).long()
+
+
+def test_scores_of_a_perfect_and_a_shifted_mask():
+    from diffunet.segmentation import segmentation_scores
+
+    truth = torch.stack([disc((12, 12)), disc((20, 15))])
+    perfect = segmentation_scores(truth, truth)
+    assert perfect["dice"] == pytest.approx(1) and perfect["iou"] == pytest.approx(1) and perfect["hd95"] == 0
+    shifted = segmentation_scores(torch.stack([disc((12, 15)), disc((20, 18))]), truth)     # 3 px to the right
+    assert 0.5 < shifted["dice"] < 0.8 and shifted["iou"] < shifted["dice"]
+    assert 2.5 <= shifted["hd95"] <= 3.0
+    # Dice as torchmetrics' functional form gives it, IoU as |A & B| / |A | B|
+    a, b = disc((12, 15)), disc((12, 12))
+    one = segmentation_scores(a[None], b[None])
+    assert one["dice"] == pytest.approx(float(2 * (a & b).sum() / (a.sum() + b.sum())), abs=1e-6)
+    assert one["iou"] == pytest.approx(float((a & b).sum() / (a | b).sum()), abs=1e-6)
+
+
+def test_hd95_ignores_a_few_stray_pixels_that_the_full_hausdorff_counts():
+    from diffunet.segmentation import hd95
+
+    truth = disc((16, 16), radius=8)
+    pred = truth.clone()
+    pred[0, 0] = 1                                                  # one stray pixel far away
+    assert hd95(pred, truth) < 2
+    assert math.isnan(hd95(torch.zeros_like(truth), truth))            # an empty mask has no distance
