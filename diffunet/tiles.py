@@ -29,10 +29,11 @@ Box = tuple[slice, slice]          # (rows, cols)
 def tile_boxes(size, tile, overlap: int = 0) -> list[tuple[Box, Box]]:
     """The tiles of an image of ``size`` (H, W), each as (output box, read box), both in image pixels.
 
-    The read box is the ``tile`` (H, W) the network sees; tiles start every ``tile - overlap`` pixels and the last
-    one in each axis is shifted back to end at the image border, so every read box has the same size. With
-    ``overlap=0`` the output boxes cover every pixel exactly once (the shifted last tile writes only what its
-    predecessor left); with an overlap the output box is the read box, and pixels in the overlaps are blended.
+    The read box is the ``tile`` (H, W) the network sees, and every read box has that size. With ``overlap=0``
+    tiles start every ``tile`` pixels, the last one in each axis shifted back to end at the image border, and
+    the output boxes cover every pixel exactly once (the shifted tile writes only what its predecessor left).
+    With an overlap, tiles are spread evenly from border to border, neighbours sharing at least ``overlap``
+    pixels; the output box is the read box, and pixels in the overlaps are blended.
     An axis shorter than the tile is one tile of the image's length.
     """
     axes = []
@@ -40,7 +41,11 @@ def tile_boxes(size, tile, overlap: int = 0) -> list[tuple[Box, Box]]:
         t = min(t, n)
         if not 0 <= overlap < t:
             raise ValueError(f"overlap must be in [0, tile) = [0, {t}), got {overlap}")
-        starts = list(range(0, n - t, t - overlap)) + [n - t]
+        if overlap:                                 # spread evenly: every overlap is at least ``overlap``
+            k = -(-(n - t) // (t - overlap)) + 1
+            starts = [i * (n - t) // max(k - 1, 1) for i in range(k)]
+        else:
+            starts = list(range(0, n - t, t)) + [n - t]
         reads = [slice(s, s + t) for s in starts]
         if overlap:
             outs = reads
