@@ -3,9 +3,11 @@
 "valid" padding (the 2015 U-Net's overlap-tile strategy): each output tile reads an input tile enlarged by the
 network's margin on every side, cut from the whole image mirror-padded exactly as ``UNet.forward`` pads it. The
 tiles' outputs do not overlap, and the stitched result is ``model(image)`` up to float rounding *for a network
-whose every operation is local*: its convs, pools, up-samplers and skip crops are. Two things in ``UNet`` are not:
-GroupNorm normalizes over the whole feature map and the bottleneck attends over all pixels, so on a real UNet the
-tiles see their own statistics and tiled output is close to, not equal to, the whole-image one.
+whose every operation is local*: its convs, pools, transposed / nearest up-samplers and skip crops are
+("bilinear" is not quite: it clamps at the tile's border, ~1e-5 off). Two things in ``UNet`` are not: GroupNorm
+normalizes over the whole feature map and the bottleneck attends over all pixels, so on a real UNet the tiles
+see their own statistics and tiled output is close to, not equal to, the whole-image one. Every read starts
+on the pooling grid (shifts of 2^(levels-1)), the one grid on which a valid U-Net is shift-equivariant.
 
 "same" padding: every conv zero-pads its own input, so a pixel near a tile border sees zeros where the whole
 image has neighbours; no choice of input tile makes that exact. Tiles therefore overlap by ``overlap`` pixels and
@@ -21,7 +23,7 @@ import math
 import torch
 
 from .nn import mirror_pad
-from .unet import Tiling, as_size
+from .unet import Tiling, UNet, as_size
 
 Box = tuple[slice, slice]          # (rows, cols)
 
@@ -69,7 +71,7 @@ def hann_ramp(n: int, overlap: int, *, dtype=torch.float64, device=None) -> torc
 
 @torch.no_grad()
 def predict_tiled(model, image: torch.Tensor, tile, *, overlap: int | None = None, batch_size: int = 4,
-                  **forward_kwargs) -> torch.Tensor:
+                  geometry: UNet | None = None, **forward_kwargs) -> torch.Tensor:
     """``model(image, **forward_kwargs).sample`` for an ``image`` (B, C, H, W) of any size, by tiles of ``tile``
     (int or (h, w)) output pixels, ``batch_size`` tiles per network call.
 
@@ -78,14 +80,18 @@ def predict_tiled(model, image: torch.Tensor, tile, *, overlap: int | None = Non
     anything else (a number) is passed as is. ``overlap`` ("same" padding only; default a quarter of the tile)
     is the blended width between neighbouring tiles. A tile the network cannot take raises ``model.tiling``'s
     ValueError, which names the nearest valid sizes. Returns (B, C_out, H, W) on the image's device and dtype.
+
+    ``model`` is a UNet, or any callable ``f(x, **forward_kwargs)`` that runs one (a wrapper, a compiled
+    module, a lambda closing over a timestep); then ``geometry`` is that UNet, whose tiling and padding rule.
     """
+    geometry = model if geometry is None else geometry
     size = tuple(image.shape[-2:])
     tile = tuple(min(t, n) for t, n in zip(as_size(tile), size))
-    if model.config.padding == "valid":
+    if geometry.config.padding == "valid":
         if overlap:
             raise ValueError("overlap is for padding='same'; valid-padding tiles read their margin and never overlap")
-        return _valid(model, image, tile, batch_size, forward_kwargs)
-    model.tiling(tile)                                              # a tile the network cannot take fails here
+        return _valid(model, geometry, image, tile, batch_size, forward_kwargs)
+    geometry.tiling(tile)                                              # a tile the network cannot take fails here
     overlap = min(tile) // 4 if overlap is None else overlap
     return _same(model, image, tile, overlap, batch_size, forward_kwargs)
 
@@ -108,16 +114,16 @@ def _same(model, image, tile, overlap, batch_size, kwargs):
 
 # ---------------------------------------------------------------------------------------------- "valid"
 
-def _valid(model, image, tile, batch_size, kwargs):
+def _valid(model, geometry, image, tile, batch_size, kwargs):
     """Cut each tile's network input from the image mirror-padded as forward() pads the whole of it.
 
     A valid U-Net is shift-equivariant only for shifts of ``stride`` = 2^(levels-1) (the pooling grid), so each
     read starts on that grid, in padded coordinates, and is ``stride - 1`` pixels longer than the tile needs.
     """
     size = tuple(image.shape[-2:])
-    whole = model.tiling(size)
-    stride = 2 ** (len(model.config.channel_mult) - 1)
-    net = model.tiling(tuple(t + stride - 1 for t in tile))           # every tile's network input and margin
+    whole = geometry.tiling(size)
+    stride = 2 ** (len(geometry.config.channel_mult) - 1)
+    net = geometry.tiling(tuple(t + stride - 1 for t in tile))           # every tile's network input and margin
     if net.margin != whole.margin:
         raise ValueError(f"margins differ between tile {net.margin} and image {whole.margin}: not a valid U-Net")
     (n_h, n_w), (m_h, m_w) = net.input_size, net.margin
@@ -138,7 +144,7 @@ def _valid(model, image, tile, batch_size, kwargs):
     kwargs = {k: pad(v) if _image_shaped(v, image) else v for k, v in kwargs.items()}
     core = Tiling((n_h - 2 * m_h, n_w - 2 * m_w), (n_h, n_w), net.margin, (0, 0, 0, 0), (0, 0))
     out = None
-    with _unpadded(model, core):
+    with _unpadded(geometry, core):
         for batch, y in _batched(model, padded, boxes, batch_size, kwargs):
             for ((rows, cols), (r_in, c_in)), y_tile in zip(batch, y):
                 if out is None:

@@ -75,7 +75,7 @@ def test_hann_ramp_is_positive_and_flat_inside():
 
 # ---------------------------------------------------------------------------------------------- valid
 
-@pytest.mark.parametrize("tile", [16, 24, (8, 20)])
+@pytest.mark.parametrize("tile", [16, 24, (8, 20), 13, (11, 21)])   # 13, 11, 21: off the pooling grid
 @pytest.mark.parametrize("levels", [(1, 2), (1, 2, 2)])
 def test_valid_tiles_equal_the_whole_image(tile, levels):
     model = local(unet(channel_mult=levels))
@@ -97,6 +97,9 @@ def test_valid_tiles_with_timestep_and_cond():
         assert tiled.shape == (2, 3, *SIZE)
         assert (tiled - whole).abs().max() < 1e-10, kwargs
     assert (predict_tiled(model, x, 16, timestep=t, cond=cond) - model(x, t).sample).abs().max() > 1e-3  # cond used
+    f = lambda x, cond: model(x, 250, cond=cond).sample                    # noqa: E731 (a wrapper of the model)
+    tiled = predict_tiled(f, x, 16, geometry=model, cond=cond)
+    assert (tiled - model(x, 250, cond=cond).sample).abs().max() < 1e-10
 
 
 def test_valid_tiles_of_a_groupnorm_unet_are_close_not_equal():
