@@ -49,11 +49,8 @@ def tile_boxes(size, tile, overlap: int = 0) -> list[tuple[Box, Box]]:
         else:
             starts = list(range(0, n - t, t)) + [n - t]
         reads = [slice(s, s + t) for s in starts]
-        if overlap:
-            outs = reads
-        else:                                       # the shifted last tile writes only from where the last left
-            outs = [slice(s, min(s + t, n)) for s in starts[:-1]] + [slice(starts[-2] + t if len(starts) > 1
-                                                                            else 0, n)]
+        stops = [s + t for s in starts]             # no overlap: each writes from where its predecessor stopped
+        outs = reads if overlap else [slice(a, b) for a, b in zip([0] + stops[:-1], stops)]
         axes.append(list(zip(outs, reads)))
     return [((ro, co), (ri, ci)) for ro, ri in axes[0] for co, ci in axes[1]]
 
