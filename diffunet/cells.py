@@ -22,11 +22,11 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 RADIUS = (4.0, 14.0)       # mean radius of a cell, px (absolute: independent of the image size)
-ELONGATION = (1.0, 1.6)    # major/minor axis = elongation^2; area stays pi r^2
+ELONGATION = (1.0, 1.45)   # major/minor axis = elongation^2; area stays pi r^2
 HARMONICS = (2, 3, 4)      # low-frequency wobbles of the outline, r(phi) = 1 + sum a_k cos(k phi + p_k)
 HARMONIC_AMP = 0.07        # max amplitude a_k of each harmonic
 NEIGHBOUR_P = 0.7          # chance a cell is placed against an earlier one (touching / overlapping)
-MAX_OCCLUSION = 0.35       # a new cell may hide at most this fraction of an earlier cell's area
+MAX_OCCLUSION = 0.35       # a new cell may hide at most this fraction of an earlier cell's area (nor cut it in two)
 NUCLEUS_P = 0.6            # chance a cell has a darker nucleus-like blob
 
 
@@ -85,10 +85,15 @@ def _place_cells(rng, shape, coverage: float, max_tries: int):
         hidden = np.bincount(instances[box][inside], minlength=len(cells) + 1)[1:]
         if np.any(hidden > MAX_OCCLUSION * np.asarray(area, dtype=np.int64)):
             continue
-        for i in np.flatnonzero(hidden):
-            area[i] -= hidden[i]
-        covered += int((instances[box][inside] == 0).sum())
+        before = instances[box].copy()
         instances[box][inside] = len(cells) + 1
+        occluded = np.flatnonzero(hidden)
+        if any(ndimage.label(instances[cells[i][1]] == i + 1)[1] > 1 for i in occluded):
+            instances[box] = before                     # it would cut an earlier cell in two: ids stay one blob
+            continue
+        for i in occluded:
+            area[i] -= hidden[i]
+        covered += int((before[inside] == 0).sum())
         cells.append((g, box, t))
         area.append(int(inside.sum()))
     return instances, cells
@@ -131,13 +136,13 @@ def make_cells(size: int | tuple[int, int] = (64, 64), seed=0, coverage: float =
         if not visible.any():
             continue
         value = rng.uniform(0.4, 0.85) * (1 + rng.uniform(0.05, 0.2) * texture[box])
-        value = value * (1 - 0.4 * np.clip((t - 0.8) / 0.2, 0, 1))           # darker thin membrane at the border
+        value = value * (1 - 0.55 * np.clip((t - 0.78) / 0.22, 0, 1))        # darker thin membrane at the border
         if rng.random() < NUCLEUS_P:                                         # darker soft-edged nucleus blob
             rn = rng.uniform(0.3, 0.5) * math.sqrt(g["a"] * g["b"])
             oy, ox = rng.uniform(-0.25, 0.25, 2) * g["b"]
             dy, dx = np.ogrid[box[0], box[1]]
             tn = np.hypot(dy - g["cy"] - oy, dx - g["cx"] - ox) / rn
-            value = value * (1 - rng.uniform(0.25, 0.5) / (1 + np.exp(8 * (tn - 1))))
+            value = value * (1 - rng.uniform(0.3, 0.55) / (1 + np.exp(6 * (tn - 1))))
         canvas[box][visible] = np.broadcast_to(value, visible.shape)[visible]
 
     illumination = 0.75 + 0.35 * _smooth_field(rng, shape)                   # uneven lighting of the cells
