@@ -23,11 +23,12 @@ from torch.utils.data import Dataset
 
 RADIUS = (4.0, 14.0)       # mean radius of a cell, px (absolute: independent of the image size)
 ELONGATION = (1.0, 1.45)   # major/minor axis = elongation^2; area stays pi r^2
-HARMONICS = (2, 3, 4)      # low-frequency wobbles of the outline, r(phi) = 1 + sum a_k cos(k phi + p_k)
+HARMONICS = (2, 3, 4)      # (consecutive from 2) low-frequency wobbles of the outline, r(phi) = 1 + sum a_k cos(k phi + p_k)
 HARMONIC_AMP = 0.07        # max amplitude a_k of each harmonic
 NEIGHBOUR_P = 0.7          # chance a cell is placed against an earlier one (touching / overlapping)
 MAX_OCCLUSION = 0.35       # a new cell may hide at most this fraction of an earlier cell's area (nor cut it in two)
 NUCLEUS_P = 0.6            # chance a cell has a darker nucleus-like blob
+FOUR = ndimage.generate_binary_structure(2, 1)     # 4-connectivity: the cross
 
 
 def _cell_geometry(rng, cy: float, cx: float, r: float):
@@ -45,15 +46,17 @@ def _cell_box(g, shape) -> tuple[slice, slice]:
 
 def _cell_radial(g, box) -> np.ndarray:
     """t(x) = rho / r(phi) over the box: < 1 inside the cell, 1 on its outline."""
-    dy, dx = np.ogrid[box[0], box[1]]
-    dy, dx = dy - g["cy"], dx - g["cx"]
+    dy = np.arange(box[0].start, box[0].stop)[:, None] - g["cy"]
+    dx = np.arange(box[1].start, box[1].stop)[None, :] - g["cx"]
     c, s = math.cos(g["theta"]), math.sin(g["theta"])
     z = (c * dx + s * dy) / g["a"] + 1j * ((c * dy - s * dx) / g["b"])     # rho e^{i phi}, ellipse frame
     rho = np.abs(z)
     unit = z / np.maximum(rho, 1e-9)
     # cos(k phi + p) = Re(e^{ik phi} e^{ip}): powers of the unit vector, no trigonometry per pixel
-    outline = 1 + sum(a * (unit ** k * complex(math.cos(p), math.sin(p))).real
-                      for k, a, p in zip(HARMONICS, g["amp"], g["phase"]))
+    outline, power = 1.0, unit
+    for a, p in zip(g["amp"], g["phase"]):              # HARMONICS = 2, 3, 4
+        power = power * unit
+        outline = outline + a * (power * complex(math.cos(p), math.sin(p))).real
     return rho / outline
 
 
@@ -78,6 +81,8 @@ def _place_cells(rng, shape, coverage: float, max_tries: int):
             cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
         g = _cell_geometry(rng, cy, cx, r)
         box = _cell_box(g, shape)
+        if (box[0].stop - box[0].start) * (box[1].stop - box[1].start) < 0.5 * math.pi * r * r:
+            continue                                    # cut off by the image edge: skip the pixel work
         t = _cell_radial(g, box)
         inside = t <= 1
         if inside.sum() < 0.5 * math.pi * r * r:        # mostly outside the image
@@ -88,7 +93,7 @@ def _place_cells(rng, shape, coverage: float, max_tries: int):
         before = instances[box].copy()
         instances[box][inside] = len(cells) + 1
         occluded = np.flatnonzero(hidden)
-        if any(ndimage.label(instances[cells[i][1]] == i + 1)[1] > 1 for i in occluded):
+        if any(ndimage.label(instances[cells[i][1]] == i + 1, FOUR)[1] > 1 for i in occluded):
             instances[box] = before                     # it would cut an earlier cell in two: ids stay one blob
             continue
         for i in occluded:
@@ -186,7 +191,7 @@ def weight_map(instances: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> n
 def count_objects(binary_mask: np.ndarray) -> int:
     """Connected components of a binary mask, 4-connectivity: cells touching only at a corner count as two,
     so a predicted one-pixel gap between touching cells is enough to separate them."""
-    return int(ndimage.label(np.asarray(binary_mask) > 0)[1])
+    return int(ndimage.label(np.asarray(binary_mask) > 0, FOUR)[1])
 
 
 def cells_arrays(n: int = 1000, crop: int = 64, seed=0, source: int = 256, w0: float = 10.0,
