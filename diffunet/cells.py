@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 RADIUS = (4.0, 14.0)       # mean radius of a cell, px (absolute: independent of the image size)
 ELONGATION = (1.0, 1.45)   # major/minor axis = elongation^2; area stays pi r^2
-HARMONICS = (2, 3, 4)      # (consecutive from 2) low-frequency wobbles of the outline, r(phi) = 1 + sum a_k cos(k phi + p_k)
+HARMONICS = 3              # outline wobbles: r(phi) = 1 + sum_{k=2..4} a_k cos(k phi + p_k)
 HARMONIC_AMP = 0.07        # max amplitude a_k of each harmonic
 NEIGHBOUR_P = 0.7          # chance a cell is placed against an earlier one (touching / overlapping)
 MAX_OCCLUSION = 0.35       # a new cell may hide at most this fraction of an earlier cell's area (nor cut it in two)
@@ -35,7 +35,7 @@ def _cell_geometry(rng, cy: float, cx: float, r: float):
     """One cell's shape parameters: centre, semi-axes a >= b, orientation, outline harmonics."""
     e = rng.uniform(*ELONGATION)
     return dict(cy=cy, cx=cx, a=r * e, b=r / e, theta=rng.uniform(0, math.pi),
-                amp=rng.uniform(0, HARMONIC_AMP, len(HARMONICS)), phase=rng.uniform(0, 2 * math.pi, len(HARMONICS)))
+                amp=rng.uniform(0, HARMONIC_AMP, HARMONICS), phase=rng.uniform(0, 2 * math.pi, HARMONICS))
 
 
 def _cell_box(g, shape) -> tuple[slice, slice]:
@@ -54,7 +54,7 @@ def _cell_radial(g, box) -> np.ndarray:
     unit = z / np.maximum(rho, 1e-9)
     # cos(k phi + p) = Re(e^{ik phi} e^{ip}): powers of the unit vector, no trigonometry per pixel
     outline, power = 1.0, unit
-    for a, p in zip(g["amp"], g["phase"]):              # HARMONICS = 2, 3, 4
+    for a, p in zip(g["amp"], g["phase"]):              # k = 2, 3, ...
         power = power * unit
         outline = outline + a * (power * complex(math.cos(p), math.sin(p))).real
     return rho / outline

@@ -74,6 +74,15 @@ def test_weight_map_peaks_in_the_gap_between_two_close_cells():
     assert w.dtype == np.float32 and w.shape == shape
 
 
+def test_weight_map_matches_the_formula_with_full_distance_transforms():
+    _, instances = cells.make_cells(96, seed=4)
+    d = np.sort([ndimage.distance_transform_edt(instances != i) for i in range(1, instances.max() + 1)], axis=0)
+    fg = instances > 0
+    w_c = np.where(fg, 0.5 / fg.mean(), 0.5 / (1 - fg.mean()))
+    expected = w_c + np.where(fg, 0, 10 * np.exp(-(d[0] + d[1]) ** 2 / 50))
+    assert np.abs(cells.weight_map(instances) - expected).max() < 1e-3
+
+
 def test_weight_map_class_balance_and_no_border_term_for_one_cell():
     shape = (32, 32)
     instances = disc(shape, 16, 16, 6).astype(np.int32)
