@@ -192,21 +192,24 @@ def count_objects(binary_mask: np.ndarray) -> int:
     return int(ndimage.label(np.asarray(binary_mask) > 0, FOUR)[1])
 
 
-def cells_arrays(n: int = 1000, crop: int = 64, seed=0, source: int = 256, w0: float = 10.0,
-                 sigma: float = 5.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cells_arrays(n: int = 1000, crop: int = 64, seed=0, source: int = 256, stride: int | None = None,
+                 w0: float = 10.0, sigma: float = 5.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` training crops as numpy arrays, each (n, 1, crop, crop) float32: image in [0, 1], mask 0/1, weight.
 
-    The crops tile images of ``source`` x ``source`` px seeded (seed, 0, k), k = 0, 1, ...: cheaper than
-    one small image per crop, and neighbouring crops still differ in cells and lighting. The weight map is
-    computed on each crop's own instances (a cell cut by the crop edge is still a cell)."""
-    per = (source // crop) ** 2
+    The crops tile images of ``source`` x ``source`` px seeded (seed, 0, k), k = 0, 1, ..., row by row every
+    ``stride`` px. The default ``crop // 2`` (half-overlapping, as random crops would) takes 49 crops of 64 from
+    each 256 image: 1,000 crops in ~2.6 s on 2 busy cores; ``stride=crop`` (no overlap, 16 per image, three
+    times the distinct cells) takes ~5.5 s. The weight map is computed on each crop's own instances (a cell
+    cut by the crop edge is still a cell)."""
+    stride = stride or crop // 2
+    across = (source - crop) // stride + 1
     images, masks, weights = (np.empty((n, 1, crop, crop), np.float32) for _ in range(3))
     for j in range(n):
-        k, c = divmod(j, per)
+        k, c = divmod(j, across * across)
         if c == 0:
             image, instances = make_cells(source, seed=(seed, 0, k))
-        y, x = divmod(c, source // crop)
-        window = np.s_[y * crop:(y + 1) * crop, x * crop:(x + 1) * crop]
+        y, x = (stride * v for v in divmod(c, across))
+        window = np.s_[y:y + crop, x:x + crop]
         images[j, 0], masks[j, 0] = image[window], instances[window] > 0
         weights[j, 0] = weight_map(instances[window], w0, sigma)
     return images, masks, weights

@@ -137,9 +137,12 @@ def test_arrays_and_dataset():
 
 def test_masks_equal_instances_in_crops():
     image, instances = cells.make_cells(64, seed=(5, 0, 0))
-    images, masks, weights = cells.cells_arrays(4, crop=32, seed=5, source=64)
+    images, masks, weights = cells.cells_arrays(4, crop=32, seed=5, source=64, stride=32)
     assert np.array_equal(images[3, 0], image[32:, 32:]) and np.array_equal(masks[3, 0], instances[32:, 32:] > 0)
     assert np.array_equal(weights[3, 0], cells.weight_map(instances[32:, 32:]))
+    images, masks, _ = cells.cells_arrays(10, crop=32, seed=5, source=64)      # stride 16: 3 x 3 crops an image
+    assert np.array_equal(images[5, 0], image[16:48, 32:]) and np.array_equal(masks[8, 0], instances[32:, 32:] > 0)
+    assert not np.array_equal(images[9, 0], image[:32, :32])                   # the next image, seeded (5, 0, 1)
 
 
 def test_test_images_are_held_out():
