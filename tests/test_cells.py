@@ -136,18 +136,20 @@ def test_arrays_and_dataset():
 
 
 def test_masks_equal_instances_in_crops():
-    image, instances = cells.make_cells(64, seed=(5, 0, 0))
+    image, instances = cells.make_cells(64, seed=(5, 1, 0))
     images, masks, weights = cells.cells_arrays(4, crop=32, seed=5, source=64, stride=32)
     assert np.array_equal(images[3, 0], image[32:, 32:]) and np.array_equal(masks[3, 0], instances[32:, 32:] > 0)
     assert np.array_equal(weights[3, 0], cells.weight_map(instances[32:, 32:]))
     images, masks, _ = cells.cells_arrays(10, crop=32, seed=5, source=64)      # stride 16: 3 x 3 crops an image
     assert np.array_equal(images[5, 0], image[16:48, 32:]) and np.array_equal(masks[8, 0], instances[32:, 32:] > 0)
-    assert not np.array_equal(images[9, 0], image[:32, :32])                   # the next image, seeded (5, 0, 1)
+    assert not np.array_equal(images[9, 0], image[:32, :32])                   # the next image, seeded (5, 1, 1)
 
 
 def test_test_images_are_held_out():
     pairs = cells.test_images(n=2, size=128, seed=0)
     assert len(pairs) == 2 and pairs[0][0].shape == pairs[0][1].shape == (128, 128)
     assert not np.array_equal(pairs[0][0], pairs[1][0])
-    train, _ = cells.make_cells(128, seed=(0, 0, 0))
-    assert not np.array_equal(pairs[0][0], train)
+    train, _ = cells.make_cells(128, seed=(0, 1, 0))
+    assert not np.array_equal(pairs[0][0], train) and not np.array_equal(pairs[0][0], cells.make_cells(128, seed=0)[0])
+    images, _, _ = cells.cells_arrays(1, crop=64, seed=0)
+    assert not np.array_equal(images[0, 0], cells.make_cells(256, seed=0)[0][:64, :64])   # nor a plain seed
