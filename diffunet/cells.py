@@ -193,7 +193,7 @@ def count_objects(binary_mask: np.ndarray) -> int:
     return int(ndimage.label(np.asarray(binary_mask) > 0, FOUR)[1])
 
 
-def cells_arrays(n: int = 1000, crop: int = 64, seed=0, source: int = 256, stride: int | None = None,
+def cells_arrays(n: int = 1000, crop: int = 64, seed: int = 0, source: int = 256, stride: int | None = None,
                  w0: float = 10.0, sigma: float = 5.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` training crops as numpy arrays, each (n, 1, crop, crop) float32: image in [0, 1], mask 0/1, weight.
 
@@ -233,12 +233,12 @@ class CellsDataset(Dataset):
         return self.images[i], -1, self.masks[i], self.weights[i]
 
 
-def cells_dataset(n: int = 1000, crop: int = 64, seed=0, **kwargs) -> CellsDataset:
+def cells_dataset(n: int = 1000, crop: int = 64, seed: int = 0, **kwargs) -> CellsDataset:
     """``cells_arrays`` as a torch Dataset (see ``CellsDataset`` for the items)."""
     return CellsDataset(*cells_arrays(n, crop, seed, **kwargs))
 
 
-def test_images(n: int = 3, size: int = 512, seed=0) -> list[tuple[np.ndarray, np.ndarray]]:
+def test_images(n: int = 3, size: int = 512, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n`` held-out (image, instances) pairs of ``size`` x ``size``, seeded (seed, 2, k): never a training image."""
     return [make_cells(size, seed=(seed, 2, k)) for k in range(n)]
 
