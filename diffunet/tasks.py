@@ -34,9 +34,12 @@ class Generate:
     classes, conditions it, and is dropped to the null class with probability ``train.label_dropout`` so that
     one model also learns the unconditional score (classifier-free guidance)."""
 
+    name = "generate"                   # the pipeline's ``task``
+
     def check(self, cfg, model, dataset) -> None:
         """What this task needs of the config, the model and the data; ConfigError (one line) otherwise."""
         needs_time(cfg, model)
+        check_classes(cfg, model, dataset)
         if cfg.train.eval_every > 0:
             if eval_reference(cfg) is None:
                 raise ConfigError(f"train.eval_every needs train.eval_reference (a folder, an .npz or 'digits') "
@@ -45,12 +48,6 @@ class Generate:
                 load_extractor(cfg.train.eval_extractor)
             except ExtractorUnavailable as e:
                 raise ConfigError(f"train.eval_extractor: {e}") from None
-        classes = model.config.num_classes
-        if classes and not dataset.num_classes:
-            raise ConfigError(f"model.num_classes={classes} but data.source={cfg.data.source} has no labels; "
-                              f"set model.num_classes=null or give labelled data")
-        if classes and dataset.num_classes > classes:
-            raise ConfigError(f"data has {dataset.num_classes} classes but model.num_classes={classes}")
 
     def training_batch(self, batch, model, cfg) -> tuple[torch.Tensor, dict]:
         """(x0, the model's conditioning keywords) from a loader batch (images, labels) on the device: random
@@ -65,7 +62,7 @@ class Generate:
 
     def pipeline_options(self, cfg) -> dict:
         """The ``DiffunetPipeline`` keywords (beside unet and scheduler) a run of this task saves."""
-        return {"task": "generate"}
+        return {"task": self.name}
 
     def grid(self, model, n: int, sample: Sampler, held, cfg) -> tuple[torch.Tensor, int | None]:
         """(images (N, C, H, W) in [-1, 1], images per row) of the sample grid of ``n``: balanced classes, one
@@ -87,6 +84,16 @@ def needs_time(cfg, model) -> None:
     if model.config.time_condition == "none":
         raise ConfigError(f"task={cfg.task} trains a diffusion model, which needs a timestep: set "
                           f"model.time_condition=scale_shift (or add); 'none' is for deterministic networks")
+
+
+def check_classes(cfg, model, dataset) -> None:
+    """A class-conditional model needs labelled data, with no more classes than it has."""
+    classes = model.config.num_classes
+    if classes and not dataset.num_classes:
+        raise ConfigError(f"model.num_classes={classes} but data.source={cfg.data.source} has no labels; "
+                          f"set model.num_classes=null or give labelled data")
+    if classes and dataset.num_classes > classes:
+        raise ConfigError(f"data has {dataset.num_classes} classes but model.num_classes={classes}")
 
 
 def flip(cfg, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -117,12 +124,12 @@ class ImageConditioned(Generate):
     (``data.holdout``) scored against the truth: PSNR, SSIM, LPIPS where it is available, and for the digits the
     class accuracy of the outputs."""
 
-    name = ""
     rows = ("input", "output", "truth")
     paired = ""                         # the paired data this task can take: "conds" or "masks"
 
     def check(self, cfg, model, dataset) -> None:
         needs_time(cfg, model)
+        check_classes(cfg, model, dataset)
         want = model.config.in_channels + IMAGE_TASKS[self.name].extra_channels
         if model.config.cond_channels != want:
             raise ConfigError(f"task={self.name} needs model.cond_channels={want} (got "
@@ -132,17 +139,10 @@ class ImageConditioned(Generate):
                               f"(e.g. data.holdout=256)")
         if not 0 <= cfg.train.cond_dropout < 1:
             raise ConfigError(f"train.cond_dropout must be in [0, 1) (got {cfg.train.cond_dropout})")
-        classes = model.config.num_classes
-        if classes and not dataset.num_classes:
-            raise ConfigError(f"model.num_classes={classes} but data.source={cfg.data.source} has no labels; "
-                              f"set model.num_classes=null or give labelled data")
         given = getattr(dataset, "condition", None)
         if given not in (None, self.paired):
             raise ConfigError(f"data.source={cfg.data.source} pairs its images with {given}, but task={self.name} "
                               f"takes {self.paired} (or none: they are made from the images)")
-
-    def pipeline_options(self, cfg) -> dict:
-        return {"task": self.name}
 
     def known(self, x: torch.Tensor, given: list, cfg, held_out: bool = False) -> dict:
         """The sampling conditions (``image`` and, for inpainting, ``mask_image``, in [0, 1]) and the model's
@@ -161,7 +161,7 @@ class ImageConditioned(Generate):
             keywords["cond_dropped"] = torch.rand(x.shape[0], device=x.device) < cfg.train.cond_dropout
         return x, keywords
 
-    def examples(self, held, n: int, cfg) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def examples(self, held, n: int) -> tuple[torch.Tensor, torch.Tensor, list]:
         """The first ``n`` held-out images: (x0 (n, C, H, W), labels (n,), their paired conditions)."""
         items = [held[i] for i in range(min(n, len(held)))]
         x = torch.stack([item[0] for item in items])
@@ -170,7 +170,7 @@ class ImageConditioned(Generate):
         return x, y, given
 
     def outputs(self, model, sample: Sampler, held, n: int, cfg):
-        x, y, given = self.examples(held, n, cfg)
+        x, y, given = self.examples(held, n)
         known = self.known(x, given, cfg, held_out=True)
         conditions = {k: v for k, v in known.items() if k in ("image", "mask_image")}
         labels_ = {"class_labels": y} if model.config.num_classes and bool((y >= 0).all()) else {}
@@ -207,7 +207,7 @@ class SuperResolution(ImageConditioned):
             raise ConfigError(f"data.sr_factor={f} must be at least 2 and divide the model's size {h}x{w}")
 
     def pipeline_options(self, cfg) -> dict:
-        return {"task": self.name, "sr_factor": cfg.data.sr_factor}
+        return {**super().pipeline_options(cfg), "sr_factor": cfg.data.sr_factor}
 
     def known(self, x, given, cfg, held_out: bool = False) -> dict:
         size = x.shape[-2:]
