@@ -281,9 +281,9 @@ class ImageFolder(Dataset):
         return to_model_tensor(load_image(path), self.size, self.channels, str(path)), self.labels[i]
 
 
-def image_files(root: str | Path) -> list[Path]:
-    """Every image file below ``root``, any depth, sorted."""
-    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def image_files(root: str | Path, suffixes=IMAGE_EXTENSIONS) -> list[Path]:
+    """Every image file below ``root`` (files with one of ``suffixes``), any depth, sorted."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in suffixes and p.is_file())
 
 
 # ------------------------------------------------------------------------------------------ paired data
@@ -383,14 +383,16 @@ def pair_files(a_root: str | Path, b_root: str | Path) -> tuple[list[tuple[Path,
     key; the files of ``a_root`` without a partner; those of ``b_root``). Two files of one folder with the same key
     are a DataError naming both. Training pairs ``images/`` with ``conds/`` or ``masks/`` by it, and
     ``sample.py --cond DIR --mask DIR`` its two folders."""
-    a, b = _by_stem(a_root), _by_stem(b_root)
+    a, b = files_by_stem(a_root), files_by_stem(b_root)
     return ([(a[k], b[k]) for k in sorted(a.keys() & b.keys())],
             [a[k] for k in sorted(a.keys() - b.keys())], [b[k] for k in sorted(b.keys() - a.keys())])
 
 
-def _by_stem(root: str | Path) -> dict[str, Path]:
+def files_by_stem(root: str | Path, suffixes=IMAGE_EXTENSIONS) -> dict[str, Path]:
+    """The image files below ``root`` by their path relative to it without suffix (``{"a/x": root/a/x.png}``);
+    two files of one key are a DataError naming both."""
     found = {}
-    for path in image_files(root):
+    for path in image_files(root, suffixes):
         key = path.relative_to(root).with_suffix("").as_posix()
         if key in found:
             raise DataError(f"{found[key]} and {path} have the same stem, so neither can be paired; rename or "

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import EvalConfig
-from .data import DataError, read_image, read_mask
+from .data import DataError, files_by_stem, read_image, read_mask
 from .metrics import EXTRACTORS, IMAGE_SUFFIXES, ExtractorUnavailable, classify, evaluate, paired_scores
 
 SAMPLE_K = re.compile(r"(.+)_\d+")                  # stem_k: the k-th output for the condition `stem`
@@ -36,17 +36,14 @@ class PairingError(ValueError):
 
 def image_files(folder: str | Path) -> dict[str, Path]:
     """The images below ``folder`` (any depth; ``grid.png`` is sample.py's preview), by their path relative to
-    it without suffix: ``{"a/x": folder/a/x.png}``."""
+    it without suffix: ``{"a/x": folder/a/x.png}`` (``data.files_by_stem``, with sample files' .npy)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder of images")
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.name != "grid.png" and path.is_file():
-            key = path.relative_to(folder).with_suffix("").as_posix()
-            if key in files:
-                raise PairingError(f"{files[key]} and {path} have the same name; keep one")
-            files[key] = path
+    try:
+        files = {k: p for k, p in files_by_stem(folder, IMAGE_SUFFIXES).items() if p.name != "grid.png"}
+    except DataError as e:
+        raise PairingError(str(e)) from None
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     return files
