@@ -56,6 +56,11 @@ class ExtractorUnavailable(RuntimeError):
     """No weights for the requested feature extractor; the message is one line that says what to do."""
 
 
+def _device(device) -> torch.device:
+    """``device``, or by default the GPU where there is one, else the CPU."""
+    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 # ------------------------------------------------------------------------------------------- extractors
 
 class DigitsClassifier(nn.Module):
@@ -307,7 +312,7 @@ def evaluate(fake, reference="digits", extractor="digits", *, batch_size: int = 
         dict(fid, kid_mean, kid_std, is_mean, is_std, num_fake, num_real); is_* only where the extractor has
         class logits (digits, Inception).
     """
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(device)
     net = load_extractor(extractor).to(device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
@@ -336,7 +341,7 @@ def classify(images, classifier: str | Path | nn.Module = "digits", *, batch_siz
              device=None) -> torch.Tensor:
     """Predicted class (N,) int64 of uint8 images (numpy (N, H, W, C) or torch (N, C, H, W)) under ``classifier``
     (what ``load_extractor`` takes: ``"digits"`` by default)."""
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(device)
     x = _as_nchw(images, "classify").permute(0, 2, 3, 1).cpu().numpy()    # extract takes (N, H, W, C)
     return extract(load_extractor(classifier).to(device), x, batch_size, device)[1].argmax(1)
 
@@ -388,7 +393,7 @@ def paired_scores(outputs, truth, *, mask=None, labels=None, classifier: str | P
         - lpips: torchmetrics' LPIPS (AlexNet), mean over images, lower is closer; gray images are repeated to
           RGB, images under 64 pixels a side are upsampled (bilinear, by an integer factor) to at least 64.
     """
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(device)
     outputs, truth = _as_nchw(outputs, "outputs"), _as_nchw(truth, "truth")
     if outputs.shape != truth.shape:
         raise ValueError(f"outputs {tuple(outputs.shape)} and truth {tuple(truth.shape)} differ in shape (N, C, H, W)")
