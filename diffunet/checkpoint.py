@@ -30,7 +30,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
-from .pipeline import IMAGE_TASKS
+from .pipeline import IMAGE_TASKS, DiffunetPipeline
 from .unet import UNet
 
 MANIFEST = "manifest.json"
@@ -430,9 +430,10 @@ def _check_pipeline_index(path: Path) -> dict:
     return index
 
 
-# What a pipeline folder's model_index.json says of its own pipeline; a folder from before image conditions, or a
-# bare model folder, means these.
-PIPELINE_OPTIONS = {"task": "generate", "sr_factor": 1}
+# What a pipeline folder's model_index.json says of its own pipeline, beside its components: DiffunetPipeline's
+# other keywords, whose defaults a folder from before image conditions, or a bare model folder, means.
+PIPELINE_OPTIONS = {name: p.default for name, p in inspect.signature(DiffunetPipeline.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
 
 
 def pipeline_options(path) -> dict:
