@@ -17,7 +17,6 @@ tile's border pixels, the worst ones, count least, and seams fade out.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -141,7 +140,7 @@ def _valid(model, geometry, image, tile, batch_size, kwargs):
     kwargs = {k: pad(v) if _image_shaped(v, image) else v for k, v in kwargs.items()}
     core = Tiling((n_h - 2 * m_h, n_w - 2 * m_w), (n_h, n_w), net.margin, (0, 0, 0, 0), (0, 0))
     out = None
-    with _unpadded(geometry, core):
+    with geometry.fixed_tiling(core):                                 # tiles are padded already
         for batch, y in _batched(model, padded, boxes, batch_size, kwargs):
             for ((rows, cols), (r_in, c_in)), y_tile in zip(batch, y):
                 if out is None:
@@ -151,25 +150,6 @@ def _valid(model, geometry, image, tile, batch_size, kwargs):
                 out[..., rows, cols] = y_tile[..., top:top + rows.stop - rows.start,
                                               left:left + cols.stop - cols.start].to(image.dtype)
     return out
-
-
-@contextlib.contextmanager
-def _unpadded(model, core: Tiling):
-    """Have forward() take inputs of ``core.input_size`` as already padded (no mirror pad, no crop).
-
-    forward() pads every input it gets; a tile cut from the padded image must not be padded again. forward()
-    reads its geometry from ``model.tiling``'s cache, so the tile's entry is swapped for the unpadded one meanwhile.
-    """
-    cache, key = model._tilings, core.input_size
-    before = cache.get(key)
-    cache[key] = core
-    try:
-        yield
-    finally:
-        if before is None:
-            cache.pop(key, None)
-        else:
-            cache[key] = before
 
 
 # ------------------------------------------------------------------------------------------------ shared

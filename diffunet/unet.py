@@ -10,6 +10,7 @@ This module's import path is part of every saved pipeline (``model_index.json`` 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -410,6 +411,22 @@ class UNet(ModelMixin, ConfigMixin):
                 crop.append(extra // 2)
             self._tilings[size] = Tiling(size, (nh, nw), tuple(margin), tuple(pad), tuple(crop))
         return self._tilings[size]
+
+    @contextlib.contextmanager
+    def fixed_tiling(self, tiling: Tiling):
+        """Meanwhile, forward() takes inputs of ``tiling.input_size`` with ``tiling``'s padding and crop instead
+        of its own: ``tiles.predict_tiled`` cuts its tiles from the image already mirror-padded as a whole, and a
+        tile must not be padded again. The model's own geometry is restored on exit."""
+        key = tiling.input_size
+        before = self._tilings.get(key)
+        self._tilings[key] = tiling
+        try:
+            yield
+        finally:
+            if before is None:
+                self._tilings.pop(key, None)
+            else:
+                self._tilings[key] = before
 
     def _tile_axis(self, out: int, name: str) -> tuple[int, int]:
         """(network input, network output) for one axis of an image of ``out`` pixels."""
