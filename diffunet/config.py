@@ -66,7 +66,9 @@ class DataConfig:
     mask: str = "mixed"                         # inpainting masks drawn per batch: a name in masks.MASKS
     eval_mask: str = "half"                     # inpainting masks of grids and evaluation (seeded by sample.seed)
     cond_column: Optional[str] = None           # HF datasets: column of conditioning images (low-res inputs)
-    mask_column: Optional[str] = None           # HF datasets: column of inpainting masks (white/1: to fill)
+    mask_column: Optional[str] = None           # HF datasets: column of inpainting masks (white/1: to fill), or of
+                                                # segmentation masks (class ids; 0/255 read as 0/1)
+    num_crops: int = 1000                       # data.source=cells: training crops of sample_size (diffunet.cells)
 
 
 @dataclass
@@ -106,6 +108,16 @@ class TrainConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """The segmentation tasks' section: the deterministic U-Net's loss, its weight map, and the diffusion
+    model's ensemble."""
+    loss: str = "dice_ce"                       # a name in segmentation.LOSSES: "ce" | "dice_ce" | "unet_weighted_ce"
+    w0: float = 10.0                            # unet_weighted_ce: the border weight w0 exp(-(d1 + d2)^2 / 2 sigma^2)
+    sigma: float = 5.0                          # ... and its width, px
+    ensemble: int = 4                           # diffusion: samples per image in evaluation (mean mask and std map)
+
+
+@dataclass
 class SampleConfig:
     """The ``sample`` section (a run's sample grids and evaluation samples) and the defaults of ``sample.py`` and
     ``diffunet.sampling``. The ClassVars are defaults only, not config keys: the training loop does not take them."""
@@ -139,6 +151,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
 
 def presets() -> list[str]:
