@@ -221,6 +221,8 @@ class CellsDataset(Dataset):
     but the label: the (image, label) pair every dataset of the toolkit yields, then the target mask and the
     paper's loss weight of each pixel."""
 
+    condition = "masks"     # what a PairedFolder of images/ and masks/ says: the third element is the mask
+
     def __init__(self, images: np.ndarray, masks: np.ndarray, weights: np.ndarray):
         self.images = torch.from_numpy(images) * 2 - 1
         self.masks, self.weights = torch.from_numpy(masks), torch.from_numpy(weights)
