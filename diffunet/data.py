@@ -7,6 +7,10 @@ count, and an int class id (-1 where the data has none). ``num_classes`` says ho
 for unlabelled data). Paired data (a folder of ``images/`` with ``conds/`` or ``masks/``; HF datasets with
 ``data.cond_column`` or ``data.mask_column``) yields ``(image, label, cond)``; its ``condition`` says which
 ("conds" or "masks"; None elsewhere). Random flips happen on the batch in the training loop, not here.
+
+Segmentation (``build_dataset(..., mask_classes=K)``) reads the masks as class ids 0..K-1 (``seg_data``'s rule;
+``read_class_mask`` for single files), and ``weights=(w0, sigma)`` adds each mask's U-Net weight map:
+``(image, label, mask, weight)``. ``data.source=cells`` is the procedural cells of ``diffunet.cells``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from . import cells
+from .seg_data import WeightMaps, class_ids, class_values_problem
 from .unet import as_size
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
@@ -98,14 +104,16 @@ RESIZE = {"bicubic": dict(mode="bicubic", antialias=True, align_corners=False), 
 
 
 def fit(x: torch.Tensor, size: tuple[int, int], resize: str = "bicubic") -> torch.Tensor:
-    """(C, h, w) -> (C, H, W): resize (``RESIZE[resize]``) so the image covers ``size``, then center-crop."""
+    """(C, h, w) -> (C, H, W): resize (``RESIZE[resize]``) so the image covers ``size``, then center-crop; clamped
+    to [0, 1] but for "nearest"."""
     h, w = x.shape[-2:]
     scale = max(size[0] / h, size[1] / w)
     new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
     if new != (h, w):
         x = F.interpolate(x[None], size=new, **RESIZE[resize])[0]
     top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
-    return x[:, top:top + size[0], left:left + size[1]].clamp(0, 1)
+    x = x[:, top:top + size[0], left:left + size[1]]
+    return x if resize == "nearest" else x.clamp(0, 1)      # nearest keeps the values it samples: class ids
 
 
 def to_model_tensor(arr: np.ndarray, size: tuple[int, int], channels: int, where: str) -> torch.Tensor:
@@ -320,14 +328,28 @@ def cond_problem(image: np.ndarray, cond: np.ndarray, image_name: str, cond_name
     return None
 
 
-def mask_problem(image: np.ndarray, mask: np.ndarray, image_name: str, mask_name: str) -> str | None:
-    """Why ``mask`` (as ``mask_values`` reads it) cannot be the mask of ``image`` (H, W, C), or None."""
+def mask_layout_problem(image: np.ndarray | None, mask: np.ndarray, image_name: str | None,
+                        mask_name: str) -> str | None:
+    """What every mask (as ``mask_values`` reads it) must be, or why not: (H, W) or (H, W, C) with equal channels,
+    of its image's size (``image`` (H, W, C); None: any size)."""
     if mask.ndim not in (2, 3):
         return f"{mask_name} has shape {mask.shape}; a mask is (H, W) or (H, W, C)"
     if mask.ndim == 3 and not (mask == mask[..., :1]).all():
         return f"{mask_name} has channels that differ; a mask is gray, or RGB with equal channels"
-    if mask.shape[:2] != image.shape[:2]:
+    if image is not None and mask.shape[:2] != image.shape[:2]:
         return f"{mask_name} is {_wxh(mask)} but {image_name} is {_wxh(image)}"
+    return None
+
+
+def _gray(mask: np.ndarray) -> np.ndarray:
+    return mask[..., 0] if mask.ndim == 3 else mask
+
+
+def mask_problem(image: np.ndarray, mask: np.ndarray, image_name: str, mask_name: str) -> str | None:
+    """Why ``mask`` (as ``mask_values`` reads it) cannot be the inpainting mask of ``image`` (H, W, C), or None."""
+    problem = mask_layout_problem(image, mask, image_name, mask_name)
+    if problem:
+        return problem
     values = np.unique(mask)
     odd = values[~np.isin(values, (0, 255) if values.max() > 1 else (0, 1))]
     if odd.size:
@@ -338,8 +360,7 @@ def mask_problem(image: np.ndarray, mask: np.ndarray, image_name: str, mask_name
 def mask_tensor(mask: np.ndarray, size: tuple[int, int], channels: int, where: str) -> torch.Tensor:
     """A checked mask (H, W[, C]) -> (1, *size) float, exactly 1. where a pixel is to be filled, whatever the
     image's ``channels``: the image's cover-and-crop geometry, resized by nearest neighbour."""
-    gray = mask[..., 0] if mask.ndim == 3 else mask
-    return fit(torch.from_numpy((gray > 0).astype(np.float32))[None], size, "nearest")
+    return fit(torch.from_numpy((_gray(mask) > 0).astype(np.float32))[None], size, "nearest")
 
 
 def read_mask(path: Path, image: np.ndarray, image_name: str) -> np.ndarray:
@@ -350,8 +371,30 @@ def read_mask(path: Path, image: np.ndarray, image_name: str) -> np.ndarray:
     problem = mask_problem(image, mask, image_name, str(path))
     if problem:
         raise DataError(problem)
-    gray = mask[..., 0] if mask.ndim == 3 else mask
-    return (gray > 0).astype(np.float32)[..., None]
+    return (_gray(mask) > 0).astype(np.float32)[..., None]
+
+
+def class_mask_problem(image: np.ndarray | None, mask: np.ndarray, image_name: str | None, mask_name: str, *,
+                       classes: int) -> str | None:
+    """Why ``mask`` cannot be the segmentation mask of ``image`` for a ``classes``-class model, or None: a mask's
+    layout, then class ids 0..classes-1 or 0/255 (``seg_data.class_values_problem``)."""
+    return (mask_layout_problem(image, mask, image_name, mask_name)
+            or class_values_problem(_gray(mask), classes, mask_name))
+
+
+def class_mask_tensor(mask: np.ndarray, size: tuple[int, int], channels: int, where: str) -> torch.Tensor:
+    """A checked segmentation mask -> (1, *size) float32 class ids, in the image's geometry (as ``mask_tensor``)."""
+    return fit(torch.from_numpy(class_ids(_gray(mask)).astype(np.float32))[None], size, "nearest")
+
+
+def read_class_mask(path: str | Path, classes: int) -> np.ndarray:
+    """A segmentation mask file as (H, W) int64 class ids, checked as training's are (``class_mask_problem``,
+    any size); a DataError naming the file otherwise. Evaluation and sample.py read ground truth with it."""
+    mask = decode(path, mask_values)
+    problem = class_mask_problem(None, mask, None, str(path), classes=classes)
+    if problem:
+        raise DataError(problem)
+    return class_ids(_gray(mask))
 
 
 @dataclass(frozen=True)
@@ -366,11 +409,27 @@ PARTNERS = {"conds": Partner(image_array, cond_problem, to_model_tensor),       
             "masks": Partner(mask_values, mask_problem, mask_tensor)}
 
 
-def paired_item(kind: str, image: np.ndarray, partner, size, channels: int, image_name: str,
+def class_masks(classes: int) -> Partner:
+    """The partner of segmentation: ``masks`` read as class ids of a ``classes``-class model."""
+    return Partner(mask_values, functools.partial(class_mask_problem, classes=classes), class_mask_tensor)
+
+
+def pairing(condition: str | None, mask_classes: int | None, weights: tuple[float, float] | None, where: str,
+            fix: str) -> tuple[Partner | None, WeightMaps | None]:
+    """How a paired dataset reads its partners (``PARTNERS[condition]``; with ``mask_classes``, ``class_masks``) and
+    its weight maps (None without ``weights``). Segmentation and weights need masks: a DataError saying ``fix``."""
+    if (mask_classes is not None or weights is not None) and condition != "masks":
+        raise DataError(f"{where} has no masks to segment; {fix}")
+    if condition is None:
+        return None, None
+    partner = PARTNERS[condition] if mask_classes is None else class_masks(mask_classes)
+    return partner, WeightMaps(*weights) if weights is not None else None
+
+
+def paired_item(entry: Partner, image: np.ndarray, partner, size, channels: int, image_name: str,
                 partner_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image, cond) tensors of one pair, ``image`` read by ``image_array``, ``partner`` by its ``PARTNERS[kind]``;
+    """(image, cond) tensors of one pair, ``image`` read by ``image_array``, ``partner`` by ``entry.read``;
     a DataError (one line, naming both) where they do not go together."""
-    entry = PARTNERS[kind]
     problem = entry.problem(image, partner, image_name, partner_name)
     if problem:
         raise DataError(problem)
@@ -413,15 +472,19 @@ def paired_kind(root: str | Path) -> str | None:
 
 class PairedFolder(ImageFolder):
     """``root/images/`` with ``root/conds/`` or ``root/masks/``: each image with the file of the same stem, at the
-    same depth, in the other (``pair_files``). Items are (image, label, cond). It is the ImageFolder of ``images/``
+    same depth, in the other (``pair_files``). Items are (image, label, cond), or with ``weights`` (image, label,
+    mask, weight); ``mask_classes``: masks of class ids (``build_dataset``). It is the ImageFolder of ``images/``
     (the same classes rule, the same ``preflight`` and ``drop`` contract), so training's bad-image check covers it;
     its messages name files relative to ``root``."""
 
-    def __init__(self, root: str | Path, size, channels: int):
+    def __init__(self, root: str | Path, size, channels: int, mask_classes: int | None = None,
+                 weights: tuple[float, float] | None = None):
         root = Path(root)
         self.condition = paired_kind(root)
         if self.condition is None:
             raise DataError(f"{root} is not paired data: it needs images/ and one of {'/, '.join(PARTNERS)}/")
+        self.pairing, self.weight_maps = pairing(self.condition, mask_classes, weights, str(root),
+                                                 "segmentation reads class-id masks from masks/")
         super().__init__(root / "images", size, channels)
         self.root = root
         pairs, _, self.lone_partners = pair_files(root / "images", root / self.condition)
@@ -442,10 +505,10 @@ class PairedFolder(ImageFolder):
 
     def preflight(self, progress: bool = False) -> list[tuple[str, str]]:
         """``unpaired()``, then each pair decoded and checked once (readable, and a mask of its image's size with
-        values 0/1 or 0/255): (path, reason) for each file that cannot be used."""
+        values 0/1 or 0/255, or class ids): (path, reason) for each file that cannot be used."""
         from tqdm.auto import tqdm
 
-        bad, entry = self.unpaired(), PARTNERS[self.condition]
+        bad, entry = self.unpaired(), self.pairing
         pairs = [(p, q) for p, q in zip(self.files, self.partners) if q is not None]
         for path, partner in tqdm(pairs, desc="checking pairs", disable=not progress, leave=False):
             try:
@@ -467,24 +530,27 @@ class PairedFolder(ImageFolder):
         super().drop(paths | {str(p) for p, q in partner_of.items() if str(q) in paths})
         self.partners = [partner_of[p] for p in self.files]
         self.lone_partners = [q for q in self.lone_partners if str(q) not in paths]
+        if self.weight_maps:
+            self.weight_maps.clear()                    # kept by index, and the indices moved
 
     def __getitem__(self, i):
         path, partner = self.files[i], self.partners[i]
         if partner is None:
             raise DataError(f"{self.root}: {self._lone(path, self.condition)}")
-        entry = PARTNERS[self.condition]
-        image, cond = paired_item(self.condition, load_image(path), decode(partner, entry.read), self.size,
+        image, cond = paired_item(self.pairing, load_image(path), decode(partner, self.pairing.read), self.size,
                                   self.channels, str(path), str(partner))
-        return image, self.labels[i], cond
+        return (image, self.labels[i], cond) + ((self.weight_maps(i, cond),) if self.weight_maps else ())
 
 
 class HFDataset(Dataset):
     """A Hugging Face ``datasets`` dataset: a hub name (from the local cache when offline), a data folder, or a
     folder written by ``save_to_disk``. With ``cond_column`` (conditioning images) or ``mask_column`` (inpainting
-    masks, PIL images or arrays) its items are (image, label, cond), as a PairedFolder's."""
+    masks, PIL images or arrays; class ids with ``mask_classes``) its items are (image, label, cond), as a
+    PairedFolder's, and (image, label, mask, weight) with ``weights``."""
 
     def __init__(self, spec: str, size, channels: int, image_column: str, label_column: str | None, split: str,
-                 cond_column: str | None = None, mask_column: str | None = None):
+                 cond_column: str | None = None, mask_column: str | None = None, mask_classes: int | None = None,
+                 weights: tuple[float, float] | None = None):
         try:
             import datasets
         except ImportError:
@@ -508,6 +574,8 @@ class HFDataset(Dataset):
         self.ds, self.spec, self.image_column = ds, spec, image_column
         self.condition = "conds" if cond_column else "masks" if mask_column else None        # a key of PARTNERS
         self.cond_column = cond_column or mask_column
+        self.pairing, self.weight_maps = pairing(self.condition, mask_classes, weights, f"dataset '{spec}'",
+                                                 "set data.mask_column to its column of class-id masks")
         self.label_column = label_column if label_column in ds.column_names else None
         self.num_classes = None
         if self.label_column is not None:
@@ -530,25 +598,32 @@ class HFDataset(Dataset):
         bad = []
         for i in tqdm(range(len(self.ds)), desc="checking rows", disable=not progress, leave=False):
             try:
-                self[i]
+                self._pair(i)
             except DataError as e:
                 bad.append((f"{self.spec}[{i}]", str(e)))
         return bad
 
     def drop(self, rows: set[str]) -> None:
         self.ds = self.ds.select([i for i in range(len(self.ds)) if f"{self.spec}[{i}]" not in rows])
+        if self.weight_maps:
+            self.weight_maps.clear()
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
+        item = self._pair(i)
+        return item + ((self.weight_maps(i, item[2]),) if self.weight_maps else ())
+
+    def _pair(self, i):
+        """Item ``i`` without its weight map: what preflight checks."""
         row, where = self.ds[i], f"{self.spec}[{i}]"
         image = image_array(row[self.image_column])
         label = int(row[self.label_column]) if self.label_column is not None else -1
         if self.condition is None:
             return to_model_tensor(image, self.size, self.channels, where), label
-        partner = PARTNERS[self.condition].read(row[self.cond_column])
-        image, cond = paired_item(self.condition, image, partner, self.size, self.channels,
+        partner = self.pairing.read(row[self.cond_column])
+        image, cond = paired_item(self.pairing, image, partner, self.size, self.channels,
                                   f"{where}.{self.image_column}", f"{where}.{self.cond_column}")
         return image, label, cond
 
@@ -607,15 +682,46 @@ def split_holdout(dataset: Dataset, n: int) -> tuple[Dataset, DatasetPart | None
     return DatasetPart(dataset, sorted(order[n:].tolist())), DatasetPart(dataset, sorted(order[:n].tolist()))
 
 
-def build_dataset(data_cfg, sample_size, channels: int) -> Dataset:
-    """The dataset ``data.source`` names, at the model's size and channel count."""
+def cells_source(n: int, size: tuple[int, int], channels: int, mask_classes: int | None,
+                 weights: tuple[float, float] | None) -> cells.CellsDataset:
+    """``data.source=cells``: ``n`` crops of the procedural cells (``cells.cells_dataset``, seed 0) at the model's
+    square size; the items always carry the weight map (``weights``, or the cells' defaults)."""
+    if channels != 1:
+        raise DataError("data.source=cells is grayscale, square crops: set model.in_channels=1")
+    if size[0] != size[1]:
+        raise DataError("data.source=cells is grayscale, square crops: set model.sample_size to one int")
+    if mask_classes not in (None, 2):
+        raise DataError(f"data.source=cells has 2 classes (background, cell) but the model has {mask_classes}; "
+                        f"set model.out_channels=2")
+    options = dict(zip(("w0", "sigma"), weights)) if weights is not None else {}
+    # crops tile 256 px images (cells_arrays' default); a larger crop needs images that hold it
+    return cells.cells_dataset(n, crop=size[0], seed=0, source=max(256, size[0]), **options)
+
+
+def build_dataset(data_cfg, sample_size, channels: int, *, mask_classes: int | None = None,
+                  weights: tuple[float, float] | None = None) -> Dataset:
+    """The dataset ``data.source`` names, at the model's size and channel count.
+
+    mask_classes: None: masks are inpainting masks; K: segmentation masks of class ids 0..K-1 (0/255 read as 0/1),
+                  for paired folders' masks/, ``data.mask_column`` and the cells
+    weights:      (w0, sigma): items gain the U-Net weight map of their mask, (image, label, mask, weight); the
+                  cells always carry it
+    """
     size = as_size(sample_size)
     source = str(data_cfg.source)
+    segment = dict(mask_classes=mask_classes, weights=weights)
+    if source == "cells":
+        return cells_source(data_cfg.num_crops, size, channels, **segment)
+    if source in ("digits", "cifar10") and (mask_classes is not None or weights is not None):
+        raise DataError(f"data.source={source} has no masks to segment; use data.source=cells, a folder of "
+                        f"images/ and masks/, or hf:... with data.mask_column")
     if source == "digits":
         return digits_dataset(size, channels)
     if source == "cifar10":
         return cifar10_dataset(size, channels)
     if source.startswith("hf:"):
         return HFDataset(source[3:], size, channels, data_cfg.image_column, data_cfg.label_column, data_cfg.split,
-                         data_cfg.cond_column, data_cfg.mask_column)
-    return (PairedFolder if paired_kind(source) else ImageFolder)(source, size, channels)
+                         data_cfg.cond_column, data_cfg.mask_column, **segment)
+    if paired_kind(source) or mask_classes is not None or weights is not None:
+        return PairedFolder(source, size, channels, **segment)
+    return ImageFolder(source, size, channels)
