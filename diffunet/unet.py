@@ -23,7 +23,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from .nn import DOWNSAMPLE, PADDING, SKIP, UPSAMPLE, Attention, ResBlock, SizeError, conv_size, mirror_pad, zeroed
+from .nn import (DOWNSAMPLE, NORMS, PADDING, SKIP, UPSAMPLE, Attention, ResBlock, SizeError, conv_size, mirror_pad,
+                 zeroed)
 from .tables import choose
 
 
@@ -158,8 +159,10 @@ class UNet(ModelMixin, ConfigMixin):
         channel_mult: Tuple[int, ...] = (1, 2, 2, 2),   # channels per level = base_channels * mult; levels = len
         num_res_blocks: int = 2,                        # residual blocks per encoder level (decoder: one more)
         dropout: float = 0.0,                           # inside each residual block
-        norm_groups: int = 32,                          # GroupNorm groups; must divide every channel count
-        norm_eps: float = 1e-5,                         # GroupNorm epsilon (the DDPM checkpoints: 1e-6)
+        norm: str = "group",                            # "group" (GroupNorm) | "batch" (BatchNorm: local in eval,
+                                                        # tiles exact) | "none" (the 2015 U-Net's plain convs)
+        norm_groups: int = 32,                          # GroupNorm groups (norm="group"); must divide all channels
+        norm_eps: float = 1e-5,                         # norm epsilon (the DDPM checkpoints: 1e-6)
         attention_resolutions: Tuple[int, ...] = (16,), # feature heights (at sample_size) with attention blocks
         num_heads: int = 4,                             # attention heads ...
         head_dim: Optional[int] = None,                 # ... or channels per head (overrides num_heads)
@@ -176,14 +179,15 @@ class UNet(ModelMixin, ConfigMixin):
         residual: bool = True,                          # False: blocks without shortcut (the 2015 U-Net's conv pairs)
     ):
         super().__init__()
-        for name, table in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("skip", SKIP), ("padding", PADDING)):
+        for name, table in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("skip", SKIP), ("padding", PADDING),
+                            ("norm", NORMS)):
             choose(table, locals()[name], name)
         height, _ = as_size(sample_size)
         levels = len(channel_mult)
         if levels < 1 or num_res_blocks < 1:
             raise ValueError("a U-Net needs at least one level (channel_mult) and one block per level (num_res_blocks)")
         chans = [base_channels * m for m in channel_mult]
-        if any(c % norm_groups for c in chans):
+        if norm == "group" and any(c % norm_groups for c in chans):      # the other norms have no groups
             raise ValueError(f"norm_groups={norm_groups} must divide every level's channels {chans}; "
                              f"pick a divisor of {base_channels}")
         heights = [height // 2**i for i in range(levels)]
@@ -198,10 +202,12 @@ class UNet(ModelMixin, ConfigMixin):
         emb_dim = 4 * base_channels
         pad = PADDING[padding](3)
         res = functools.partial(ResBlock, emb_dim=emb_dim, groups=norm_groups, dropout=dropout, padding=padding,
-                                time_condition=time_condition, zero=zero_init, residual=residual, eps=norm_eps)
+                                time_condition=time_condition, zero=zero_init, residual=residual, eps=norm_eps,
+                                norm=norm)
 
         def attn(c):
-            return Attention(c, c // head_dim if head_dim else num_heads, norm_groups, zero_init, eps=norm_eps)
+            return Attention(c, c // head_dim if head_dim else num_heads, norm_groups, zero_init, eps=norm_eps,
+                             norm=norm)
 
         def block(c_in, c_out, level):
             return Block(res(c_in, c_out), attn(c_out) if heights[level] in attention_resolutions else None)
@@ -240,7 +246,7 @@ class UNet(ModelMixin, ConfigMixin):
                 c = chans[i]
             self.decoder.append(DecoderLevel(fuses, blocks, UPSAMPLE[upsample](c, padding) if i > 0 else None))
 
-        self.norm_out = nn.GroupNorm(norm_groups, c, eps=norm_eps)
+        self.norm_out = NORMS[norm](c, norm_groups, norm_eps)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=pad)
         if zero_init:
             zeroed(self.conv_out)
