@@ -1,9 +1,9 @@
 """The U: encoder, bottleneck, decoder, the skip stack between them, "valid"-padding geometry, and the shape planner.
 
 Layout (DDPM / ADM): a stem conv, then per level ``num_res_blocks`` residual blocks and a downsampler (all but the
-deepest level), a bottleneck (res, attention, res), and a mirror decoder with ``num_res_blocks + 1`` blocks per
-level and an upsampler. The stem, every encoder block and every downsampler push their output on the skip
-stack; every decoder block pops one and fuses it (``skip``) before its convolutions.
+deepest level), a bottleneck (res, attention, res; ``mid_attention=False``: res, res), and a mirror decoder with
+``num_res_blocks + 1`` blocks per level and an upsampler. The stem, every encoder block and every downsampler push
+their output on the skip stack; every decoder block pops one and fuses it (``skip``) before its convolutions.
 
 This module's import path is part of every saved pipeline (``model_index.json`` names ``diffunet.unet``): keep it.
 """
@@ -75,9 +75,9 @@ class EncoderLevel(nn.Module):
 
 
 class Middle(nn.Module):
-    """The bottleneck: residual block, self-attention, residual block, at the coarsest resolution."""
+    """The bottleneck: residual block, self-attention (or none), residual block, at the coarsest resolution."""
 
-    def __init__(self, first: ResBlock, attention: Attention, second: ResBlock):
+    def __init__(self, first: ResBlock, attention: Attention | None, second: ResBlock):
         super().__init__()
         self.first, self.attention, self.second = first, attention, second
 
@@ -85,7 +85,8 @@ class Middle(nn.Module):
         return self.second.size(self.first.size(n))
 
     def forward(self, h, emb):
-        return self.second(self.attention(self.first(h, emb)), emb)
+        h = self.first(h, emb)
+        return self.second(self.attention(h) if self.attention is not None else h, emb)
 
 
 class DecoderLevel(nn.Module):
@@ -164,6 +165,7 @@ class UNet(ModelMixin, ConfigMixin):
         norm_groups: int = 32,                          # GroupNorm groups (norm="group"); must divide all channels
         norm_eps: float = 1e-5,                         # norm epsilon (the DDPM checkpoints: 1e-6)
         attention_resolutions: Tuple[int, ...] = (16,), # feature heights (at sample_size) with attention blocks
+        mid_attention: bool = True,                     # bottleneck attention (False: res, res; exact tiles)
         num_heads: int = 4,                             # attention heads ...
         head_dim: Optional[int] = None,                 # ... or channels per head (overrides num_heads)
         downsample: str = "conv",                       # "maxpool" | "avgpool" | "conv" | "conv_tf" (strided) | "blur"
@@ -234,7 +236,8 @@ class UNet(ModelMixin, ConfigMixin):
                 skip_chans.append(c)
             self.encoder.append(EncoderLevel(blocks, down))
 
-        self.middle = Middle(res(c, c), attn(c), res(c, c))
+        # attention over all pixels makes every output pixel depend on the whole image: off, tiles can be exact
+        self.middle = Middle(res(c, c), attn(c) if mid_attention else None, res(c, c))
 
         self.decoder = nn.ModuleList()
         for i in reversed(range(levels)):
