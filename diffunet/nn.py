@@ -1,8 +1,8 @@
 """Building blocks of the U-Net: residual block, time conditioning, attention, resampling and skip fusion.
 
 Every choice the U-Net offers is a small lookup table here (``DOWNSAMPLE``, ``UPSAMPLE``, ``SKIP``,
-``TIME_CONDITION``, ``PADDING``): a wrong name fails at construction with the list of valid names, and adding a
-variant is one entry.
+``TIME_CONDITION``, ``PADDING``, ``NORMS``): a wrong name fails at construction with the list of valid names, and
+adding a variant is one entry.
 
 Each spatial module knows its own size arithmetic (``size(n)``, per axis), so the shape planner and the
 "valid"-padding geometry walk the very modules the forward pass runs, instead of a second copy of the rules.
@@ -84,25 +84,36 @@ TIME_CONDITION = {
     "none": (0, lambda norm, h, e: norm(h)),
 }
 
+# The norm before each conv of a residual block, before attention and before the output conv. GroupNorm (ADM,
+# DDPM) takes its statistics over the whole feature map, so a tile of an image sees other ones; BatchNorm in eval
+# mode is a fixed per-channel affine map, local like a conv, so tiles are exact; "none": the 2015 U-Net's plain
+# conv pairs. Value: (channels, groups, eps) -> module; only "group" uses the groups.
+NORMS = {
+    "group": lambda c, groups, eps: nn.GroupNorm(groups, c, eps=eps),
+    "batch": lambda c, groups, eps: nn.BatchNorm2d(c, eps=eps),
+    "none": lambda c, groups, eps: nn.Identity(),
+}
+
 # "same": p = (k-1)//2 keeps the size; "valid": no padding, every 3x3 conv eats one pixel per side.
 PADDING = {"same": lambda k: (k - 1) // 2, "valid": lambda k: 0}
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, time-conditioned GroupNorm-SiLU-dropout-conv, plus a (cropped) shortcut.
+    """norm-SiLU-conv, time-conditioned norm-SiLU-dropout-conv, plus a (cropped) shortcut (``norm``: ``NORMS``).
 
     ``residual=False`` drops the shortcut: the plain conv pair of the 2015 U-Net (its last conv is then never
     zeroed, since the block would output nothing)."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, *, groups: int, dropout: float, padding: str,
-                 time_condition: str, zero: bool, residual: bool = True, eps: float = 1e-5):
+                 time_condition: str, zero: bool, residual: bool = True, eps: float = 1e-5, norm: str = "group"):
         super().__init__()
         p = PADDING[padding](3)
         width, self.condition = choose(TIME_CONDITION, time_condition, "time_condition")
-        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
+        make_norm = choose(NORMS, norm, "norm")
+        self.norm1 = make_norm(c_in, groups, eps)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=p)
         self.emb = nn.Linear(emb_dim, width * c_out) if width else None
-        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
+        self.norm2 = make_norm(c_out, groups, eps)          # "scale_shift" scales and shifts after it, any norm
         self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=p)
         if zero and residual:
@@ -125,13 +136,13 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over all pixels (``attend``: SDPA's fused kernels, or matmuls for few tokens)."""
 
-    def __init__(self, channels: int, heads: int, groups: int, zero: bool, eps: float = 1e-5):
+    def __init__(self, channels: int, heads: int, groups: int, zero: bool, eps: float = 1e-5, norm: str = "group"):
         super().__init__()
         if channels % heads:
             raise ValueError(f"attention over {channels} channels cannot be split into {heads} heads; "
                              f"choose num_heads/head_dim that divide {channels}")
         self.heads = heads
-        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.norm = choose(NORMS, norm, "norm")(channels, groups, eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
         if zero:

@@ -1,9 +1,9 @@
 """The U: encoder, bottleneck, decoder, the skip stack between them, "valid"-padding geometry, and the shape planner.
 
 Layout (DDPM / ADM): a stem conv, then per level ``num_res_blocks`` residual blocks and a downsampler (all but the
-deepest level), a bottleneck (res, attention, res), and a mirror decoder with ``num_res_blocks + 1`` blocks per
-level and an upsampler. The stem, every encoder block and every downsampler push their output on the skip
-stack; every decoder block pops one and fuses it (``skip``) before its convolutions.
+deepest level), a bottleneck (res, attention, res; ``mid_attention=False``: res, res), and a mirror decoder with
+``num_res_blocks + 1`` blocks per level and an upsampler. The stem, every encoder block and every downsampler push
+their output on the skip stack; every decoder block pops one and fuses it (``skip``) before its convolutions.
 
 This module's import path is part of every saved pipeline (``model_index.json`` names ``diffunet.unet``): keep it.
 """
@@ -23,7 +23,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from .nn import DOWNSAMPLE, PADDING, SKIP, UPSAMPLE, Attention, ResBlock, SizeError, conv_size, mirror_pad, zeroed
+from .nn import (DOWNSAMPLE, NORMS, PADDING, SKIP, UPSAMPLE, Attention, ResBlock, SizeError, conv_size, mirror_pad,
+                 zeroed)
 from .tables import choose
 
 
@@ -74,9 +75,9 @@ class EncoderLevel(nn.Module):
 
 
 class Middle(nn.Module):
-    """The bottleneck: residual block, self-attention, residual block, at the coarsest resolution."""
+    """The bottleneck: residual block, self-attention (or none), residual block, at the coarsest resolution."""
 
-    def __init__(self, first: ResBlock, attention: Attention, second: ResBlock):
+    def __init__(self, first: ResBlock, attention: Attention | None, second: ResBlock):
         super().__init__()
         self.first, self.attention, self.second = first, attention, second
 
@@ -84,7 +85,8 @@ class Middle(nn.Module):
         return self.second.size(self.first.size(n))
 
     def forward(self, h, emb):
-        return self.second(self.attention(self.first(h, emb)), emb)
+        h = self.first(h, emb)
+        return self.second(self.attention(h) if self.attention is not None else h, emb)
 
 
 class DecoderLevel(nn.Module):
@@ -158,9 +160,12 @@ class UNet(ModelMixin, ConfigMixin):
         channel_mult: Tuple[int, ...] = (1, 2, 2, 2),   # channels per level = base_channels * mult; levels = len
         num_res_blocks: int = 2,                        # residual blocks per encoder level (decoder: one more)
         dropout: float = 0.0,                           # inside each residual block
-        norm_groups: int = 32,                          # GroupNorm groups; must divide every channel count
-        norm_eps: float = 1e-5,                         # GroupNorm epsilon (the DDPM checkpoints: 1e-6)
+        norm: str = "group",                            # "group" (GroupNorm) | "batch" (BatchNorm: local in eval,
+                                                        # tiles exact) | "none" (the 2015 U-Net's plain convs)
+        norm_groups: int = 32,                          # GroupNorm groups (norm="group"); must divide all channels
+        norm_eps: float = 1e-5,                         # norm epsilon (the DDPM checkpoints: 1e-6)
         attention_resolutions: Tuple[int, ...] = (16,), # feature heights (at sample_size) with attention blocks
+        mid_attention: bool = True,                     # bottleneck attention (False: res, res; exact tiles)
         num_heads: int = 4,                             # attention heads ...
         head_dim: Optional[int] = None,                 # ... or channels per head (overrides num_heads)
         downsample: str = "conv",                       # "maxpool" | "avgpool" | "conv" | "conv_tf" (strided) | "blur"
@@ -176,14 +181,15 @@ class UNet(ModelMixin, ConfigMixin):
         residual: bool = True,                          # False: blocks without shortcut (the 2015 U-Net's conv pairs)
     ):
         super().__init__()
-        for name, table in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("skip", SKIP), ("padding", PADDING)):
+        for name, table in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("skip", SKIP), ("padding", PADDING),
+                            ("norm", NORMS)):
             choose(table, locals()[name], name)
         height, _ = as_size(sample_size)
         levels = len(channel_mult)
         if levels < 1 or num_res_blocks < 1:
             raise ValueError("a U-Net needs at least one level (channel_mult) and one block per level (num_res_blocks)")
         chans = [base_channels * m for m in channel_mult]
-        if any(c % norm_groups for c in chans):
+        if norm == "group" and any(c % norm_groups for c in chans):      # the other norms have no groups
             raise ValueError(f"norm_groups={norm_groups} must divide every level's channels {chans}; "
                              f"pick a divisor of {base_channels}")
         heights = [height // 2**i for i in range(levels)]
@@ -198,10 +204,12 @@ class UNet(ModelMixin, ConfigMixin):
         emb_dim = 4 * base_channels
         pad = PADDING[padding](3)
         res = functools.partial(ResBlock, emb_dim=emb_dim, groups=norm_groups, dropout=dropout, padding=padding,
-                                time_condition=time_condition, zero=zero_init, residual=residual, eps=norm_eps)
+                                time_condition=time_condition, zero=zero_init, residual=residual, eps=norm_eps,
+                                norm=norm)
 
         def attn(c):
-            return Attention(c, c // head_dim if head_dim else num_heads, norm_groups, zero_init, eps=norm_eps)
+            return Attention(c, c // head_dim if head_dim else num_heads, norm_groups, zero_init, eps=norm_eps,
+                             norm=norm)
 
         def block(c_in, c_out, level):
             return Block(res(c_in, c_out), attn(c_out) if heights[level] in attention_resolutions else None)
@@ -228,7 +236,8 @@ class UNet(ModelMixin, ConfigMixin):
                 skip_chans.append(c)
             self.encoder.append(EncoderLevel(blocks, down))
 
-        self.middle = Middle(res(c, c), attn(c), res(c, c))
+        # attention over all pixels makes every output pixel depend on the whole image: off, tiles can be exact
+        self.middle = Middle(res(c, c), attn(c) if mid_attention else None, res(c, c))
 
         self.decoder = nn.ModuleList()
         for i in reversed(range(levels)):
@@ -240,7 +249,7 @@ class UNet(ModelMixin, ConfigMixin):
                 c = chans[i]
             self.decoder.append(DecoderLevel(fuses, blocks, UPSAMPLE[upsample](c, padding) if i > 0 else None))
 
-        self.norm_out = nn.GroupNorm(norm_groups, c, eps=norm_eps)
+        self.norm_out = NORMS[norm](c, norm_groups, norm_eps)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=pad)
         if zero_init:
             zeroed(self.conv_out)
