@@ -119,8 +119,8 @@ def config_from_unet2d(config) -> dict:
         sample_size=cfg["sample_size"], in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
         cond_channels=0, base_channels=chans[0], channel_mult=[c // chans[0] for c in chans],
         num_res_blocks=cfg["layers_per_block"], dropout=cfg["dropout"],
-        norm_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"],
-        attention_resolutions=[height // 2**i for i, a in enumerate(attention) if a],
+        norm="group", norm_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"],
+        attention_resolutions=[height // 2**i for i, a in enumerate(attention) if a], mid_attention=True,
         num_heads=1, head_dim=head_dim, downsample=DOWNSAMPLE[padding], upsample="nearest", skip="concat",
         padding="same", time_condition=TIME_CONDITION[shift], flip_sin_to_cos=cfg["flip_sin_to_cos"],
         freq_shift=cfg["freq_shift"], num_classes=None, zero_init=False, residual=True)

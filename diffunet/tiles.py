@@ -4,10 +4,13 @@
 network's margin on every side, cut from the whole image mirror-padded exactly as ``UNet.forward`` pads it. The
 tiles' outputs do not overlap, and the stitched result is ``model(image)`` up to float rounding *for a network
 whose every operation is local*: its convs, pools, transposed / nearest up-samplers and skip crops are
-("bilinear" is not quite: it clamps at the tile's border, ~1e-5 off). Two things in ``UNet`` are not: GroupNorm
-normalizes over the whole feature map and the bottleneck attends over all pixels, so on a real UNet the tiles
-see their own statistics and tiled output is close to, not equal to, the whole-image one. Every read starts
-on the pooling grid (shifts of 2^(levels-1)), the one grid on which a valid U-Net is shift-equivariant.
+("bilinear" is not quite: it clamps at the tile's border, ~1e-5 off). Two things in the default ``UNet`` are
+not: GroupNorm normalizes over the whole feature map and attention attends over all pixels, so the tiles see
+their own statistics and tiled output is close to, not equal to, the whole-image one. A ``UNet`` built with
+``norm="batch"`` (in eval mode: fixed running statistics, a per-channel affine) or ``norm="none"``, no attention
+at any tiled resolution (``attention_resolutions=()``) and ``mid_attention=False`` is local throughout, and its
+tiles are exact. Every read starts on the pooling grid (shifts of 2^(levels-1)), the one grid on which a valid
+U-Net is shift-equivariant.
 
 "same" padding: every conv zero-pads its own input, so a pixel near a tile border sees zeros where the whole
 image has neighbours; no choice of input tile makes that exact. Tiles therefore overlap by ``overlap`` pixels and

@@ -102,6 +102,51 @@ def test_valid_tiles_with_timestep_and_cond():
     assert (tiled - model(x, 250, cond=cond).sample).abs().max() < 1e-10
 
 
+def exact(norm: str, **overrides) -> UNet:
+    """A real UNet with the switches that make tiles exact, in float64 and eval mode: the norm "batch" (fitted
+    running statistics, a per-channel affine in eval) or "none", and no attention, in the blocks or the bottleneck."""
+    model = unet(**{"channel_mult": (1, 2, 2), "norm": norm, "mid_attention": False, **overrides}).double()
+    timed = model.config.time_condition != "none"
+    with torch.no_grad():                                   # train-mode passes: running statistics off (0, 1)
+        for _ in range(3):
+            x = 3 * torch.randn(4, 1, 40, 40, dtype=torch.float64) + 1
+            kwargs = dict(cond=torch.randn(4, model.config.cond_channels, 40, 40, dtype=torch.float64)
+                          ) if model.config.cond_channels else {}
+            model(x, 100, **kwargs) if timed else model(x)
+    if norm == "batch":
+        assert (model.norm_out.running_var - 1).abs().max() > 0.1         # statistics the tiles must not re-estimate
+    return model.eval()
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_valid_tiles_of_a_real_unet_are_exact_with_local_switches(norm):
+    model = exact(norm)
+    x = torch.randn(1, 1, 100, 90, dtype=torch.float64)                     # larger than the tile, not a multiple
+    whole = model(x).sample
+    assert (predict_tiled(model, x, 40) - whole).abs().max() < 1e-10
+    assert whole.abs().max() > 1e-3                                         # not a vacuous comparison
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_valid_tiles_of_a_real_timed_unet_with_cond_are_exact(norm):
+    model = exact(norm, time_condition="scale_shift", cond_channels=2, out_channels=3)
+    x, cond = torch.randn(2, 1, 100, 90, dtype=torch.float64), torch.randn(2, 2, 100, 90, dtype=torch.float64)
+    t = torch.tensor([3, 700])
+    whole = model(x, t, cond=cond).sample
+    tiled = predict_tiled(model, x, 40, timestep=t, cond=cond)
+    assert tiled.shape == (2, 3, 100, 90) and (tiled - whole).abs().max() < 1e-10
+    assert (whole - model(x, 250, cond=cond).sample).abs().max() > 1e-4    # the timestep reaches the blocks
+
+
+@pytest.mark.parametrize("switches", [dict(mid_attention=True), dict(attention_resolutions=(8,))],
+                         ids=["mid_attention", "attention_resolutions"])
+def test_valid_tiles_with_attention_are_not_exact_even_with_batch_norm(switches):
+    """Attention over all pixels sees the tile, not the image: the switch that must be off with a local norm."""
+    model = exact("batch", **switches)
+    x = torch.randn(1, 1, 100, 90, dtype=torch.float64)
+    assert (predict_tiled(model, x, 40) - model(x).sample).abs().max() > 1e-6
+
+
 def test_valid_tiles_of_a_groupnorm_unet_are_close_not_equal():
     """GroupNorm's statistics are the tile's, not the image's: the one reason a real UNet's tiles are not exact."""
     model = unet().double().eval()
