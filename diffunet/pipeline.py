@@ -54,6 +54,27 @@ def predict(unet, x, t, class_labels=None, guidance_scale: float = 1.0, cond: to
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
+def denoise(scheduler, model, x: torch.Tensor, num_inference_steps: int, generator=None, eta: float = 0.0,
+            progress_bar=iter) -> torch.Tensor:
+    """The sampling loop: ``x`` (pure noise, unit variance) denoised by ``model(x_t, t)`` -> the scheduler's model
+    output, through ``scheduler``'s steps; ``generator`` (one, or a list: one per image) feeds stochastic steps."""
+    scheduler.set_timesteps(num_inference_steps, device=x.device)    # also resets multistep solvers' history
+    x = x * scheduler.init_noise_sigma
+    kwargs = step_kwargs(scheduler, generator, eta)
+    for t in progress_bar(scheduler.timesteps):
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **kwargs).prev_sample
+    return x
+
+
+def step_kwargs(scheduler, generator, eta: float) -> dict:
+    """The keywords this scheduler's ``step`` takes: DDIM's ``eta``, and the generator(s) for its noise."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs = {"eta": eta} if "eta" in accepted else {}
+    if "generator" in accepted:
+        kwargs["generator"] = generator           # a list: one noise stream per image (randn_tensor)
+    return kwargs
+
+
 # ---------------------------------------------------------------------------------------- image conditions
 # What an image-conditioned task gives the model, one entry per task. The training side (diffunet.tasks) builds
 # its conditions with these same functions, so training and sampling cannot drift apart.
@@ -161,11 +182,7 @@ class DiffunetPipeline(DiffusionPipeline):
         if isinstance(scheduler, RePaintScheduler):
             x = self.repaint(model, x, known, mask, num_inference_steps, generator, eta)
         else:
-            scheduler.set_timesteps(num_inference_steps, device=device)  # also resets multistep solvers' history
-            x = x * scheduler.init_noise_sigma
-            step_kwargs = self.step_kwargs(generator, eta)
-            for t in self.progress_bar(scheduler.timesteps):
-                x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **step_kwargs).prev_sample
+            x = denoise(scheduler, model, x, num_inference_steps, generator, eta, self.progress_bar)
         if mask is not None:
             x = torch.where(mask.bool(), x, known)          # the known pixels, exactly as given
         images = self.image_processor.postprocess(x, output_type)
@@ -285,11 +302,3 @@ class DiffunetPipeline(DiffusionPipeline):
                 x = scheduler.undo_step(x, t_last, generator)
             t_last = t
         return x
-
-    def step_kwargs(self, generator, eta: float) -> dict:
-        """The keywords this scheduler's ``step`` takes: DDIM's ``eta``, and the generator(s) for its noise."""
-        accepted = inspect.signature(self.scheduler.step).parameters
-        kwargs = {"eta": eta} if "eta" in accepted else {}
-        if "generator" in accepted:
-            kwargs["generator"] = generator           # a list: one noise stream per image (randn_tensor)
-        return kwargs

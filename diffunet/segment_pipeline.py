@@ -1,0 +1,174 @@
+"""``DiffunetSegmentationPipeline``: class masks of images of any size, from a deterministic U-Net (the 2015
+U-Net's job, ``time_condition="none"``) or by diffusion (Wolleb et al. 2022: the mask is x0, the image the
+condition), whole or by overlap-tile.
+
+    pipe = DiffusionPipeline.from_pretrained("runs/cells-seg/pipeline", trust_remote_code=True)
+    out = pipe(image=micrographs, tile=128)       # any size: tiles of 128 output pixels
+    out.masks, out.probabilities                  # (B, H, W) class ids, (B, K, H, W)
+    out = diffusion_pipe(image=micrographs, num_samples=8)
+    out.std                                       # (B, H, W): where the N samples disagree
+
+A diffusion model's ensemble: N masks per image, each from its own noise; the probability of class k is the
+fraction of samples that chose it, and the uncertainty map is the per-pixel standard deviation of the samples'
+one-hot masks, sqrt(sum_k var_k / 2): for a binary mask the std of the foreground indicator, 0 where all samples
+agree and 0.5 where they split evenly.
+
+This file travels inside exported pipeline folders, with the modules it imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .pipeline import denoise
+from .tiles import predict_tiled
+
+OUTPUT_TYPES = ("np", "pt", "pil")
+
+
+# ---------------------------------------------------------------------------------------- masks as samples
+# A diffusion model denoises the mask in [-1, 1]: a binary mask is one channel (2 m - 1), K > 2 classes are K
+# one-hot channels. Training (diffunet.tasks) encodes with the same function, so the two cannot drift apart.
+
+def mask_classes(unet) -> int:
+    """The number of classes K a segmentation U-Net predicts: a deterministic one's output channels (logits); a
+    diffusion one's mask channels (1: binary)."""
+    if unet.config.time_condition == "none":
+        return unet.config.out_channels or unet.config.in_channels
+    return 2 if unet.config.in_channels == 1 else unet.config.in_channels
+
+
+def mask_to_sample(mask: torch.Tensor, classes: int) -> torch.Tensor:
+    """Class ids (B, 1, H, W) or (B, H, W) -> the diffusion sample (B, 1 or K, H, W) in {-1, 1}."""
+    ids = (mask[:, 0] if mask.ndim == 4 else mask).long()
+    if classes == 2:
+        return ids[:, None].float() * 2 - 1
+    return F.one_hot(ids, classes).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def sample_to_onehot(x: torch.Tensor, classes: int) -> torch.Tensor:
+    """A denoised sample (B, 1 or K, H, W) -> its one-hot mask (B, K, H, W): the sign of a binary one, the
+    largest channel of K."""
+    ids = (x[:, 0] > 0).long() if classes == 2 else x.argmax(1)
+    return F.one_hot(ids, classes).permute(0, 3, 1, 2).float()
+
+
+@dataclass
+class SegmentationPipelineOutput(BaseOutput):
+    """masks: class ids (B, H, W) (np int64, pt long) or PIL "L" images (binary 0/255, else the ids);
+    probabilities (B, K, H, W) float32: softmax, or the ensemble's class frequencies; std (B, H, W) float32, the
+    ensemble's uncertainty map (None for a deterministic model or one sample)."""
+    masks: object
+    probabilities: object
+    std: object | None = None
+
+
+class DiffunetSegmentationPipeline(DiffusionPipeline):
+    """Segmentation with diffunet's ``UNet``: one forward pass of a deterministic model, or an ensemble of
+    diffusion samples conditioned on the image; by tiles of ``tile`` output pixels for images larger than memory
+    allows ("valid" padding: the overlap-tile strategy, exactly the whole-image result; "same": overlapping tiles
+    blended, see ``diffunet.tiles``)."""
+
+    model_cpu_offload_seq = "unet"
+    _optional_components = ["scheduler"]        # None for a deterministic model (saved as [null, null])
+
+    def __init__(self, unet, scheduler):        # no default: diffusers takes keywords with one for options
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)   # [0, 1] -> [-1, 1]
+
+    @property
+    def deterministic(self) -> bool:
+        return self.unet.config.time_condition == "none"
+
+    @torch.no_grad()
+    def __call__(self, image, num_samples: int = 1, num_inference_steps: int = 50,
+                 generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
+                 tile=None, overlap: int | None = None, tile_batch_size: int = 4, output_type: str = "np",
+                 return_dict: bool = True):
+        """Segment ``image``.
+
+        Args:
+            image: PIL images, an np array (B, H, W, C) or a tensor (B, C, H, W) in [0, 1], of any size the
+                network takes whole (``UNet.tiling``), or any size at all with ``tile``.
+            num_samples: diffusion only: masks sampled per image (the ensemble); > 1 gives ``std``.
+            num_inference_steps: diffusion only: scheduler steps per sample.
+            generator: one generator, or one per image (image i's samples then draw from ``generator[i]`` only).
+            eta: DDIM's noise (0 deterministic); schedulers without it ignore it.
+            tile: output pixels per tile (int or (h, w)); None: the whole image at once.
+            overlap: "same" padding: the blended width between tiles (default a quarter of the tile).
+            tile_batch_size: tiles per network call.
+            output_type: "np", "pt" or "pil" (masks as images).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+        unet, device = self.unet, self._execution_device
+        x = self.image_processor.preprocess(image).to(device, torch.float32)         # (B, C, H, W) in [-1, 1]
+        channels = unet.config.in_channels if self.deterministic else unet.config.cond_channels
+        if x.shape[1] != channels:
+            raise ValueError(f"image has {x.shape[1]} channel(s); this model segments {channels}-channel images")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        if self.deterministic and num_samples > 1:
+            raise ValueError("num_samples > 1 is for diffusion models; a deterministic model gives one mask")
+        if not self.deterministic and self.scheduler is None:
+            raise ValueError("a diffusion segmentation model needs a scheduler: pipe.scheduler = DDIMScheduler(...)")
+        if isinstance(generator, list) and len(generator) != len(x):
+            raise ValueError(f"{len(generator)} generators for {len(x)} images; give one per image")
+
+        outputs = []
+        for i in range(len(x)) if not self.deterministic else [slice(None)]:
+            rows = x[i:i + 1] if isinstance(i, int) else x
+            g = generator[i] if isinstance(generator, list) else generator
+
+            def predict(tiles, g=g):
+                return self.predict(tiles, num_samples, num_inference_steps, g, eta)
+            outputs.append(predict(rows) if tile is None else
+                           predict_tiled(predict, rows, tile, overlap=overlap, batch_size=tile_batch_size,
+                                         geometry=unet))
+        out = torch.cat(outputs).float()                                               # (B, K + 1, H, W)
+        probabilities, std = out[:, :-1], out[:, -1]
+        masks = probabilities.argmax(1)
+        std = std if num_samples > 1 else None
+        if output_type == "np":
+            masks, probabilities = masks.cpu().numpy(), probabilities.cpu().numpy()
+            std = None if std is None else std.cpu().numpy()
+        elif output_type == "pil":
+            scale = 255 if probabilities.shape[1] == 2 else 1
+            masks = [PIL.Image.fromarray((m * scale).astype(np.uint8)) for m in masks.cpu().numpy()]
+        self.maybe_free_model_hooks()
+        output = SegmentationPipelineOutput(masks=masks, probabilities=probabilities, std=std)
+        return output if return_dict else output.to_tuple()
+
+    def predict(self, x: torch.Tensor, num_samples: int, steps: int, generator, eta: float) -> torch.Tensor:
+        """(b, C, h, w) images (tiles) in [-1, 1] -> (b, K + 1, h, w): the K class probabilities, then the
+        uncertainty map (zeros for a deterministic model). Tiles blend these linearly ("same" padding)."""
+        unet, dtype = self.unet, self.unet.dtype
+        low_precision = torch.autocast(x.device.type, dtype, enabled=dtype != torch.float32)
+        if self.deterministic:
+            with low_precision:
+                probabilities = unet(x.to(dtype)).sample.float().softmax(1)
+            return torch.cat([probabilities, probabilities.new_zeros(len(x), 1, *x.shape[-2:])], 1)
+        classes = mask_classes(unet)
+        cond = x.repeat(num_samples, 1, 1, 1)                                          # (N b, C, h, w), sample-major
+        noise = randn_tensor((len(cond), unet.config.in_channels, *x.shape[-2:]), generator=generator,
+                             device=x.device, dtype=torch.float32)
+
+        def model(x_t, t):
+            with low_precision:
+                return unet(x_t.to(dtype), t, cond=cond.to(dtype)).sample.float()
+
+        bar = iter if getattr(self, "_progress_bar_config", {}).get("disable") else self.progress_bar
+        samples = sample_to_onehot(denoise(self.scheduler, model, noise, steps, generator, eta, bar), classes)
+        samples = samples.unflatten(0, (num_samples, len(x)))                          # (N, b, K, h, w)
+        mean, var = samples.mean(0), samples.var(0, unbiased=False)
+        return torch.cat([mean, (var.sum(1, keepdim=True) / 2).sqrt()], 1)
