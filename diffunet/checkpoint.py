@@ -424,6 +424,8 @@ def _check_pipeline_index(path: Path) -> dict:
     unet, scheduler = pair("unet"), pair("scheduler")
     if not unet or unet[1] not in MODEL_CLASSES:
         raise CheckpointError(f"{path} names {named(unet)} as its unet, not {' or '.join(MODEL_CLASSES.values())}")
+    if index.get("scheduler") == [None, None] and is_segmentation(path.parent):
+        return index                                    # a deterministic model: nothing to schedule
     if not (scheduler and scheduler[0] == "diffusers" and scheduler[1].endswith("Scheduler")
             and hasattr(diffusers, scheduler[1])):
         raise CheckpointError(f"{path} names {named(scheduler)} as its scheduler, not one of diffusers' schedulers")
@@ -434,6 +436,17 @@ def _check_pipeline_index(path: Path) -> dict:
 # other keywords, whose defaults a folder from before image conditions, or a bare model folder, means.
 PIPELINE_OPTIONS = {name: p.default for name, p in inspect.signature(DiffunetPipeline.__init__).parameters.items()
                     if p.default is not inspect.Parameter.empty}
+
+
+def is_segmentation(path) -> bool:
+    """Whether ``path`` is a segmentation pipeline folder (``DiffunetSegmentationPipeline``) or a bare model folder
+    of a U-Net without time (deterministic: it segments)."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        name = _read_json(path / "model_index.json").get("_class_name")      # exported: [module, class]
+        return (name[-1] if isinstance(name, list) else name) == "DiffunetSegmentationPipeline"
+    config = path / "config.json"
+    return config.is_file() and _read_json(config).get("time_condition") == "none"
 
 
 def pipeline_options(path) -> dict:
@@ -457,7 +470,8 @@ def load_model_folder(path: Path, dtype: torch.dtype = torch.float32) -> tuple[U
     path = Path(path)
     if (path / "model_index.json").is_file():
         index = _check_pipeline_index(path / "model_index.json")
-        scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+        has_scheduler = index.get("scheduler") != [None, None]
+        scheduler = _read_json(path / "scheduler" / "scheduler_config.json") if has_scheduler else None
         return load_unet(path, dtype, classes=(index["unet"][1],)).eval(), scheduler
     if (path / "config.json").is_file():
         return load_unet(path, dtype).eval(), None

@@ -122,6 +122,10 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
             raise ValueError("num_samples > 1 is for diffusion models; a deterministic model gives one mask")
         if not self.deterministic and self.scheduler is None:
             raise ValueError("a diffusion segmentation model needs a scheduler: pipe.scheduler = DDIMScheduler(...)")
+        if tile is not None and not self.deterministic and unet.config.padding == "valid":
+            # a valid tile's network input is larger than its output, and a sample must keep its size
+            raise ValueError("tiled diffusion needs padding='same' (overlapping tiles, blended); a valid-padding "
+                             "diffusion model segments whole images: leave tile=None")
         if isinstance(generator, list) and len(generator) != len(x):
             raise ValueError(f"{len(generator)} generators for {len(x)} images; give one per image")
 
@@ -157,7 +161,7 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
         if self.deterministic:
             with low_precision:
                 probabilities = unet(x.to(dtype)).sample.float().softmax(1)
-            return torch.cat([probabilities, probabilities.new_zeros(len(x), 1, *x.shape[-2:])], 1)
+            return torch.cat([probabilities, probabilities[:, :1] * 0], 1)    # (a valid tile's output is smaller)
         classes = mask_classes(unet)
         cond = x.repeat(num_samples, 1, 1, 1)                                          # (N b, C, h, w), sample-major
         noise = randn_tensor((len(cond), unet.config.in_channels, *x.shape[-2:]), generator=generator,
