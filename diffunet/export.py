@@ -32,7 +32,6 @@ from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
 from .config import ConfigError, build_model, load_config
 from .objectives import make_noise_scheduler
-from .pipeline import DiffunetPipeline
 from .tasks import task_of
 
 PACKAGE = Path(__file__).resolve().parent
@@ -45,12 +44,6 @@ so every module the class needs is named here: diffunet's own modules, unchanged
 
 {imports}
 '''
-
-
-def pipeline_of(unet, scheduler, **options) -> DiffusionPipeline:
-    """The pipeline every run saves: the U-Net (EMA weights), the training noise scheduler, and the task's
-    options (``task``, ``sr_factor``: ``tasks.Task.pipeline_options``)."""
-    return DiffunetPipeline(unet=unet, scheduler=scheduler, **options)
 
 
 # ------------------------------------------------------------------------------------------ the code
@@ -233,7 +226,7 @@ def export(run: Path, out: Path, checkpoint: str | None = None, force: bool = Fa
     grids = [run / "samples" / f"step_{step:06d}.png"] + ([run / "samples" / "final.png"]
                                                           if step == cfg.train.max_steps else [])
     grid = next((g for g in grids if g.is_file()), None)
-    pipeline = pipeline_of(unet, scheduler, **task_of(cfg).pipeline_options(cfg))
+    pipeline = task_of(cfg).pipeline(unet, scheduler, cfg)
     return ckpt.replace_folder(out, lambda tmp: write_folder(tmp, pipeline, cfg, run, step, grid))
 
 

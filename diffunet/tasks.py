@@ -22,7 +22,11 @@ from .config import ConfigError
 from .data import to_uint8
 from .masks import MASKS, draw_masks
 from .metrics import ExtractorUnavailable, evaluate, load_extractor, paired_scores
-from .pipeline import IMAGE_TASKS, inpainting_condition, upsample_condition
+from .cells import count_objects
+from .sampling import make_scheduler
+from .pipeline import IMAGE_TASKS, DiffunetPipeline, inpainting_condition, upsample_condition
+from .segment_pipeline import DiffunetSegmentationPipeline, mask_classes, mask_to_sample
+from .segmentation import LOSSES, segmentation_loss, segmentation_scores
 from .tables import choose
 
 # (n, **conditions) -> n samples (n, C, H, W) in [-1, 1] from the EMA model: the trainer's, seeded
@@ -63,6 +67,15 @@ class Generate:
     def pipeline_options(self, cfg) -> dict:
         """The ``DiffunetPipeline`` keywords (beside unet and scheduler) a run of this task saves."""
         return {"task": self.name}
+
+    def pipeline(self, unet, scheduler, cfg):
+        """The pipeline a run of this task saves: its EMA U-Net and the training noise scheduler."""
+        return DiffunetPipeline(unet=unet, scheduler=scheduler, **self.pipeline_options(cfg))
+
+    def dataset_options(self, cfg, model) -> dict:
+        """The keywords of ``data.build_dataset`` beside the data section and the size: the images' channels, and
+        how masks are read (segmentation: class ids, and the loss's weight map)."""
+        return {"channels": model.config.in_channels}
 
     def grid(self, model, n: int, sample: Sampler, held, cfg) -> tuple[torch.Tensor, int | None]:
         """(images (N, C, H, W) in [-1, 1], images per row) of the sample grid of ``n``: balanced classes, one
@@ -254,7 +267,153 @@ class Inpainting(ImageConditioned):
         return {"input": x * (1 - mask), "mask": mask * 2 - 1, "output": out, "truth": x}
 
 
-TASKS = {"generate": Generate(), "super_resolution": SuperResolution(), "inpainting": Inpainting()}
+class Segmentation:
+    """Deterministic segmentation, the 2015 U-Net's job: a U-Net without time (``model.time_condition=none``)
+    maps the image to class logits (``model.out_channels`` = K classes, 2 for a binary mask), trained with
+    ``segment.loss`` (a name in ``segmentation.LOSSES``; ``unet_weighted_ce`` takes the paper's weight map, made
+    by the data pipeline). Batches are (image, label, mask[, weight]): paired folders' ``masks/``, an HF mask
+    column, or the embedded cells (``data.source=cells``). Grids: image, truth, prediction; evaluation: Dice,
+    IoU and HD95 on held-out images (``data.holdout``), and the objects counted in prediction and truth."""
+
+    name = "segmentation"
+    rows = ("image", "truth", "output")
+
+    def classes(self, model) -> int:
+        return mask_classes(model)
+
+    def check(self, cfg, model, dataset) -> None:
+        self.check_model(cfg, model)
+        self.check_data(cfg, dataset)
+
+    def check_model(self, cfg, model) -> None:
+        """What this task needs of the model; run before the data are read (``dataset_options``), whose reading
+        depends on it."""
+        if model.config.time_condition != "none":
+            raise ConfigError(f"task={self.name} is deterministic: set model.time_condition=none (for segmentation "
+                              f"by diffusion: task=segmentation_diffusion)")
+        if self.classes(model) < 2:
+            raise ConfigError("task=segmentation needs model.out_channels >= 2 (class logits; 2 for a binary mask)")
+        if model.config.cond_channels:
+            raise ConfigError(f"task={self.name} segments the image itself: set model.cond_channels=0")
+
+    def check_data(self, cfg, dataset) -> None:
+        try:
+            choose(LOSSES, cfg.segment.loss, "segment.loss")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if getattr(dataset, "condition", None) != "masks":
+            raise ConfigError(f"task={self.name} needs masks: data.source=cells, a folder with images/ and masks/, "
+                              f"or an HF dataset with data.mask_column (data.source={cfg.data.source} has none)")
+        if cfg.train.eval_every > 0 and cfg.data.holdout < 1:
+            raise ConfigError(f"train.eval_every needs held-out images for task={self.name}: set data.holdout")
+
+    def dataset_options(self, cfg, model) -> dict:
+        self.check_model(cfg, model)
+        weights = (cfg.segment.w0, cfg.segment.sigma) if cfg.segment.loss == "unet_weighted_ce" else None
+        return {"channels": model.config.in_channels, "mask_classes": self.classes(model), "weights": weights}
+
+    def training_batch(self, batch, model, cfg) -> tuple[torch.Tensor, dict]:
+        """(the mask (B, 1, H, W) class ids, {"image": ..., "weight": ...}): flips apply to all three alike."""
+        x, _, mask, *weight = batch
+        x, mask, *weight = flip(cfg, x, mask, *weight)
+        return mask, {"image": x, "weight": weight[0] if weight else None}
+
+    def loss(self, model, noise_scheduler, mask, inputs, cfg) -> torch.Tensor:
+        return segmentation_loss(cfg.segment.loss, model(inputs["image"]).sample, mask, inputs["weight"])
+
+    def pipeline(self, unet, scheduler, cfg):
+        return DiffunetSegmentationPipeline(unet=unet, scheduler=None)
+
+    def pipeline_options(self, cfg) -> dict:
+        return {}
+
+    def segment(self, model, x: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(class ids (B, H, W), the uncertainty map (B, H, W) or None) of images ``x`` (B, C, H, W) in [-1, 1]."""
+        pipe = self.pipeline(model, None, cfg)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(image=(x + 1) / 2, output_type="pt")
+        return out.masks, out.std
+
+    def outputs(self, model, held, n: int, cfg):
+        items = [held[i] for i in range(min(n, len(held)))]
+        x = torch.stack([item[0] for item in items]).to(model.device)
+        truth = torch.stack([item[2] for item in items])[:, 0].long().to(model.device)   # (n, H, W)
+        masks, std = self.segment(model, x, cfg)
+        return x, truth, masks, std
+
+    def grid(self, model, n: int, sample: Sampler, held, cfg) -> tuple[torch.Tensor, int]:
+        """Up to 16 held-out images, one per column; rows: image, truth, prediction (and the std map)."""
+        x, truth, masks, std = self.outputs(model, held, min(n, 16), cfg)
+        k, c = self.classes(model), x.shape[1]
+
+        def shown(ids):                                                  # class ids -> gray in [-1, 1]
+            return (ids[:, None].float() * 2 / (k - 1) - 1).expand(-1, c, -1, -1)
+        rows = [x, shown(truth), shown(masks)] + ([(std[:, None] * 4 - 1).clamp(-1, 1).expand(-1, c, -1, -1)]
+                                                   if std is not None else [])
+        return torch.cat(rows), len(x)
+
+    def evaluate(self, model, sample: Sampler, held, cfg) -> dict:
+        """Dice, IoU, HD95 (``segmentation.segmentation_scores``) of ``train.eval_num_images`` held-out images,
+        and the mean number of objects (4-connected components of the foreground) in prediction and truth."""
+        x, truth, masks, std = self.outputs(model, held, cfg.train.eval_num_images, cfg)
+        scores = segmentation_scores(masks.cpu(), truth.cpu(), self.classes(model))
+        for name, ids in (("objects", masks), ("objects_truth", truth)):
+            scores[name] = sum(count_objects(m > 0) for m in ids.cpu().numpy()) / len(ids)
+        if std is not None:                                              # does the uncertainty mean something?
+            wrong = masks != truth
+            scores["std_wrong"] = float(std[wrong].mean()) if wrong.any() else float("nan")
+            scores["std_right"] = float(std[~wrong].mean()) if (~wrong).any() else float("nan")
+        return scores
+
+
+class SegmentationDiffusion(Segmentation, Generate):
+    """Segmentation by diffusion (Wolleb et al. 2022, MedSegDiff): the mask is x0 (``mask_to_sample``: one
+    channel 2 m - 1 for a binary mask, so ``model.in_channels=1``; K one-hot channels for K > 2) and the image is
+    the condition (``model.cond_channels`` = the image's channels), dropped with ``train.cond_dropout``.
+    Evaluation samples an ensemble of ``segment.ensemble`` masks per image: the majority mask is scored, and the
+    std map's mean on wrong and on right pixels is logged beside it."""
+
+    name = "segmentation_diffusion"
+    rows = ("image", "truth", "output", "std")
+    loss = Generate.loss
+
+    def check_model(self, cfg, model) -> None:
+        needs_time(cfg, model)
+        if model.config.cond_channels < 1:
+            raise ConfigError(f"task={self.name} conditions on the image: set model.cond_channels to its channels")
+        if model.config.num_classes:
+            raise ConfigError(f"task={self.name} takes no class labels: set model.num_classes=null")
+        if cfg.segment.ensemble < 1:
+            raise ConfigError(f"segment.ensemble must be at least 1 (got {cfg.segment.ensemble})")
+
+    def dataset_options(self, cfg, model) -> dict:
+        self.check_model(cfg, model)
+        return {"channels": model.config.cond_channels, "mask_classes": self.classes(model), "weights": None}
+
+    def training_batch(self, batch, model, cfg) -> tuple[torch.Tensor, dict]:
+        """(x0: the mask as a sample in [-1, 1], {"cond": the image[, "cond_dropped": ...]})."""
+        x, _, mask = batch[:3]
+        x, mask = flip(cfg, x, mask)
+        keywords = {"cond": x}
+        if cfg.train.cond_dropout > 0:
+            keywords["cond_dropped"] = torch.rand(x.shape[0], device=x.device) < cfg.train.cond_dropout
+        return mask_to_sample(mask, self.classes(model)), keywords
+
+    def pipeline(self, unet, scheduler, cfg):
+        return DiffunetSegmentationPipeline(unet=unet, scheduler=scheduler)
+
+    def segment(self, model, x, cfg):
+        scheduler = make_scheduler(cfg.sample.scheduler, objectives.make_noise_scheduler(cfg.diffusion).config)
+        pipe = self.pipeline(model, scheduler, cfg)
+        pipe.set_progress_bar_config(disable=True)
+        generators = [torch.Generator().manual_seed(cfg.sample.seed * 1_000_003 + i) for i in range(len(x))]
+        out = pipe(image=(x + 1) / 2, num_samples=cfg.segment.ensemble, num_inference_steps=cfg.sample.steps,
+                   generator=generators, output_type="pt")
+        return out.masks, out.std if out.std is not None else torch.zeros_like(out.masks, dtype=torch.float32)
+
+
+TASKS = {"generate": Generate(), "super_resolution": SuperResolution(), "inpainting": Inpainting(),
+         "segmentation": Segmentation(), "segmentation_diffusion": SegmentationDiffusion()}
 
 
 def task_of(cfg):

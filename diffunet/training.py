@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
 from .convert import init_from
 from .data import DataError, apply_bad_image_policy, build_dataset, save_grid, split_holdout, to_uint8
-from .export import pipeline_of, write_folder
+from .export import write_folder
 from . import objectives
 from .fast import apply_fast_paths, describe_device, resolve_precision
 from .objectives import make_noise_scheduler
@@ -88,7 +88,7 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
             raise ConfigError(f"train.{key} must be at least 1 (got {cfg.train[key]})")
     if not 0 <= cfg.train.label_dropout < 1:
         raise ConfigError(f"train.label_dropout must be in [0, 1) (got {cfg.train.label_dropout})")
-    dataset = build_dataset(cfg.data, model.image_size, model.config.in_channels)
+    dataset = build_dataset(cfg.data, model.image_size, **task.dataset_options(cfg, model))
     task.check(cfg, model, dataset)
     if cfg.train.init_from:                     # fine-tuning: the weights of a trained model (resume replaces them)
         init_from(model, cfg.train.init_from)
@@ -423,7 +423,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             grid = self.out / "samples" / "final.png"
             with self._ema_weights() as model:
-                pipeline = pipeline_of(model, self.noise_scheduler, **self.task.pipeline_options(self.cfg))
+                pipeline = self.task.pipeline(model, self.noise_scheduler, self.cfg)
                 ckpt.replace_folder(final, lambda tmp: write_folder(tmp, pipeline, self.cfg, self.out, self.step,
                                                                     grid if grid.is_file() else None))
         self.accelerator.wait_for_everyone()

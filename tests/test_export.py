@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 import sample
+from diffunet.tasks import task_of
 from diffunet import export
 from diffunet.config import build_model
 from diffunet.objectives import make_noise_scheduler
@@ -57,8 +58,8 @@ def tiny_run(tmp_path: Path) -> Path:
     run = Path(cfg.output_dir)
     run.mkdir(parents=True)
     OmegaConf.save(cfg, run / "config.yaml")
-    export.write_folder(run / "pipeline", export.pipeline_of(build_model(cfg).eval(),
-                                                             make_noise_scheduler(cfg.diffusion)), cfg, run, 0, None)
+    pipeline = task_of(cfg).pipeline(build_model(cfg).eval(), make_noise_scheduler(cfg.diffusion), cfg)
+    export.write_folder(run / "pipeline", pipeline, cfg, run, 0, None)
     return run
 
 
