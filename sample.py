@@ -3,20 +3,23 @@
     python sample.py runs/digits/pipeline --out samples --num-images 100 [--scheduler ddim --steps 50 ...]
     accelerate launch sample.py runs/digits/pipeline --out samples --num-images 10000    # indices split over processes
     python sample.py runs/digits-sr/pipeline --cond lowres/ --out sharp [--mask masks/] [--num-per-cond 4]
+    python sample.py runs/cells-seg/pipeline --cond images/ --out masks [--tile 128] [--num-per-cond 8]
 
 Every option is a keyword of ``diffunet.sampling.sample_to_folder`` or, with --cond,
-``diffunet.sampling.sample_conditioned``; see docs/sampling.md.
+``diffunet.sampling.sample_conditioned`` (``diffunet.segment_sample.segment_to_folder`` for a segmentation
+pipeline); see docs/sampling.md.
 """
 
 import argparse
 import inspect
 import sys
 
-from diffunet.checkpoint import CheckpointError
+from diffunet.checkpoint import CheckpointError, is_segmentation
 from diffunet.config import SampleConfig
 from diffunet.fast import ALIASES, PRECISION
 from diffunet.objectives import TARGETS
 from diffunet.sampling import INPAINTING_SCHEDULERS, SCHEDULERS, sample_conditioned, sample_to_folder
+from diffunet.segment_sample import segment_to_folder
 
 DEFAULTS = SampleConfig()
 ONE_MODE = argparse.SUPPRESS        # options of one of the two functions: passed only when given, so that the
@@ -24,7 +27,9 @@ ONE_MODE = argparse.SUPPRESS        # options of one of the two functions: passe
 
 
 def runner(args: dict):
-    return sample_conditioned if "cond" in args else sample_to_folder
+    if "cond" not in args:
+        return sample_to_folder
+    return segment_to_folder if is_segmentation(args["model"]) else sample_conditioned
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -40,6 +45,10 @@ def parse(argv=None) -> argparse.Namespace:
                    help="with --cond: the masks (white = to fill), paired by relative path and stem")
     p.add_argument("--num-per-cond", type=int, default=ONE_MODE, metavar="N",
                    help="with --cond: N outputs per condition (stem_0 ... stem_{N-1}, stem_mean, stem_std)")
+    p.add_argument("--tile", type=int, default=ONE_MODE, metavar="T",
+                   help="segmentation: by tiles of T x T output pixels (images of any size, memory bounded by T)")
+    p.add_argument("--overlap", type=int, default=ONE_MODE, metavar="P",
+                   help="with --tile, 'same'-padding models: blended overlap of neighbouring tiles (default T/4)")
     p.add_argument("--scheduler", choices=[*SCHEDULERS, *INPAINTING_SCHEDULERS], default=DEFAULTS.scheduler,
                    help="repaint: training-free inpainting (with --cond and --mask)")
     p.add_argument("--steps", type=int, default=DEFAULTS.steps)
@@ -60,10 +69,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no-grid", dest="grid", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
-    wrong = sorted(set(vars(args)) - set(inspect.signature(runner(vars(args))).parameters))
+    run = runner(vars(args))
+    taken = inspect.signature(run).parameters
+    for name in [n for n in vars(args) if n not in taken and getattr(args, n) == p.get_default(n)]:
+        delattr(args, name)                         # an option left at its default that this mode has no use for
+    wrong = sorted(set(vars(args)) - set(taken))
     if wrong:
-        p.error(f"{', '.join('--' + name.replace('_', '-') for name in wrong)}: "
-                f"{'not with' if 'cond' in vars(args) else 'only with'} --cond")
+        where = ("not for a segmentation model" if run is segment_to_folder else
+                 "not with --cond" if "cond" in vars(args) else "only with --cond")
+        p.error(f"{', '.join('--' + name.replace('_', '-') for name in wrong)}: {where}")
     return args
 
 
