@@ -200,6 +200,8 @@ def main(argv=None) -> int:
         args = p.parse_args(argv)
     if monai is None:
         sys.exit('error: MONAI is not installed: pip install --no-deps "monai>=1.3" (see bench/README.md)')
+    if args.score_block and args.test_size % args.score_block:
+        sys.exit(f"error: --score-block {args.score_block} must divide --test-size {args.test_size} (or be 0)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
