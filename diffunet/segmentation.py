@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.segmentation.utils import edge_surface_distance
+from torchmetrics.functional.segmentation.utils import distance_transform, mask_edges
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from .tables import choose
@@ -76,7 +76,11 @@ def hd95(pred: torch.Tensor, truth: torch.Tensor) -> float:
     either mask is empty. torchmetrics' own HausdorffDistance is the 100 % one, which a single stray pixel sets."""
     if not pred.any() or not truth.any():
         return float("nan")
-    there, back = edge_surface_distance(pred.bool(), truth.bool(), symmetric=True)
+    # torchmetrics' edges; its distance transform through scipy: the default ("pytorch") engine compares every
+    # pixel with every edge pixel at once, ~36 GB for a 512 x 512 mask
+    edges_pred, edges_truth = (e.bool() for e in mask_edges(pred.bool(), truth.bool()))
+    there = torch.as_tensor(distance_transform((~edges_truth).float(), engine="scipy"))[edges_pred]
+    back = torch.as_tensor(distance_transform((~edges_pred).float(), engine="scipy"))[edges_truth]
     return max(float(torch.quantile(there.float(), 0.95)), float(torch.quantile(back.float(), 0.95)))
 
 
