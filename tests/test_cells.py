@@ -135,8 +135,9 @@ def test_arrays_and_dataset():
     assert torch.equal(mask, torch.from_numpy(masks[2])) and torch.allclose(x, torch.from_numpy(images[2]) * 2 - 1)
 
 
-def test_masks_equal_instances_in_crops():
+def test_masks_equal_carved_instances_in_crops():
     image, instances = cells.make_cells(64, seed=(5, 1, 0))
+    instances = cells.carve_borders(instances)                 # touching cells parted, as the crops' masks are
     images, masks, weights = cells.cells_arrays(4, crop=32, seed=5, source=64, stride=32)
     assert np.array_equal(images[3, 0], image[32:, 32:]) and np.array_equal(masks[3, 0], instances[32:, 32:] > 0)
     assert np.array_equal(weights[3, 0], cells.weight_map(instances[32:, 32:]))
@@ -153,3 +154,19 @@ def test_test_images_are_held_out():
     assert not np.array_equal(pairs[0][0], train) and not np.array_equal(pairs[0][0], cells.make_cells(128, seed=0)[0])
     images, _, _ = cells.cells_arrays(1, crop=64, seed=0)
     assert not np.array_equal(images[0, 0], cells.make_cells(256, seed=0)[0][:64, :64])   # nor a plain seed
+
+
+def test_carved_borders_part_touching_cells_by_one_pixel(sample):
+    _, instances = sample
+    carved = cells.carve_borders(instances)
+    for a, b in ((carved[:, :-1], carved[:, 1:]), (carved[:-1], carved[1:])):
+        assert not ((a > 0) & (b > 0) & (a != b)).any()              # no two cells touch any more
+    lost = (instances > 0) & (carved == 0)
+    assert lost.any() and (carved[carved > 0] == instances[carved > 0]).all()
+    assert lost.sum() < 0.1 * (instances > 0).sum()                  # a border, not an erosion
+    # every carved pixel had a lower-id neighbour: only the higher id of a touching pair gives a pixel up
+    padded = np.pad(instances, 1)
+    r, c = np.nonzero(lost)
+    neighbours = np.stack([padded[r, c + 1], padded[r + 2, c + 1], padded[r + 1, c], padded[r + 1, c + 2]])
+    assert (((neighbours > 0) & (neighbours < instances[r, c])).any(0)).all()
+    assert cells.count_objects(carved > 0) >= instances.max() - 2 > cells.count_objects(instances > 0)
