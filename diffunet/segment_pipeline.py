@@ -18,6 +18,7 @@ This file travels inside exported pipeline folders, with the modules it imports.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,16 +130,16 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != len(x):
             raise ValueError(f"{len(generator)} generators for {len(x)} images; give one per image")
 
-        outputs = []
-        for i in range(len(x)) if not self.deterministic else [slice(None)]:
-            rows = x[i:i + 1] if isinstance(i, int) else x
-            g = generator[i] if isinstance(generator, list) else generator
-
-            def predict(tiles, g=g):
-                return self.predict(tiles, num_samples, num_inference_steps, g, eta)
-            outputs.append(predict(rows) if tile is None else
-                           predict_tiled(predict, rows, tile, overlap=overlap, batch_size=tile_batch_size,
-                                         geometry=unet))
+        if tile is None:                        # one batch: every image, every sample (B N rows)
+            outputs = [self.predict(x, num_samples, num_inference_steps, generator, eta)]
+        else:                                   # image by image, tile_batch_size tiles (x N samples) a call
+            outputs = []
+            for i in range(len(x)):
+                g = generator[i] if isinstance(generator, list) else generator
+                predict = functools.partial(self.predict, num_samples=num_samples, steps=num_inference_steps,
+                                            generator=g, eta=eta)
+                outputs.append(predict_tiled(predict, x[i:i + 1], tile, overlap=overlap, batch_size=tile_batch_size,
+                                             geometry=unet))
         out = torch.cat(outputs).float()                                               # (B, K + 1, H, W)
         probabilities, std = out[:, :-1], out[:, -1]
         masks = probabilities.argmax(1)
@@ -164,6 +165,8 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
             return torch.cat([probabilities, probabilities[:, :1] * 0], 1)    # (a valid tile's output is smaller)
         classes = mask_classes(unet)
         cond = x.repeat(num_samples, 1, 1, 1)                                          # (N b, C, h, w), sample-major
+        if isinstance(generator, list):                 # one per image: row k b + i draws from generator[i]
+            generator = generator * num_samples
         noise = randn_tensor((len(cond), unet.config.in_channels, *x.shape[-2:]), generator=generator,
                              device=x.device, dtype=torch.float32)
 
