@@ -1,8 +1,10 @@
 """Score samples against a reference: FID, KID and IS (``diffunet.metrics.evaluate``); or, with ``--paired``,
-image-conditioned outputs against their truth: PSNR, SSIM, LPIPS, class accuracy (``metrics.paired_scores``).
+image-conditioned outputs against their truth: PSNR, SSIM, LPIPS, class accuracy (``metrics.paired_scores``);
+or, with ``--segmentation``, masks against their truth masks: Dice, IoU, HD95 (``segmentation_scores``).
 
     python -m diffunet.evaluate SAMPLES REFERENCE [--extractor digits|inception] [--inception-weights FILE]
     python -m diffunet.evaluate OUTPUTS TRUTH --paired [--mask DIR] [--classifier digits] [--skip-unpaired]
+    python -m diffunet.evaluate MASKS TRUTH_MASKS --segmentation [--classes K] [--skip-unpaired]
 
 SAMPLES and REFERENCE: a folder of images, an .npz of uint8 images, or ``digits`` (the embedded set). The
 extractor defaults to the offline digits classifier when REFERENCE is ``digits`` and to Inception otherwise.
@@ -21,10 +23,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .config import EvalConfig
-from .data import DataError, files_by_stem, read_image, read_mask
+from .cells import count_objects
+from .data import DataError, files_by_stem, read_class_mask, read_image, read_mask
 from .metrics import EXTRACTORS, IMAGE_SUFFIXES, ExtractorUnavailable, classify, evaluate, paired_scores
+from .segmentation import segmentation_scores
 
 SAMPLE_K = re.compile(r"(.+)_\d+")                  # stem_k: the k-th output for the condition `stem`
 SAMPLE_STAT = re.compile(r"(.+)_(mean|std)")        # stem_mean, stem_std: per-pixel statistics, not outputs
@@ -142,6 +147,32 @@ def evaluate_paired(outputs: str | Path, truth: str | Path, mask: str | Path | N
     return dict(result, notes=notes) if notes else result
 
 
+def evaluate_segmentation(outputs: str | Path, truth: str | Path, classes: int = 2, *,
+                          skip_unpaired: bool = False) -> dict:
+    """Dice, IoU (foreground classes) and HD95 of the masks in ``outputs`` against the truth masks in ``truth``
+    (class ids, 0/255 read as 0/1; paired as in ``--paired``, ``x_std`` maps skipped), image by image (the
+    masks may differ in size), averaged; and the mean number of objects (4-connected foreground components)
+    in prediction and truth: too few means touching objects merged."""
+    truth_files = image_files(truth)
+    pairs, unpaired = pair_files(image_files(outputs), truth_files)
+    if unpaired and not skip_unpaired:
+        raise PairingError(f"{len(unpaired)} mask(s) have no truth mask in {truth}, the first {unpaired[0]}; "
+                           "pass --skip-unpaired to score the others")
+    if not pairs:
+        raise PairingError(f"no mask in {outputs} pairs with a mask in {truth}")
+    rows = []
+    for path, key in pairs:
+        pred, true = read_class_mask(path, classes), read_class_mask(truth_files[key], classes)
+        if pred.shape != true.shape:
+            raise PairingError(f"{path} is {pred.shape[1]}x{pred.shape[0]} but its truth {truth_files[key]} is "
+                               f"{true.shape[1]}x{true.shape[0]}")
+        scores = segmentation_scores(torch.from_numpy(pred)[None], torch.from_numpy(true)[None], classes)
+        rows.append({**scores, "objects": count_objects(pred > 0), "objects_truth": count_objects(true > 0)})
+    mean = {key: float(np.nanmean([row[key] for row in rows])) for key in ("dice", "iou", "hd95", "objects",
+                                                                            "objects_truth")}
+    return dict(mean, num_images=len(rows), **(dict(num_unpaired=len(unpaired)) if skip_unpaired else {}))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m diffunet.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("samples", help="folder, .npz or 'digits' (--paired: the folder of outputs)")
@@ -161,15 +192,22 @@ def main(argv=None) -> dict:
     paired.add_argument("--classifier", choices=list(EXTRACTORS), help="adds accuracy or class_agreement")
     paired.add_argument("--skip-unpaired", action="store_true", help="score the outputs that pair, count the others")
     paired.add_argument("--no-lpips", dest="lpips", action="store_false", help="skip LPIPS")
+    paired.add_argument("--segmentation", action="store_true", help="masks against truth masks: Dice, IoU, HD95")
+    paired.add_argument("--classes", type=int, default=2, help="--segmentation: the masks' class count")
     args = p.parse_args(argv)
+    if args.segmentation and (args.paired or args.mask or args.classifier):
+        p.error("--segmentation scores masks; --paired, --mask and --classifier are for image outputs")
     given = [flag for flag, on in (("--mask", args.mask), ("--classifier", args.classifier),
                                    ("--skip-unpaired", args.skip_unpaired), ("--no-lpips", not args.lpips)) if on]
-    if given and not args.paired:
+    if given and not (args.paired or (args.segmentation and given == ["--skip-unpaired"])):
         p.error(f"{given[0]} needs --paired")
     if args.paired and (args.extractor or args.inception_weights):
         p.error("--extractor and --inception-weights are for FID / KID / IS; with --paired, --classifier")
     try:
-        if args.paired:
+        if args.segmentation:
+            result = evaluate_segmentation(args.samples, args.reference, args.classes,
+                                           skip_unpaired=args.skip_unpaired)
+        elif args.paired:
             result = evaluate_paired(args.samples, args.reference, args.mask, classifier=args.classifier,
                                      skip_unpaired=args.skip_unpaired, lpips=args.lpips, batch_size=args.batch_size,
                                      device=args.device)
@@ -179,7 +217,7 @@ def main(argv=None) -> dict:
             result = evaluate(args.samples, args.reference, extractor, batch_size=args.batch_size,
                               device=args.device, kid_subset_size=args.kid_subset_size,
                               kid_subsets=args.kid_subsets, cache=args.cache, seed=args.seed)
-    except (ExtractorUnavailable, FileNotFoundError, PairingError) as e:
+    except (ExtractorUnavailable, FileNotFoundError, PairingError, DataError) as e:
         sys.exit(f"error: {e}")
     if args.json:
         print(json.dumps(result))
