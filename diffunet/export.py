@@ -120,17 +120,18 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
     and the full config."""
     c, d, t, s = unet.config, cfg.diffusion, cfg.train, cfg.sample
     h, w = unet.image_size
-    kind = f"class-conditional ({c.num_classes} classes)" if c.num_classes else "unconditional"
+    what, usage = task_of(cfg).card(cfg, unet)
+    schedule = ("" if c.time_condition == "none" else
+                f", with its training noise schedule (DDPM, {d.num_train_timesteps} steps, `{d.beta_schedule}` "
+                f"betas, predicting `{d.prediction_type}`)")
     params = sum(p.numel() for p in unet.parameters())
     lines = [
         "---", "library_name: diffusers", "tags:", "- diffunet", "- diffusion",
         f"- {'class-conditional' if c.num_classes else 'unconditional'}-image-generation", "---", "",
         f"# diffunet U-Net: `{cfg.data.source}`, {h}x{w}",
         "",
-        f"A {kind} diffusion model on {c.in_channels}-channel {h}x{w} images: diffunet's U-Net ({params / 1e6:.2f}M "
-        f"parameters, EMA weights) trained for {step} steps on `{cfg.data.source}`, with its training noise "
-        f"schedule (DDPM, {d.num_train_timesteps} steps, `{d.beta_schedule}` betas, predicting "
-        f"`{d.prediction_type}`).",
+        f"{what} on {h}x{w} images: diffunet's U-Net ({params / 1e6:.2f}M parameters, EMA weights) trained for "
+        f"{step} steps on `{cfg.data.source}`{schedule}.",
         "",
         "## Load it",
         "",
@@ -142,8 +143,7 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
         "```python",
         "from diffusers import DiffusionPipeline",
         'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
-        (f"images = pipe(class_labels=list(range({c.num_classes})), guidance_scale=2.0).images"
-         if c.num_classes else "images = pipe(batch_size=16).images"),
+        usage,
         "```",
         "",
         "With diffunet installed, `python sample.py path/to/this/folder --out samples` samples with any of its "

@@ -72,6 +72,14 @@ class Generate:
         """The pipeline a run of this task saves: its EMA U-Net and the training noise scheduler."""
         return DiffunetPipeline(unet=unet, scheduler=scheduler, **self.pipeline_options(cfg))
 
+    def card(self, cfg, unet) -> tuple[str, str]:
+        """(what the model is, a line of Python that uses its pipeline ``pipe``), for the model card."""
+        c = unet.config
+        kind = f"class-conditional ({c.num_classes} classes)" if c.num_classes else "unconditional"
+        usage = (f"images = pipe(class_labels=list(range({c.num_classes})), guidance_scale=2.0).images"
+                 if c.num_classes else "images = pipe(batch_size=16).images")
+        return f"A {kind} diffusion model of {c.in_channels}-channel images", usage
+
     def dataset_options(self, cfg, model) -> dict:
         """The keywords of ``data.build_dataset`` beside the data section and the size: the images' channels, and
         how masks are read (segmentation: class ids, and the loss's weight map)."""
@@ -327,6 +335,10 @@ class Segmentation:
     def pipeline_options(self, cfg) -> dict:
         return {}
 
+    def card(self, cfg, unet) -> tuple[str, str]:
+        return (f"A deterministic segmentation model ({self.classes(unet)} classes) of "
+                f"{unet.config.in_channels}-channel images", "masks = pipe(image=images, tile=128).masks")
+
     def segment(self, model, x: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(class ids (B, H, W), the uncertainty map (B, H, W) or None) of images ``x`` (B, C, H, W) in [-1, 1]."""
         pipe = self.pipeline(model, None, cfg)
@@ -402,14 +414,23 @@ class SegmentationDiffusion(Segmentation, Generate):
     def pipeline(self, unet, scheduler, cfg):
         return DiffunetSegmentationPipeline(unet=unet, scheduler=scheduler)
 
+    def card(self, cfg, unet) -> tuple[str, str]:
+        return (f"A diffusion segmentation model ({self.classes(unet)} classes) of "
+                f"{unet.config.cond_channels}-channel images",
+                "out = pipe(image=images, num_samples=8, tile=128)   # out.masks, out.std")
+
     def segment(self, model, x, cfg):
         scheduler = make_scheduler(cfg.sample.scheduler, objectives.make_noise_scheduler(cfg.diffusion).config)
         pipe = self.pipeline(model, scheduler, cfg)
         pipe.set_progress_bar_config(disable=True)
         generators = [torch.Generator().manual_seed(cfg.sample.seed * 1_000_003 + i) for i in range(len(x))]
-        out = pipe(image=(x + 1) / 2, num_samples=cfg.segment.ensemble, num_inference_steps=cfg.sample.steps,
-                   generator=generators, output_type="pt")
-        return out.masks, out.std if out.std is not None else torch.zeros_like(out.masks, dtype=torch.float32)
+        masks, stds = [], []
+        for lo in range(0, len(x), 32):                 # 32 images x the ensemble per batch: bounded memory
+            out = pipe(image=(x[lo:lo + 32] + 1) / 2, num_samples=cfg.segment.ensemble,
+                       num_inference_steps=cfg.sample.steps, generator=generators[lo:lo + 32], output_type="pt")
+            masks.append(out.masks)
+            stds.append(out.std if out.std is not None else torch.zeros_like(out.masks, dtype=torch.float32))
+        return torch.cat(masks), torch.cat(stds)
 
 
 TASKS = {"generate": Generate(), "super_resolution": SuperResolution(), "inpainting": Inpainting(),

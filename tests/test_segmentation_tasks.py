@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from PIL import Image
 
 import sample
+from diffunet import evaluate
 from diffunet import DiffunetSegmentationPipeline, UNet
 from diffunet.cells import make_cells
 from diffunet.config import ConfigError, load_config
@@ -172,6 +173,14 @@ def test_segmentation_run_trains_exports_and_segments_folders_by_tiles(tmp_path)
         tiled = np.asarray(Image.open(tmp_path / "tiled" / f"{key}.png"))
         assert whole.shape == mask.shape and set(np.unique(whole)) <= {0, 255}
         assert (whole == tiled).mean() == 1.0                           # valid padding, batch norm: exact tiles
+        (tmp_path / "truth" / "sub").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "truth" / f"{key}.png")
+
+    scores = evaluate.main([str(tmp_path / "whole"), str(tmp_path / "truth"), "--segmentation", "--json"])
+    dice = [2 * ((np.asarray(Image.open(tmp_path / "whole" / f"{key}.png")) > 0) & mask).sum()
+            / ((np.asarray(Image.open(tmp_path / "whole" / f"{key}.png")) > 0).sum() + mask.sum())
+            for key, mask in truth.items()]
+    assert scores["num_images"] == 2 and scores["dice"] == pytest.approx(np.mean(dice), abs=1e-6)
 
 
 def test_segmentation_rejects_an_ensemble_of_a_deterministic_model(tmp_path, capsys):
@@ -203,3 +212,35 @@ def test_diffusion_segmentation_run_writes_masks_and_std_maps(tmp_path):
     assert sample.main([str(pipeline), "--cond", str(tmp_path / "images"), "--out", str(out), "--num-per-cond", "3",
                         "--steps", "2", "--tile", "16", "--no-progress"]) == 0     # resumes: nothing to redo
     assert np.array_equal(np.asarray(Image.open(out / "sub" / "cell0.png")), first)
+    Image.fromarray(truth["sub/cell0"].astype(np.uint8)).save(tmp_path / "truth.png")    # 0/1: read as ids
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "truth.png").rename(tmp_path / "truth" / "cell0.png")
+    scores = evaluate.evaluate_segmentation(out / "sub", tmp_path / "truth")        # the std map is not a mask
+    assert scores["num_images"] == 1 and 0 <= scores["dice"] <= 1
+
+
+def test_multi_class_masks_from_a_paired_folder_train_and_come_out_as_class_ids(tmp_path):
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for k in range(12):                                                 # 3 classes: background, left, right blob
+        image = rng.uniform(0, 0.2, (16, 16))
+        ids = np.zeros((16, 16), np.uint8)
+        ids[3:9, 2:7], ids[8:14, 9:15] = 1, 2
+        image[ids == 1], image[ids == 2] = 0.6, 0.9
+        for folder, array in (("images", np.round(image * 255).astype(np.uint8)), ("masks", ids)):
+            (root / folder / "a").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / folder / "a" / f"{k}.png")
+    cfg = cfg_of("cells-seg", tmp_path, f"data.source={root}", "data.holdout=2", "data.hflip=false",
+                 "model.out_channels=3", "segment.loss=dice_ce", "train.max_steps=4", "train.batch_size=4")
+    pipeline = train(cfg)
+    assert sample.main([str(pipeline), "--cond", str(root / "images"), "--out", str(tmp_path / "out"),
+                        "--no-progress"]) == 0
+    written = np.asarray(Image.open(tmp_path / "out" / "a" / "0.png"))
+    assert written.shape == (16, 16) and set(np.unique(written)) <= {0, 1, 2}  # ids, not 0/255
+    bad = np.zeros((16, 16), np.uint8)
+    bad[0, 0] = 7
+    Image.fromarray(bad).save(root / "masks" / "a" / "3.png")
+    cfg.output_dir = str(tmp_path / "again")
+    with pytest.raises(DataError, match=r"3.png has class id 7, but the model has 3 classes"):
+        train(cfg)                                                      # the preflight stops it, before compute
+    assert not (tmp_path / "again" / "checkpoints").exists()
