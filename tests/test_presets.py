@@ -26,12 +26,17 @@ def test_every_preset_runs_a_forward_pass_at_a_tiny_size(name):
     n = 2 ** (len(c.channel_mult) - 1)                        # the smallest side "same" takes; "valid" mirror-pads
     x = torch.randn(2, c.in_channels, n, n)
     labels = torch.tensor([0, model.null_class]) if model.null_class else None
+    timed = c.time_condition != "none"                       # a segmentation preset has no time: model(x)
     with torch.no_grad():
-        out = model(x, torch.tensor([10, 900]), labels).sample
-        other_t = model(x, torch.tensor([500, 500]), labels).sample
+        out = model(x, torch.tensor([10, 900]), labels).sample if timed else model(x).sample
+        other = model(x, torch.tensor([500, 500]), labels).sample if timed else model(x.flip(0)).sample.flip(0)
     assert out.shape == (2, c.out_channels or c.in_channels, n, n)           # the input's shape where out = in
     assert torch.isfinite(out).all() and out.abs().max() > 0
-    assert not torch.allclose(out, other_t)                         # the time conditioning reaches the output
+    if timed:
+        assert not torch.allclose(out, other)                       # the time conditioning reaches the output
+    else:
+        torch.testing.assert_close(out, other)                      # eval mode: each image on its own (batch norm)
+        assert not torch.allclose(out[0], out[1])                   # and the input reaches the output
 
 
 def test_ddpm_cifar10_preset_has_the_papers_parameter_count():
