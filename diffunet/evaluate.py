@@ -98,6 +98,21 @@ def read_stack(files: list[Path], what: str) -> np.ndarray:
     return np.stack(images)
 
 
+def paired_folders(outputs, truth, skip_unpaired: bool, nouns: tuple[str, str, str]):
+    """(the truth files by key, the (output, key) pairs, the unpaired outputs) of two folders; a PairingError
+    naming the first unpaired output (unless ``skip_unpaired``), or where nothing pairs. ``nouns``: what an
+    output is, what its truth is, and "a(n) <truth>" for the messages."""
+    truth_files = image_files(truth)
+    pairs, unpaired = pair_files(image_files(outputs), truth_files)
+    output, partner, a_partner = nouns
+    if unpaired and not skip_unpaired:
+        raise PairingError(f"{len(unpaired)} {output}(s) have no {partner} in {truth}, the first {unpaired[0]}; "
+                           "pass --skip-unpaired to score the others")
+    if not pairs:
+        raise PairingError(f"no {output} in {outputs} pairs with {a_partner} in {truth}")
+    return truth_files, pairs, unpaired
+
+
 def evaluate_paired(outputs: str | Path, truth: str | Path, mask: str | Path | None = None, *,
                     classifier: str | None = None, skip_unpaired: bool = False, lpips: bool = True,
                     batch_size: int = EvalConfig.batch_size, device=None) -> dict:
@@ -108,13 +123,8 @@ def evaluate_paired(outputs: str | Path, truth: str | Path, mask: str | Path | N
     image sits in one) or else ``class_agreement`` (against the classifier's class of the truth image).
     ``skip_unpaired``: score the outputs that pair and count the others (``num_unpaired``) instead of failing.
     """
-    truth_files = image_files(truth)
-    pairs, unpaired = pair_files(image_files(outputs), truth_files)
-    if unpaired and not skip_unpaired:
-        raise PairingError(f"{len(unpaired)} output(s) have no truth image in {truth}, the first {unpaired[0]}; "
-                           "pass --skip-unpaired to score the others")
-    if not pairs:
-        raise PairingError(f"no output in {outputs} pairs with an image in {truth}")
+    truth_files, pairs, unpaired = paired_folders(outputs, truth, skip_unpaired,
+                                                  ("output", "truth image", "an image"))
     keys = sorted({key for _, key in pairs})
     row = {key: i for i, key in enumerate(keys)}
     index = [row[key] for _, key in pairs]                      # truth row of each output
@@ -153,13 +163,7 @@ def evaluate_segmentation(outputs: str | Path, truth: str | Path, classes: int =
     (class ids, 0/255 read as 0/1; paired as in ``--paired``, ``x_std`` maps skipped), image by image (the
     masks may differ in size), averaged; and the mean number of objects (4-connected foreground components)
     in prediction and truth: too few means touching objects merged."""
-    truth_files = image_files(truth)
-    pairs, unpaired = pair_files(image_files(outputs), truth_files)
-    if unpaired and not skip_unpaired:
-        raise PairingError(f"{len(unpaired)} mask(s) have no truth mask in {truth}, the first {unpaired[0]}; "
-                           "pass --skip-unpaired to score the others")
-    if not pairs:
-        raise PairingError(f"no mask in {outputs} pairs with a mask in {truth}")
+    truth_files, pairs, unpaired = paired_folders(outputs, truth, skip_unpaired, ("mask", "truth mask", "a mask"))
     rows = []
     for path, key in pairs:
         pred, true = read_class_mask(path, classes), read_class_mask(truth_files[key], classes)
