@@ -424,7 +424,7 @@ def _check_pipeline_index(path: Path) -> dict:
     unet, scheduler = pair("unet"), pair("scheduler")
     if not unet or unet[1] not in MODEL_CLASSES:
         raise CheckpointError(f"{path} names {named(unet)} as its unet, not {' or '.join(MODEL_CLASSES.values())}")
-    if index.get("scheduler") == [None, None] and is_segmentation(path.parent):
+    if index.get("scheduler") == [None, None] and _segmentation_index(index):
         return index                                    # a deterministic model: nothing to schedule
     if not (scheduler and scheduler[0] == "diffusers" and scheduler[1].endswith("Scheduler")
             and hasattr(diffusers, scheduler[1])):
@@ -438,13 +438,18 @@ PIPELINE_OPTIONS = {name: p.default for name, p in inspect.signature(DiffunetPip
                     if p.default is not inspect.Parameter.empty}
 
 
+def _segmentation_index(index: dict) -> bool:
+    """Whether a ``model_index.json`` names ``DiffunetSegmentationPipeline`` (exported folders: [module, class])."""
+    name = index.get("_class_name")
+    return (name[-1] if isinstance(name, list) else name) == "DiffunetSegmentationPipeline"
+
+
 def is_segmentation(path) -> bool:
     """Whether ``path`` is a segmentation pipeline folder (``DiffunetSegmentationPipeline``) or a bare model folder
     of a U-Net without time (deterministic: it segments)."""
     path = Path(path)
     if (path / "model_index.json").is_file():
-        name = _read_json(path / "model_index.json").get("_class_name")      # exported: [module, class]
-        return (name[-1] if isinstance(name, list) else name) == "DiffunetSegmentationPipeline"
+        return _segmentation_index(_read_json(path / "model_index.json"))
     config = path / "config.json"
     return config.is_file() and _read_json(config).get("time_condition") == "none"
 
