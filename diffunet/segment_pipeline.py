@@ -174,8 +174,8 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
             with low_precision:
                 return unet(x_t.to(dtype), t, cond=cond.to(dtype)).sample.float()
 
-        bar = iter if getattr(self, "_progress_bar_config", {}).get("disable") else self.progress_bar
-        samples = sample_to_onehot(denoise(self.scheduler, model, noise, steps, generator, eta, bar), classes)
+        samples = sample_to_onehot(denoise(self.scheduler, model, noise, steps, generator, eta, self.progress_bar),
+                                   classes)
         samples = samples.unflatten(0, (num_samples, len(x)))                          # (N, b, K, h, w)
         mean, var = samples.mean(0), samples.var(0, unbiased=False)
         return torch.cat([mean, (var.sum(1, keepdim=True) / 2).sqrt()], 1)
