@@ -115,7 +115,8 @@ def last_metrics(run: Path, step: int) -> dict | None:
     return found
 
 
-def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: bool, modules: list[str]) -> str:
+def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: bool, modules: list[str],
+               entry: str) -> str:
     """README.md of a pipeline folder: what the model is, how to load it, its data, steps, metrics and samples,
     and the full config."""
     c, d, t, s = unet.config, cfg.diffusion, cfg.train, cfg.sample
@@ -135,7 +136,7 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
         "",
         "## Load it",
         "",
-        "The folder carries its code: the entry files `diffunet_pipeline.py` and `unet/diffunet_unet.py` and, "
+        f"The folder carries its code: the entry files `{entry}.py` and `unet/diffunet_unet.py` and, "
         f"beside them, diffunet {__version__}'s own {', '.join(f'`{m}.py`' for m in modules)}, unchanged. It "
         "needs torch, diffusers and einops, not diffunet; diffusers runs that code when asked with "
         "`trust_remote_code=True`:",
@@ -191,7 +192,8 @@ def write_folder(folder: Path, pipeline: DiffusionPipeline, cfg: DictConfig, run
     modules = make_portable(folder, type(pipeline))
     if grid is not None:
         shutil.copyfile(grid, Path(folder) / GRID)
-    card = model_card(cfg, pipeline.unet, step, last_metrics(Path(run), step), grid is not None, modules)
+    entry = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"][0]   # make_portable's
+    card = model_card(cfg, pipeline.unet, step, last_metrics(Path(run), step), grid is not None, modules, entry)
     (Path(folder) / CARD).write_text(card)
     return Path(folder)
 

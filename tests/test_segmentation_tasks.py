@@ -157,6 +157,8 @@ def test_segmentation_run_trains_exports_and_segments_folders_by_tiles(tmp_path)
     run = Path(cfg.output_dir)
     index = json.loads((pipeline / "model_index.json").read_text())
     assert index["scheduler"] == [None, None]                           # nothing to schedule
+    card = (pipeline / "README.md").read_text()
+    assert "A deterministic segmentation model (2 classes)" in card and "`diffunet_segment_pipeline.py`" in card
     scores = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()][-1]
     assert 0 <= scores["dice"] <= 1 and scores["objects_truth"] > 0
     assert (run / "samples" / "final.png").is_file()
