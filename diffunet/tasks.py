@@ -354,15 +354,15 @@ class Segmentation:
         return x, truth, masks, std
 
     def grid(self, model, n: int, sample: Sampler, held, cfg) -> tuple[torch.Tensor, int]:
-        """Up to 16 held-out images, one per column; rows: image, truth, prediction (and the std map)."""
+        """Up to 16 held-out images, one per column; rows: ``self.rows`` (image, truth, prediction[, std map])."""
         x, truth, masks, std = self.outputs(model, held, min(n, 16), cfg)
         k, c = self.classes(model), x.shape[1]
-
-        def shown(ids):                                                  # class ids -> gray in [-1, 1]
-            return (ids[:, None].float() * 2 / (k - 1) - 1).expand(-1, c, -1, -1)
-        rows = [x, shown(truth), shown(masks)] + ([(std[:, None] * 4 - 1).clamp(-1, 1).expand(-1, c, -1, -1)]
-                                                   if std is not None else [])
-        return torch.cat(rows), len(x)
+        shown = {"image": x}
+        for row, ids in (("truth", truth), ("output", masks)):           # class ids -> gray in [-1, 1]
+            shown[row] = (ids[:, None].float() * 2 / (k - 1) - 1).expand(-1, c, -1, -1)
+        if std is not None:                                              # 4 std: 0.25 and above is white
+            shown["std"] = (std[:, None] * 4 - 1).clamp(-1, 1).expand(-1, c, -1, -1)
+        return torch.cat([shown[row] for row in self.rows]), len(x)
 
     def evaluate(self, model, sample: Sampler, held, cfg) -> dict:
         """Dice, IoU, HD95 (``segmentation.segmentation_scores``) of ``train.eval_num_images`` held-out images,
