@@ -64,7 +64,8 @@ def segment_to_folder(model: str | Path, cond: str | Path, out: str | Path, *, t
                               generator=image_generator(seed, (zlib.crc32(key.encode()),)), tile=tile,
                               overlap=overlap, tile_batch_size=batch_size)
             except ValueError as e:                             # a size the network cannot take whole, say
-                raise ValueError(f"{path}: {e}") from None
+                hint = "" if tile or "does not fit" not in str(e) else "; or pass --tile T, which takes any size"
+                raise ValueError(f"{path}: {e}{hint}") from None
             target = out / names[key][0]
             target.parent.mkdir(parents=True, exist_ok=True)
             write_image(mask_image(result.masks[0], classes)[..., None], target)

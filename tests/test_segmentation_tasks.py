@@ -196,6 +196,11 @@ def test_segmentation_rejects_an_ensemble_of_a_deterministic_model(tmp_path, cap
         sample.main([str(tmp_path / "model"), "--cond", str(tmp_path / "images"), "--out", str(tmp_path / "o"),
                      "--guidance-scale", "3"])
     assert "--guidance-scale: not for a segmentation model" in capsys.readouterr().err
+    Image.fromarray(np.zeros((15, 16), np.uint8)).save(tmp_path / "images" / "sub" / "odd.png")
+    assert sample.main([str(tmp_path / "model"), "--cond", str(tmp_path / "images"), "--out", str(tmp_path / "o"),
+                        "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "odd.png: height 15 does not fit" in err and "nearest valid heights: 14 or 16" in err and "--tile" in err
 
 
 def test_diffusion_segmentation_run_writes_masks_and_std_maps(tmp_path):
