@@ -42,13 +42,25 @@ ModelConfig = _model_schema()
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"    # "linear" | "scaled_linear" | "squaredcos_cap_v2" (cosine)
+    """The objective (``diffunet.objectives.OBJECTIVES``) and its settings; each key says which objective reads it."""
+    objective: str = "ddpm"                     # "ddpm" (DDPMScheduler) | "flow" (rectified flow) | "edm" (Karras)
+    num_train_timesteps: int = 1000             # ddpm: the chain's length; flow, edm: the scale of the time input
+    beta_schedule: str = "squaredcos_cap_v2"    # ddpm: "linear" | "scaled_linear" | "squaredcos_cap_v2" (cosine)
+                                                # | "sigmoid" (Jabri et al. 2022, lucidrains' default)
     beta_start: float = 0.0001
     beta_end: float = 0.02
-    prediction_type: str = "epsilon"            # "epsilon" | "v_prediction" | "sample" (x0)
-    loss_weighting: str = "mse"                 # "mse" | "min_snr" (min-SNR-gamma, Hang et al. 2023)
+    prediction_type: str = "epsilon"            # ddpm: "epsilon" | "v_prediction" | "sample" (x0)
+    loss_weighting: str = "mse"                 # ddpm: "mse" | "min_snr" (min-SNR-gamma, Hang et al. 2023)
     snr_gamma: float = 5.0
+    time_sampling: str = "logit_normal"         # flow: the law of t, "logit_normal" (SD3) | "uniform"
+    logit_mean: float = 0.0                     # flow: t = sigmoid(N(logit_mean, logit_std^2))
+    logit_std: float = 1.0
+    flow_shift: float = 1.0                     # flow: the samplers' timestep shift t' = s t / (1 + (s - 1) t)
+    p_mean: float = -1.2                        # edm: ln sigma ~ N(p_mean, p_std^2) in training
+    p_std: float = 1.2
+    sigma_data: float = 0.5                     # edm: the data's std, for the preconditioning
+    sigma_min: float = 0.002                    # edm: the samplers' noise range
+    sigma_max: float = 80.0
 
 
 @dataclass
@@ -121,7 +133,10 @@ class SegmentConfig:
 class SampleConfig:
     """The ``sample`` section (a run's sample grids and evaluation samples) and the defaults of ``sample.py`` and
     ``diffunet.sampling``. The ClassVars are defaults only, not config keys: the training loop does not take them."""
-    scheduler: str = "ddim"                     # "ddpm" | "ddim" | "dpmpp" | "euler" | "heun" | "unipc"
+    scheduler: str = "auto"                     # a name in objectives.SAMPLERS: ddpm: "ddim" | "dpmpp" | "ddpm" |
+                                                # "euler" | "heun" | "heun_karras" | "unipc"; flow: "flow_dpmpp" |
+                                                # "flow_euler" | "flow_heun"; edm: "edm_dpmpp" | "edm_euler";
+                                                # "auto": the objective's first (ddim, flow_dpmpp, edm_dpmpp)
     steps: int = 50
     num_images: int = 64
     guidance_scale: float = 1.0                 # 1: the conditional model, 0: unconditional, > 1: stronger guidance

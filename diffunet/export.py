@@ -24,14 +24,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
 from .config import ConfigError, build_model, load_config
-from .objectives import make_noise_scheduler
+from .objectives import OBJECTIVES, make_noise_scheduler, sampler_name
 from .tasks import task_of
 
 PACKAGE = Path(__file__).resolve().parent
@@ -123,8 +123,8 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
     h, w = unet.image_size
     what, usage = task_of(cfg).card(cfg, unet)
     schedule = ("" if c.time_condition == "none" else
-                f", with its training noise schedule (DDPM, {d.num_train_timesteps} steps, `{d.beta_schedule}` "
-                f"betas, predicting `{d.prediction_type}`)")
+                f", with its training noise schedule ({OBJECTIVES[d.objective].describe(d)})")
+    pipeline_config = make_noise_scheduler(d).config
     params = sum(p.numel() for p in unet.parameters())
     lines = [
         "---", "library_name: diffusers", "tags:", "- diffunet", "- diffusion",
@@ -152,7 +152,8 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
         "",
         "## Samples",
         "",
-        (f"![samples]({GRID})\n\nEMA weights at step {step}, `{s.scheduler}` with {s.steps} steps"
+        (f"![samples]({GRID})\n\nEMA weights at step {step}, `{sampler_name(s.scheduler, pipeline_config)}` with "
+         f"{s.steps} steps"
          f"{', one class per column' if c.num_classes else ''}." if grid else "No sample grid was saved at this step."),
         "",
         "## Metrics",
@@ -214,8 +215,7 @@ def export(run: Path, out: Path, checkpoint: str | None = None, force: bool = Fa
         raise ConfigError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
     cfg = _run_config(run)
     if checkpoint is None and (run / "pipeline").is_dir():
-        unet, scheduler = ckpt.load_model_folder(run / "pipeline")
-        scheduler = DDPMScheduler.from_config(scheduler)
+        unet, _ = ckpt.load_model_folder(run / "pipeline")
         step = cfg.train.max_steps                          # the pipeline is written when the loop reaches it
     else:
         path = ckpt.find_resume(checkpoint or "latest", run / "checkpoints")
@@ -224,11 +224,10 @@ def export(run: Path, out: Path, checkpoint: str | None = None, force: bool = Fa
         unet = build_model(cfg)
         step = ckpt.load_ema_weights(path, unet)
         unet.eval()
-        scheduler = make_noise_scheduler(cfg.diffusion)
     grids = [run / "samples" / f"step_{step:06d}.png"] + ([run / "samples" / "final.png"]
                                                           if step == cfg.train.max_steps else [])
     grid = next((g for g in grids if g.is_file()), None)
-    pipeline = task_of(cfg).pipeline(unet, scheduler, cfg)
+    pipeline = task_of(cfg).pipeline(unet, make_noise_scheduler(cfg.diffusion), cfg)
     return ckpt.replace_folder(out, lambda tmp: write_folder(tmp, pipeline, cfg, run, step, grid))
 
 

@@ -1,22 +1,52 @@
-"""The diffusion objectives: what the network predicts (one table), how each timestep's loss is weighted
-(another), and diffusers' DDPMScheduler for the forward process. The only place these option names are checked.
+"""The diffusion objectives, one entry of ``OBJECTIVES`` each: the training scheduler (diffusers'; its config is
+saved with the pipeline, so stock diffusers samples the model), the loss, and the samplers that fit it.
 
-Adding an objective is one entry of ``TARGETS``; adding a weighting is one entry of ``WEIGHTINGS``.
+- "ddpm": x_t = sqrt(a) x0 + sqrt(1 - a) eps on DDPMScheduler's betas (``BETA_SCHEDULES``); the network predicts
+  one of ``TARGETS`` (eps, v, x0), each timestep's loss weighted per ``WEIGHTINGS``.
+- "flow": rectified flow / flow matching (Liu et al. 2022, Lipman et al. 2022): x_t = (1 - t) x0 + t eps with t
+  from ``FLOW_TIMES`` (logit-normal as in SD3, or uniform), the target the velocity eps - x0;
+  FlowMatchEulerDiscreteScheduler's timesteps (t * 1000) condition the network.
+- "edm": Karras et al. 2022. ``EDMPrecond`` wraps the U-Net into the denoiser D(x; sigma) = c_skip x + c_out
+  F(c_in x, c_noise), log-normal sigmas and EDM's weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2; the
+  coefficients are EDMEulerScheduler's own, so training and diffusers' EDM samplers cannot disagree.
+
+The only place these option names are checked. Adding an objective, target, weighting, schedule or sampler is one
+table entry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler,
+                       EDMEulerScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                       FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 from diffusers.training_utils import compute_snr
 
 from .tables import choose
 
-BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "squaredcos_cap_v2",
-                  "cosine": "squaredcos_cap_v2"}
+
+def sigmoid_betas(steps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0) -> list[float]:
+    """The sigmoid schedule of Jabri et al. 2022 (lucidrains' denoising-diffusion-pytorch default): alpha-bar
+    follows a sigmoid over [start, end]. diffusers' own "sigmoid" is GeoDiff's (sigmoid *betas*), another
+    schedule, so this one travels as DDPMScheduler's ``trained_betas``."""
+    t = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    v_start, v_end = torch.tensor(start / tau).sigmoid(), torch.tensor(end / tau).sigmoid()
+    abar = (v_end - ((t * (end - start) + start) / tau).sigmoid()) / (v_end - v_start)
+    return (1 - abar[1:] / abar[:-1]).clamp(0, 0.999).tolist()
+
+
+# DDPMScheduler keywords of each beta schedule
+BETA_SCHEDULES = {
+    "linear": lambda cfg: {"beta_schedule": "linear"},
+    "scaled_linear": lambda cfg: {"beta_schedule": "scaled_linear"},
+    "squaredcos_cap_v2": lambda cfg: {"beta_schedule": "squaredcos_cap_v2"},
+    "cosine": lambda cfg: {"beta_schedule": "squaredcos_cap_v2"},
+    "sigmoid": lambda cfg: {"trained_betas": sigmoid_betas(cfg.num_train_timesteps)},
+}
 
 
 @dataclass(frozen=True)
@@ -46,29 +76,19 @@ def _min_snr(snr: torch.Tensor, target: Target, gamma: float) -> torch.Tensor:
     return snr.clamp(max=gamma) / target.snr_weight(snr)
 
 
-def check(diffusion_cfg) -> None:
-    """Raise ValueError (one line, the valid names) for an unknown schedule, target or weighting."""
-    choose(BETA_SCHEDULES, diffusion_cfg.beta_schedule, "diffusion.beta_schedule")
-    choose(TARGETS, diffusion_cfg.prediction_type, "diffusion.prediction_type")
-    choose(WEIGHTINGS, diffusion_cfg.loss_weighting, "diffusion.loss_weighting")
+# Flow matching's law of t in (0, 1): (batch, diffusion cfg, generator, device) -> t (B,)
+FLOW_TIMES = {
+    "logit_normal": lambda b, cfg, g, device: torch.sigmoid(
+        cfg.logit_mean + cfg.logit_std * torch.randn(b, generator=g, device=device)),
+    "uniform": lambda b, cfg, g, device: torch.rand(b, generator=g, device=device),
+}
 
 
-def make_noise_scheduler(diffusion_cfg) -> DDPMScheduler:
-    """The training scheduler; its config travels with the pipeline, so samplers use the same betas and target."""
-    check(diffusion_cfg)
-    return DDPMScheduler(
-        num_train_timesteps=diffusion_cfg.num_train_timesteps,
-        beta_schedule=BETA_SCHEDULES[diffusion_cfg.beta_schedule],
-        beta_start=diffusion_cfg.beta_start,
-        beta_end=diffusion_cfg.beta_end,
-        prediction_type=diffusion_cfg.prediction_type,
-        clip_sample=False,
-    )
-
+# ---------------------------------------------------------------------------------------- losses
 
 def diffusion_loss(model, sched: DDPMScheduler, x0: torch.Tensor, cond: dict | None = None, *,
                    weighting: str = "mse", gamma: float = 5.0, generator: torch.Generator | None = None):
-    """The denoising loss of ``model`` on clean images ``x0`` (B, C, H, W) in [-1, 1]: one uniform timestep and
+    """The "ddpm" loss of ``model`` on clean images ``x0`` (B, C, H, W) in [-1, 1]: one uniform timestep and
     one noise draw per image (in that order), the target of the scheduler's ``prediction_type``, weighted per
     ``weighting``. ``cond`` holds the model's conditioning keywords (``class_labels=...``) from the task."""
     batch = x0.shape[0]
@@ -81,3 +101,174 @@ def diffusion_loss(model, sched: DDPMScheduler, x0: torch.Tensor, cond: dict | N
     per_sample = (pred.float() - target.of(sched, x0, noise, t).float()).square().mean(dim=(1, 2, 3))
     weights = weights_of(sched, t, target, gamma)
     return (per_sample if weights is None else per_sample * weights).mean()
+
+
+def flow_loss(model, sched: FlowMatchEulerDiscreteScheduler, x0: torch.Tensor, cond: dict | None = None, *,
+              cfg, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The "flow" loss: t from ``FLOW_TIMES[cfg.time_sampling]``, x_t = (1 - t) x0 + t eps, the plain MSE to
+    the velocity eps - x0, the network given t * num_train_timesteps as FlowMatchEulerDiscreteScheduler gives it.
+    (The scheduler's ``scale_noise`` is this line, but it looks t up in its table of discrete sigmas.)"""
+    t = choose(FLOW_TIMES, cfg.time_sampling, "diffusion.time_sampling")(x0.shape[0], cfg, generator, x0.device)
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    s = t.view(-1, 1, 1, 1).to(x0.dtype)
+    pred = model((1 - s) * x0 + s * noise, t * sched.config.num_train_timesteps, **(cond or {})).sample
+    return (pred.float() - (noise - x0).float()).square().mean()
+
+
+class EDMPrecond(torch.nn.Module):
+    """EDM's denoiser around a U-Net F (Karras et al. 2022, table 1):
+    D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), with the coefficients of
+    ``scheduler`` (an EDM scheduler: sigma_data, and the same formulas its sampling steps use). The pipeline saves
+    F and the scheduler, which applies them again at every sampling step."""
+
+    def __init__(self, unet, scheduler: EDMEulerScheduler):
+        super().__init__()
+        self.unet, self.scheduler = unet, scheduler
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        s = sigma.view(-1, 1, 1, 1)
+        out = self.unet(self.scheduler.precondition_inputs(x, s), self.scheduler.precondition_noise(sigma),
+                        **cond).sample
+        return self.scheduler.precondition_outputs(x, out.float(), s)
+
+
+def edm_loss(model, sched: EDMEulerScheduler, x0: torch.Tensor, cond: dict | None = None, *, cfg,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """The "edm" loss: ln sigma ~ N(p_mean, p_std), x = x0 + sigma eps, EDM's weight times the squared
+    error of D(x; sigma) to x0 (which makes the network's own regression target unit-variance)."""
+    b, sd = x0.shape[0], sched.config.sigma_data
+    sigma = (cfg.p_mean + cfg.p_std * torch.randn(b, generator=generator, device=x0.device)).exp()
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    denoised = EDMPrecond(model, sched)(x0 + sigma.view(-1, 1, 1, 1).to(x0.dtype) * noise, sigma, **(cond or {}))
+    weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+    return (weight * (denoised.float() - x0.float()).square().mean(dim=(1, 2, 3))).mean()
+
+
+# ---------------------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Sampler:
+    """A diffusers scheduler that samples an objective's models, made from the training scheduler's config."""
+    cls: type
+    options: Callable = lambda config: {}       # training config -> keywords that ``from_config`` overrides
+
+
+@dataclass(frozen=True)
+class Objective:
+    scheduler: Callable                         # diffusion cfg -> the training scheduler (saved with the pipeline)
+    loss: Callable                              # (model, scheduler, x0, cond, diffusion cfg, generator) -> loss
+    samplers: dict = field(default_factory=dict)   # name -> Sampler: what samples this objective's models
+    default_sampler: str = ""                   # what sample.scheduler=auto picks
+    describe: Callable = lambda cfg: ""         # diffusion cfg -> a phrase for the model card
+
+
+def _ddpm_scheduler(cfg) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                         beta_end=cfg.beta_end, prediction_type=cfg.prediction_type, clip_sample=False,
+                         **choose(BETA_SCHEDULES, cfg.beta_schedule, "diffusion.beta_schedule")(cfg))
+
+
+OBJECTIVES = {
+    "ddpm": Objective(
+        scheduler=_ddpm_scheduler,
+        loss=lambda model, sched, x0, cond, cfg, g: diffusion_loss(
+            model, sched, x0, cond, weighting=cfg.loss_weighting, gamma=cfg.snr_gamma, generator=g),
+        samplers={
+            "ddpm": Sampler(DDPMScheduler),
+            "ddim": Sampler(DDIMScheduler),                     # deterministic at eta=0 (the default)
+            "dpmpp": Sampler(DPMSolverMultistepScheduler),      # DPM-Solver++(2M)
+            "euler": Sampler(EulerDiscreteScheduler),
+            "heun": Sampler(HeunDiscreteScheduler),             # two model calls per step
+            "heun_karras": Sampler(HeunDiscreteScheduler, lambda c: {"use_karras_sigmas": True}),
+            "unipc": Sampler(UniPCMultistepScheduler),
+        },
+        default_sampler="ddim",
+        describe=lambda cfg: (f"DDPM, {cfg.num_train_timesteps} steps, `{cfg.beta_schedule}` betas, predicting "
+                              f"`{cfg.prediction_type}`")),
+    "flow": Objective(
+        scheduler=lambda cfg: FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps,
+                                                              shift=cfg.flow_shift),
+        loss=lambda model, sched, x0, cond, cfg, g: flow_loss(model, sched, x0, cond, cfg=cfg, generator=g),
+        samplers={
+            "flow_euler": Sampler(FlowMatchEulerDiscreteScheduler),
+            "flow_heun": Sampler(FlowMatchHeunDiscreteScheduler),   # two model calls per step
+            # DPM-Solver++(2M) on the flow's sigmas: x0 = x_t - t v
+            "flow_dpmpp": Sampler(DPMSolverMultistepScheduler, lambda c: {
+                "use_flow_sigmas": True, "flow_shift": c.get("shift", 1.0), "prediction_type": "flow_prediction"}),
+        },
+        default_sampler="flow_dpmpp",
+        describe=lambda cfg: f"rectified flow, t ~ `{cfg.time_sampling}`, predicting the velocity eps - x0"),
+    "edm": Objective(
+        scheduler=lambda cfg: EDMEulerScheduler(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
+                                                sigma_data=cfg.sigma_data,
+                                                num_train_timesteps=cfg.num_train_timesteps),
+        loss=lambda model, sched, x0, cond, cfg, g: edm_loss(model, sched, x0, cond, cfg=cfg, generator=g),
+        samplers={
+            "edm_euler": Sampler(EDMEulerScheduler),
+            "edm_dpmpp": Sampler(EDMDPMSolverMultistepScheduler),
+        },
+        default_sampler="edm_dpmpp",
+        describe=lambda cfg: f"EDM, sigma_data {cfg.sigma_data}, ln sigma ~ N({cfg.p_mean}, {cfg.p_std}^2)"),
+}
+SAMPLERS = {name: s for o in OBJECTIVES.values() for name, s in o.samplers.items()}   # every name
+
+
+def check(diffusion_cfg) -> None:
+    """Raise ValueError (one line, the valid names) for an unknown objective, schedule, target, weighting or law
+    of t, or a setting the objective does not take."""
+    objective = choose(OBJECTIVES, diffusion_cfg.objective, "diffusion.objective")
+    choose(BETA_SCHEDULES, diffusion_cfg.beta_schedule, "diffusion.beta_schedule")
+    choose(TARGETS, diffusion_cfg.prediction_type, "diffusion.prediction_type")
+    choose(WEIGHTINGS, diffusion_cfg.loss_weighting, "diffusion.loss_weighting")
+    choose(FLOW_TIMES, diffusion_cfg.time_sampling, "diffusion.time_sampling")
+    if objective is not OBJECTIVES["ddpm"] and diffusion_cfg.loss_weighting != "mse":
+        raise ValueError(f"diffusion.loss_weighting={diffusion_cfg.loss_weighting} is for objective=ddpm; "
+                         f"{diffusion_cfg.objective} has its own weighting: leave it at mse")
+    for key in ("logit_std", "p_std", "sigma_data", "sigma_min", "flow_shift"):
+        if diffusion_cfg[key] <= 0:
+            raise ValueError(f"diffusion.{key} must be positive (got {diffusion_cfg[key]})")
+    if diffusion_cfg.sigma_max <= diffusion_cfg.sigma_min:
+        raise ValueError(f"diffusion.sigma_max ({diffusion_cfg.sigma_max}) must exceed diffusion.sigma_min "
+                         f"({diffusion_cfg.sigma_min})")
+
+
+def make_noise_scheduler(diffusion_cfg):
+    """The objective's training scheduler; its config travels with the pipeline, so samplers use the same noise
+    levels and target."""
+    check(diffusion_cfg)
+    return OBJECTIVES[diffusion_cfg.objective].scheduler(diffusion_cfg)
+
+
+def training_loss(model, sched, x0: torch.Tensor, cond: dict | None, diffusion_cfg,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The loss of ``diffusion_cfg.objective`` on clean images ``x0`` in [-1, 1], ``cond`` the model's keywords."""
+    return OBJECTIVES[diffusion_cfg.objective].loss(model, sched, x0, cond, diffusion_cfg, generator)
+
+
+def objective_of(config) -> str:
+    """The objective a scheduler config (a training scheduler's, or a sampler's made from it) belongs to: EDM
+    schedulers have ``sigma_data``, flow-matching ones ``shift`` (or DPM-Solver's ``use_flow_sigmas``)."""
+    if "sigma_data" in config:
+        return "edm"
+    return "flow" if "shift" in config or config.get("use_flow_sigmas") else "ddpm"
+
+
+def sampler_name(name: str, config) -> str:
+    """``name``, with "auto" resolved to the default sampler of the objective of ``config``."""
+    return OBJECTIVES[objective_of(config)].default_sampler if name == "auto" else name
+
+
+def make_sampler(name: str, config):
+    """Sampler ``name`` (a name in ``SAMPLERS``, or "auto": the objective's default) made from the training
+    scheduler's ``config``; a sampler of another objective is one ValueError line naming the ones that fit."""
+    objective = objective_of(config)
+    fits, name = OBJECTIVES[objective].samplers, sampler_name(name, config)
+    if name in SAMPLERS and name not in fits:
+        raise ValueError(f"scheduler {name} does not sample {objective} models; choose one of "
+                         f"{', '.join(fits)} (or auto)")
+    sampler = choose(fits, name, "scheduler")
+    # only the keys this class takes: from_config warns about each other one (flow's "shift" for DPM-Solver)
+    takes = inspect.signature(sampler.cls.__init__).parameters
+    return sampler.cls.from_config({k: v for k, v in config.items() if k in takes or k.startswith("_")},
+                                   **sampler.options(config))
+

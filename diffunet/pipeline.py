@@ -59,10 +59,12 @@ def denoise(scheduler, model, x: torch.Tensor, num_inference_steps: int, generat
     """The sampling loop: ``x`` (pure noise, unit variance) denoised by ``model(x_t, t)`` -> the scheduler's model
     output, through ``scheduler``'s steps; ``generator`` (one, or a list: one per image) feeds stochastic steps."""
     scheduler.set_timesteps(num_inference_steps, device=x.device)    # also resets multistep solvers' history
-    x = x * scheduler.init_noise_sigma
+    # flow-matching schedulers start from unit noise and take the sample as it is: neither attribute exists there
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     kwargs = step_kwargs(scheduler, generator, eta)
     for t in progress_bar(scheduler.timesteps):
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **kwargs).prev_sample
+        x = scheduler.step(model(scale(x, t), t), t, x, **kwargs).prev_sample
     return x
 
 

@@ -18,8 +18,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, RePaintScheduler, UniPCMultistepScheduler)
+from diffusers import DDPMScheduler, RePaintScheduler
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model_folder, pipeline_options
@@ -27,17 +26,10 @@ from .config import SampleConfig
 from .data import (IMAGE_EXTENSIONS, PIL_MODES, DataError, image_path, load_image, match_channels, pair_files,
                    read_image, read_mask, save_grid, to_uint8, write_image)
 from .fast import describe_device, precision, resolve_precision
+from .objectives import SAMPLERS, make_sampler, objective_of
 from .pipeline import DiffunetPipeline, upsample_condition
-from .tables import choose
 
-SCHEDULERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,                  # deterministic at eta=0 (the default); eta=1 is DDPM-like
-    "dpmpp": DPMSolverMultistepScheduler,   # DPM-Solver++(2M)
-    "euler": EulerDiscreteScheduler,
-    "heun": HeunDiscreteScheduler,          # two model calls per step
-    "unipc": UniPCMultistepScheduler,
-}
+SCHEDULERS = {"auto": None, **SAMPLERS}  # "auto": the model's objective's default (objectives.OBJECTIVES)
 # Schedulers that need an image and a mask (``sample.py --cond --mask``): training-free inpainting with any
 # epsilon-predicting model, unconditional or class-conditional (Lugmayr et al. 2022)
 INPAINTING_SCHEDULERS = {"repaint": RePaintScheduler}
@@ -47,9 +39,13 @@ GRID_COLUMNS = 8                                        # conditions shown in a 
 
 
 def make_scheduler(name: str, config) -> object:
-    """A sampling scheduler ``name`` (``SCHEDULERS``, ``INPAINTING_SCHEDULERS``) built from the training
-    scheduler's ``config`` (same betas and target)."""
-    return choose({**SCHEDULERS, **INPAINTING_SCHEDULERS}, name, "scheduler").from_config(config)
+    """A sampling scheduler ``name`` (``SCHEDULERS``: one that fits the model's objective, or "auto"; or one of
+    ``INPAINTING_SCHEDULERS``) built from the training scheduler's ``config`` (same noise levels and target)."""
+    if name in INPAINTING_SCHEDULERS:
+        if objective_of(config) != "ddpm":
+            raise ValueError(f"scheduler {name} samples ddpm models only; this one is {objective_of(config)}")
+        return INPAINTING_SCHEDULERS[name].from_config(config)
+    return make_sampler(name, config)
 
 
 def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, prediction_type: str | None = None,

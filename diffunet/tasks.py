@@ -61,8 +61,7 @@ class Generate:
 
     def loss(self, model, noise_scheduler, x0, cond, cfg) -> torch.Tensor:
         # through the module, so that a test can stand a faulty loss in for the real one
-        return objectives.diffusion_loss(model, noise_scheduler, x0, cond, weighting=cfg.diffusion.loss_weighting,
-                                         gamma=cfg.diffusion.snr_gamma)
+        return objectives.training_loss(model, noise_scheduler, x0, cond, cfg.diffusion)
 
     def pipeline_options(self, cfg) -> dict:
         """The ``DiffunetPipeline`` keywords (beside unet and scheduler) a run of this task saves."""

@@ -81,6 +81,11 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
         objectives.check(cfg.diffusion)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if model.config.time_condition != "none":         # a diffusion model: its sampler must fit its objective
+        try:
+            make_scheduler(cfg.sample.scheduler, make_noise_scheduler(cfg.diffusion).config)
+        except ValueError as e:
+            raise ConfigError(f"sample.scheduler: {e}") from None
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 on a CPU")
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "sample_every"):

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
 from conftest import tiny
 from diffunet.checkpoint import CheckpointError
 from diffunet.data import read_image
 from diffunet.pipeline import DiffunetPipeline, predict
-from diffunet.sampling import SCHEDULERS, class_labels_for, generate, load_model, make_scheduler, sample_to_folder
+from diffunet.objectives import OBJECTIVES
+from diffunet.sampling import class_labels_for, generate, load_model, make_scheduler, sample_to_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,9 +53,13 @@ def test_images_do_not_depend_on_batch_size_and_extend(model, name):
     assert (whole - generate(model, sched, 5, **dict(kw, seed=8))).abs().max() > 0.1  # seeds matter
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_every_scheduler_runs(model, name):
-    sched = make_scheduler(name, TRAIN)
+TRAINING = {"ddpm": TRAIN, "flow": FlowMatchEulerDiscreteScheduler(num_train_timesteps=100).config,
+            "edm": EDMEulerScheduler().config}      # one training scheduler per objective
+
+
+@pytest.mark.parametrize("objective, name", [(o, n) for o in OBJECTIVES for n in OBJECTIVES[o].samplers])
+def test_every_scheduler_runs(model, objective, name):
+    sched = make_scheduler(name, TRAINING[objective])
     images = generate(model, sched, 2, steps=3, class_labels=1, guidance_scale=2.0)
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
     assert images.abs().max() <= 1 and (images[0] - images[1]).abs().max() > 0
