@@ -15,7 +15,7 @@ from diffunet import objectives
 from diffunet.config import ConfigError, load_config
 from diffunet.objectives import OBJECTIVES, EDMPrecond, make_noise_scheduler, sigmoid_betas, training_loss
 from diffunet.pipeline import DiffunetPipeline, denoise
-from diffunet.sampling import generate, load_model, make_scheduler
+from diffunet.sampling import load_model, make_scheduler
 from diffunet.training import train, validate
 
 from conftest import tiny
