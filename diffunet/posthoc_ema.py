@@ -52,6 +52,7 @@ class PosthocEMAError(ValueError):
 # ------------------------------------------------------------------------------------------ the maths (float64)
 
 def check_sigma_rel(sigma_rel: float) -> float:
+    """``sigma_rel`` as a float if a power-function profile has that length (gamma >= 0); PosthocEMAError if not."""
     if not 0 < sigma_rel <= MAX_SIGMA_REL:
         raise PosthocEMAError(f"sigma_rel {sigma_rel:g} is outside (0, {MAX_SIGMA_REL:.4f}]: longer profiles would "
                               f"weigh early weights more than late ones")
