@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, _fsync_dir, replace_folder
 from .config import ConfigError, build_model
-from .export import _run_config, write_folder
+from .export import CARD, _run_config, write_folder
 from .objectives import make_noise_scheduler
 from .tasks import task_of
 
@@ -250,13 +250,22 @@ def write_pipelines(run_dir: Path, sigma_rels: Sequence[float], step: int | None
     cfg, task = run_config(run_dir)
     sigma_rels = [check_sigma_rel(s) for s in sigma_rels]
     step = snapshots(run_dir)[-1][0] if step is None else step
+    used = sum(s <= step for s, _ in snapshots(run_dir))
     written = []
     for sigma_rel in sigma_rels:
         pipeline = task.pipeline(model_with(cfg, reconstruct(run_dir, sigma_rel, step)),
                                  make_noise_scheduler(cfg.diffusion), cfg)
+
+        def write(tmp: Path) -> None:
+            write_folder(tmp, pipeline, cfg, run_dir, step, None)
+            with open(tmp / CARD, "a") as card:                # the card's "EMA weights" are these
+                card.write(f"\n## Post-hoc EMA\n\nThe weights are a post-hoc EMA of length sigma_rel {sigma_rel:g} at "
+                           f"step {step}, reconstructed from {used} snapshots of the profiles "
+                           f"{', '.join(f'{s:g}' for s in cfg.train.phema_sigma_rels)} (`diffunet.posthoc_ema`); the "
+                           f"training config's `ema_decay` is not theirs.\n")
         final = length_folder(out if out is not None else run_dir / "phema", sigma_rel)
         final.parent.mkdir(parents=True, exist_ok=True)
-        written.append(replace_folder(final, lambda tmp: write_folder(tmp, pipeline, cfg, run_dir, step, None)))
+        written.append(replace_folder(final, write))
     return written
 
 

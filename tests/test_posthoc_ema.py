@@ -177,6 +177,8 @@ def test_cli_writes_pipeline_folders_that_sample(run, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     folders = [run / "phema" / "sigma_rel_0.080", run / "phema" / "sigma_rel_0.120"]
     assert all((f / "model_index.json").is_file() for f in folders)
+    assert "post-hoc EMA of length sigma_rel 0.08 at step 6, reconstructed from 3 snapshots" in \
+        (folders[0] / "README.md").read_text()
     unet, sched = load_model(folders[0], scheduler="ddim")
     want = reconstruct(run, 0.08)
     assert all(torch.equal(p, want[n]) for n, p in unet.named_parameters())
