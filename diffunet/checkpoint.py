@@ -202,12 +202,15 @@ def find_resume(resume: str | None, root: Path, warn=print) -> Path | None:
     return Path(resume)
 
 
-def save(root: Path, step: int, accelerator, ema, state: dict, keep: int) -> tuple[Path, str | None]:
+def save(root: Path, step: int, accelerator, ema, state: dict, keep: int,
+         extras: dict | None = None) -> tuple[Path, str | None]:
     """Write the run's full state as checkpoint ``step`` under ``root``, then rotate to the ``keep`` newest.
 
     Call it on every process: the others send the main process their RNG states, and only it writes (model,
     optimizer and lr schedule through accelerate, EMA and RNG as safetensors + JSON, ``state`` as
-    trainer_state.json). Returns (folder, None), or (folder, message) if the write failed (a full disk, say):
+    trainer_state.json; each of ``extras``, name -> an object with ``save_to(folder) -> dict``, such as
+    ``posthoc_ema.PowerEMA``, writes its files and gives its JSON entry of trainer_state.json, before the seal).
+    Returns (folder, None), or (folder, message) if the write failed (a full disk, say):
     the temporary folder is then removed and every earlier checkpoint left as it was.
     """
     tmp, final = tmp_dir(root, step), step_dir(root, step)
@@ -219,7 +222,8 @@ def save(root: Path, step: int, accelerator, ema, state: dict, keep: int) -> tup
         tmp.mkdir(parents=True)
         accelerator.save_state(str(tmp), safe_serialization=True)   # model, optimizer, lr schedule (no collective)
         save_rng(tmp, rng)
-        (tmp / "trainer_state.json").write_text(json.dumps(dict(state, ema=_save_ema(tmp, ema)), indent=1))
+        extra = {name: obj.save_to(tmp) for name, obj in (extras or {}).items()}
+        (tmp / "trainer_state.json").write_text(json.dumps(dict(state, ema=_save_ema(tmp, ema), **extra), indent=1))
         seal(tmp, final)
         rotate(root, keep)
     except OSError as e:
@@ -230,10 +234,13 @@ def save(root: Path, step: int, accelerator, ema, state: dict, keep: int) -> tup
     return final, None
 
 
-def load(path: Path, accelerator, ema, current: dict, allow_inexact: bool, warn=print) -> dict:
+def load(path: Path, accelerator, ema, current: dict, allow_inexact: bool, warn=print,
+         extras: dict | None = None) -> dict:
     """Restore checkpoint ``path`` into the accelerator's objects, ``ema`` and this process's RNG; returns the
     trainer state saved with it. Refused (CheckpointError) where ``current`` differs from the saved run in an
-    ``EXACT_RESUME_KEYS`` entry, unless ``allow_inexact``; refused where a file holds pickled objects."""
+    ``EXACT_RESUME_KEYS`` entry, unless ``allow_inexact``; refused where a file holds pickled objects. Each of
+    ``extras`` (name -> an object with ``load_from(folder, entry)``) is restored from its entry; a checkpoint
+    without one, or one it refuses (ValueError), cannot resume this run exactly: CheckpointError."""
     state = json.loads((path / "trainer_state.json").read_text())
     changed = [f"{k} {state[k]} -> {current[k]}" for k in EXACT_RESUME_KEYS if state.get(k) != current[k]]
     if changed:
@@ -249,6 +256,14 @@ def load(path: Path, accelerator, ema, current: dict, allow_inexact: bool, warn=
     load_rng(path, accelerator.process_index)
     _load_ema(path, ema, state["ema"])
     ema.to(accelerator.device)
+    for name, obj in (extras or {}).items():
+        if name not in state:
+            raise CheckpointError(f"{path} holds no {name} state (its run kept none), so this run cannot resume "
+                                  f"from it exactly; turn {name} off to resume it")
+        try:
+            obj.load_from(path, state[name])
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume {path} exactly: {e}") from None
     return state
 
 

@@ -117,6 +117,9 @@ class TrainConfig:
                                                 # diffusers UNet2DModel one (converted); model.* must match it
     allow_inexact_resume: bool = False          # resume even if world size / batch size / data changed
     max_bad_steps: int = 10                     # stop after this many non-finite losses/gradients in a row
+    phema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])   # post-hoc EMA: the profiles
+                                                # tracked (EDM2's pair); [] turns it off (diffunet/posthoc_ema.py)
+    phema_snapshots: int = 8                    # ... snapshots per run, evenly spaced, the last at max_steps; 0: off
 
 
 @dataclass

@@ -27,6 +27,7 @@ from .export import write_folder
 from . import objectives
 from .fast import apply_fast_paths, describe_device, resolve_precision
 from .objectives import make_noise_scheduler
+from .posthoc_ema import SNAPSHOT_DIR, PosthocEMAError, PowerEMA, check_sigma_rel, snapshot_steps
 from .sampling import generate, make_scheduler
 from .tasks import task_of
 from .unet import UNet
@@ -93,6 +94,17 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
             raise ConfigError(f"train.{key} must be at least 1 (got {cfg.train[key]})")
     if not 0 <= cfg.train.label_dropout < 1:
         raise ConfigError(f"train.label_dropout must be in [0, 1) (got {cfg.train.label_dropout})")
+    if cfg.train.phema_snapshots < 0:
+        raise ConfigError(f"train.phema_snapshots must be at least 0 (got {cfg.train.phema_snapshots}; 0 turns "
+                          f"post-hoc EMA off)")
+    for sigma_rel in cfg.train.phema_sigma_rels:
+        try:
+            check_sigma_rel(sigma_rel)
+        except PosthocEMAError as e:
+            raise ConfigError(f"train.phema_sigma_rels: {e}") from None
+    if len(set(cfg.train.phema_sigma_rels)) < len(cfg.train.phema_sigma_rels):
+        raise ConfigError(f"train.phema_sigma_rels has a length twice ({list(cfg.train.phema_sigma_rels)}): the "
+                          f"reconstruction needs distinct profiles")
     dataset = build_dataset(cfg.data, model.image_size, **task.dataset_options(cfg, model))
     task.check(cfg, model, dataset)
     if cfg.train.init_from:                     # fine-tuning: the weights of a trained model (resume replaces them)
@@ -179,6 +191,10 @@ class Trainer:
                             foreach=True)          # one multi-tensor op per step, not one per parameter
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
         self.ema.to(acc.device)
+        # post-hoc EMA: K power-function profiles, written at evenly spaced steps (diffunet/posthoc_ema.py)
+        on = t.phema_snapshots > 0 and len(t.phema_sigma_rels) > 0
+        self.phema = PowerEMA(model.named_parameters(), t.phema_sigma_rels).to(acc.device) if on else None
+        self.phema_steps = snapshot_steps(t.max_steps, t.phema_snapshots) if on else set()
         self.step = 0                   # optimizer updates made
         self.batches_seen = 0           # micro-batches drawn (more than step * grad_accum once steps are skipped)
         self.skipped = 0                # non-finite steps skipped, in total
@@ -239,6 +255,8 @@ class Trainer:
             if not acc.sync_gradients:
                 continue
             self.ema.step(params)
+            if self.phema is not None:
+                self.phema.update(params)
             self.step += 1
             bar.update(1)
             self._after_step(meter, bar)
@@ -288,6 +306,8 @@ class Trainer:
             logs["lr"] = self.lr_scheduler.get_last_lr()[0]
             self.accelerator.log(logs, step=self.step)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['img_per_s']:.0f}")
+        if self.step in self.phema_steps:          # before the checkpoint, so a resume from it never misses one
+            self.save_snapshot()
         if self.step % t.checkpoint_every == 0 or last:
             self.save_checkpoint()
         if self.step % t.sample_every == 0 and not last:
@@ -358,13 +378,31 @@ class Trainer:
         state = {"step": self.step, "batches_seen": self.batches_seen, "skipped_steps": self.skipped,
                  **self.identity()}
         path, error = ckpt.save(self.ckpt_root, self.step, self.accelerator, self.ema, state,
-                                keep=self.cfg.train.keep_checkpoints)
+                                keep=self.cfg.train.keep_checkpoints, extras=self.extras())
         self.agree(error)
         return path
 
+    def extras(self) -> dict:
+        """State beside the EMA that a checkpoint carries for an exact resume (``checkpoint.save``'s extras)."""
+        return {"phema": self.phema} if self.phema is not None else {}
+
+    def save_snapshot(self) -> Path:
+        """The post-hoc EMA profiles as ``phema_snapshots/phema-<step>.safetensors``, written atomically by the
+        main process; a failed write stops every process with one message, every earlier snapshot intact."""
+        folder, error = self.out / SNAPSHOT_DIR, None
+        if self.accelerator.is_main_process:
+            try:
+                self.phema.snapshot(folder, self.step)
+            except OSError as e:
+                error = (f"could not write post-hoc EMA snapshot phema-{self.step:06d} ({e}); every earlier "
+                         f"snapshot in {folder} is intact")
+        self.agree(error)
+        return folder / f"phema-{self.step:06d}.safetensors"
+
     def load_checkpoint(self, path: Path) -> None:
         state = ckpt.load(path, self.accelerator, self.ema, self.identity(),
-                          allow_inexact=self.cfg.train.allow_inexact_resume, warn=self.accelerator.print)
+                          allow_inexact=self.cfg.train.allow_inexact_resume, warn=self.accelerator.print,
+                          extras=self.extras())
         self.step, self.batches_seen = state["step"], state["batches_seen"]
         self.skipped = state.get("skipped_steps", 0)
 

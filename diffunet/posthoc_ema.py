@@ -1,0 +1,305 @@
+"""Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", sec. 3
+and appendix C): choose the EMA length after training instead of before.
+
+During training ``PowerEMA`` tracks the weights under a few power-function EMA profiles (``train.phema_sigma_rels``,
+EDM2's 0.05 and 0.10 by default) and writes them at ``train.phema_snapshots`` evenly spaced steps to
+``<run>/phema_snapshots/phema-<step>.safetensors``. Afterwards any length is a linear combination of those
+snapshots: the one whose profile is nearest, in least squares over the profiles as functions of training time,
+to the profile asked for (``solve_coefficients``).
+
+    python -m diffunet.posthoc_ema runs/digits --sigma-rel 0.05 0.08 0.12      # runs/digits/phema/sigma_rel_0.080/ ...
+    python -m diffunet.posthoc_ema runs/digits --sweep --num-images 512         # FID of each length: phema_sweep.json/.png
+
+The length is ``sigma_rel``, the profile's standard deviation relative to its age. A power-function profile at step
+t weighs the weights of step tau by tau^gamma (tau <= t); sigma_rel and gamma are one number in two units
+(``std_to_exp``, ``exp_to_std``). Its per-step update ``beta_t = (1 - 1/t)^(gamma + 1)`` gives step tau the
+weight (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1): the continuous profile integrated over that step, so the
+snapshots are the profiles the least squares assumes. The maths is ours, written after EDM2's ``training/phema.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointError, _fsync_dir, replace_folder
+from .config import ConfigError, build_model
+from .export import CARD, _run_config, write_folder
+from .objectives import make_noise_scheduler
+from .tasks import task_of
+
+SNAPSHOT_DIR = "phema_snapshots"                       # under the run's output_dir
+SNAPSHOT = re.compile(r"^phema-(\d+)\.safetensors$")
+MAX_SIGMA_REL = float(np.sqrt(1 / 12))                  # gamma = 0, a flat profile: the longest whose weights never fall
+DEFAULT_SIGMA_RELS = (0.05, 0.10)                       # EDM2's tracked pair
+SWEEP_SIGMA_RELS = (0.02, 0.03, 0.045, 0.065, 0.09, 0.13, 0.18, 0.25)
+
+
+class PosthocEMAError(ValueError):
+    """Post-hoc EMA asked of something that cannot give it; the message is one line that says why."""
+
+
+# ------------------------------------------------------------------------------------------ the maths (float64)
+
+def check_sigma_rel(sigma_rel: float) -> float:
+    """``sigma_rel`` as a float if a power-function profile has that length (gamma >= 0); PosthocEMAError if not."""
+    if not 0 < sigma_rel <= MAX_SIGMA_REL:
+        raise PosthocEMAError(f"sigma_rel {sigma_rel:g} is outside (0, {MAX_SIGMA_REL:.4f}]: longer profiles would "
+                              f"weigh early weights more than late ones")
+    return float(sigma_rel)
+
+
+def exp_to_std(gamma) -> np.ndarray:
+    """sigma_rel of the profile tau^gamma on [0, t], relative to t (EDM2 eq. 123)."""
+    gamma = np.float64(gamma)
+    return np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def std_to_exp(sigma_rel) -> np.ndarray:
+    """The exponent gamma of relative width ``sigma_rel``: the largest real root of
+    gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2), which is eq. 123 solved for gamma (EDM2 eq. 126)."""
+    s = np.asarray(sigma_rel, dtype=np.float64)
+    roots = [np.roots([1, 7, 16 - v ** -2, 12 - v ** -2]) for v in s.ravel()]
+    return np.array([r[np.abs(r.imag) < 1e-9].real.max() for r in roots]).reshape(s.shape)
+
+
+def beta(t: int, gamma: float) -> float:
+    """The decay of step ``t`` (1-based) of a power-function EMA: (1 - 1/t)^(gamma + 1); 0 at t = 1."""
+    return (1 - 1 / t) ** (gamma + 1)
+
+
+def power_function_correlation(a_step, a_sigma_rel, b_step, b_sigma_rel) -> np.ndarray:
+    """<p_a, p_b> of two normalised profiles (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t] (EDM2 eq. 151),
+    broadcast: the integral over the shorter's support is (ga+1)(gb+1) (t_short/t_long)^g_long /
+    ((ga + gb + 1) t_long), g_long the exponent of the longer one."""
+    ga, gb = std_to_exp(a_sigma_rel), std_to_exp(b_sigma_rel)
+    a_step, b_step = np.float64(a_step), np.float64(b_step)
+    g_long = np.where(a_step < b_step, gb, -ga)           # -ga: (ta/tb)^-ga = (tb/ta)^ga when a is the longer
+    return (ga + 1) * (gb + 1) * (a_step / b_step) ** g_long / ((ga + gb + 1) * np.maximum(a_step, b_step))
+
+
+def solve_coefficients(in_steps: Sequence[int], in_sigma_rels: Sequence[float], out_step: int,
+                       out_sigma_rel: float) -> np.ndarray:
+    """x (one per input profile) minimising ||sum_i x_i p_i - p_out||^2: A x = b with A_ij = <p_i, p_j>,
+    b_i = <p_i, p_out>, then normalised to sum 1 (EDM2 algorithm 3). Inputs: the snapshot profiles' steps and
+    sigma_rels, paired."""
+    steps, sigmas = np.float64(in_steps).reshape(-1, 1), np.float64(in_sigma_rels).reshape(-1, 1)
+    A = power_function_correlation(steps, sigmas, steps.T, sigmas.T)
+    b = power_function_correlation(steps[:, 0], sigmas[:, 0], np.float64(out_step), np.float64(out_sigma_rel))
+    x = np.linalg.solve(A, b)
+    return x / x.sum()
+
+
+# ------------------------------------------------------------------------------------------ tracking in training
+
+class PowerEMA:
+    """The model's parameters under K power-function EMA profiles, fp32, one multi-tensor lerp per profile per
+    step. Parameters only: buffers come from the live model (as diffusers' EMAModel does)."""
+
+    def __init__(self, named_parameters: Iterable[tuple[str, torch.Tensor]],
+                 sigma_rels: Sequence[float] = DEFAULT_SIGMA_RELS):
+        named = list(named_parameters)
+        self.names = [n for n, _ in named]
+        self.sigma_rels = [check_sigma_rel(s) for s in sigma_rels]
+        self.gammas = [float(g) for g in std_to_exp(self.sigma_rels)]
+        self.profiles = [[p.detach().float().clone() for _, p in named] for _ in self.sigma_rels]
+        self.step = 0                                    # updates made; the next is step + 1 (1-based)
+
+    @torch.no_grad()
+    def update(self, parameters: Iterable[torch.Tensor]) -> None:
+        """One optimizer step's update: profile k <- lerp(profile k, weights, 1 - beta_k(t))."""
+        self.step += 1
+        weights = [p.detach().float() for p in parameters]   # .float() of an fp32 tensor is the tensor itself
+        for gamma, profile in zip(self.gammas, self.profiles):
+            torch._foreach_lerp_(profile, weights, 1 - beta(self.step, gamma))
+
+    def to(self, device) -> "PowerEMA":
+        self.profiles = [[p.to(device) for p in profile] for profile in self.profiles]
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every profile's tensors, keyed "<k>.<parameter name>" (k: index in ``sigma_rels``), on the CPU."""
+        return {f"{k}.{name}": p.detach().cpu().contiguous()
+                for k, profile in enumerate(self.profiles) for name, p in zip(self.names, profile)}
+
+    def meta(self) -> dict:
+        return {"step": self.step, "sigma_rels": self.sigma_rels, "names": self.names}
+
+    def state_dict(self) -> dict:
+        return dict(self.meta(), tensors=self.tensors())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``; refused (PosthocEMAError) for other lengths or other parameters."""
+        if [float(s) for s in state["sigma_rels"]] != self.sigma_rels or list(state["names"]) != self.names:
+            raise PosthocEMAError(f"the saved post-hoc EMA tracks sigma_rels {list(state['sigma_rels'])} of "
+                                  f"{len(state['names'])} parameters, this run {self.sigma_rels} of {len(self.names)}")
+        tensors = state["tensors"]
+        with torch.no_grad():
+            for k, profile in enumerate(self.profiles):
+                for name, p in zip(self.names, profile):
+                    p.copy_(tensors[f"{k}.{name}"])
+        self.step = int(state["step"])
+
+    # checkpoint folders: safetensors + JSON, nothing a load could execute (see checkpoint.save)
+    def save_to(self, folder: Path) -> dict:
+        save_file(self.tensors(), Path(folder) / "phema.safetensors")
+        return self.meta()
+
+    def load_from(self, folder: Path, meta: dict) -> None:
+        with safe_open(Path(folder) / "phema.safetensors", "pt") as f:
+            self.load_state_dict(dict(meta, tensors={k: f.get_tensor(k) for k in f.keys()}))
+
+    def snapshot(self, folder: Path, step: int | None = None) -> Path:
+        """Write ``folder/phema-<step>.safetensors`` atomically (temporary name, fsync, rename, fsync the
+        folder): every profile, with the step, the sigma_rels and the parameter names as metadata."""
+        step = self.step if step is None else step
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        final, tmp = folder / f"phema-{step:06d}.safetensors", folder / f".phema-{step:06d}.safetensors.tmp"
+        try:
+            save_file(self.tensors(), tmp, metadata={"step": str(step), "sigma_rels": json.dumps(self.sigma_rels),
+                                                    "names": json.dumps(self.names)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final
+
+
+def snapshot_steps(max_steps: int, count: int) -> set[int]:
+    """``count`` evenly spaced steps of a run, the last at ``max_steps`` (every step where count >= max_steps)."""
+    return {round(k * max_steps / count) for k in range(1, count + 1)} - {0} if count > 0 else set()
+
+
+# ------------------------------------------------------------------------------------------ reconstruction
+
+def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, file) of every snapshot of run ``run_dir``, oldest first."""
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    found = sorted((int(m[1]), p) for p in folder.glob("phema-*.safetensors") if (m := SNAPSHOT.match(p.name)))
+    if not found:
+        raise PosthocEMAError(f"{folder} holds no post-hoc EMA snapshots: train with train.phema_snapshots > 0 "
+                              f"and train.phema_sigma_rels set")
+    return found
+
+
+def reconstruct(run_dir: Path, sigma_rel: float, step: int | None = None) -> dict[str, torch.Tensor]:
+    """The parameters (name -> fp32 tensor) of an EMA of length ``sigma_rel`` at snapshot ``step`` (default: the
+    last), combined from every snapshot up to it."""
+    sigma_rel = check_sigma_rel(sigma_rel)
+    found = snapshots(run_dir)
+    step = found[-1][0] if step is None else step
+    if step not in {s for s, _ in found}:
+        raise PosthocEMAError(f"{Path(run_dir) / SNAPSHOT_DIR} has no snapshot at step {step}; it has steps "
+                              f"{', '.join(str(s) for s, _ in found)}")
+    used = [(s, p) for s, p in found if s <= step]
+    in_steps, in_sigmas, keys = [], [], []
+    for s, path in used:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        for k, sigma in enumerate(json.loads(meta["sigma_rels"])):
+            in_steps.append(s), in_sigmas.append(sigma), keys.append((path, k))
+    names = json.loads(meta["names"])
+    x = solve_coefficients(in_steps, in_sigmas, step, sigma_rel)
+    out = {name: torch.zeros(()) for name in names}
+    for (path, k), weight in zip(keys, x):
+        with safe_open(path, "pt") as f:
+            for name in names:
+                out[name] = out[name] + float(weight) * f.get_tensor(f"{k}.{name}").double()
+    return {name: t.float() for name, t in out.items()}
+
+
+# ------------------------------------------------------------------------------------------ a run's lengths
+
+def run_config(run_dir: Path):
+    """(config, task) of a run folder: its config.yaml."""
+    cfg = _run_config(Path(run_dir))
+    return cfg, task_of(cfg)
+
+
+def model_with(cfg, weights: dict[str, torch.Tensor]):
+    """The run's UNet (``config.build_model``) with ``weights`` as its parameters, in eval mode; its buffers are
+    the ones it is built with (a UNet has only non-persistent, fixed ones)."""
+    unet = build_model(cfg)
+    unet.load_state_dict(weights)
+    return unet.eval()
+
+
+def length_folder(out: Path, sigma_rel: float) -> Path:
+    return Path(out) / f"sigma_rel_{sigma_rel:.3f}"
+
+
+def write_pipelines(run_dir: Path, sigma_rels: Sequence[float], step: int | None = None,
+                    out: Path | None = None) -> list[Path]:
+    """One pipeline folder per length, ``<out>/sigma_rel_<s>/`` (default ``out``: ``<run>/phema``), as
+    ``diffunet.export`` writes them: the run's task's pipeline of the reconstructed weights and the training noise
+    scheduler, with its code and model card, each replaced atomically. ``sample.py FOLDER`` samples from one."""
+    run_dir = Path(run_dir)
+    cfg, task = run_config(run_dir)
+    sigma_rels = [check_sigma_rel(s) for s in sigma_rels]
+    step = snapshots(run_dir)[-1][0] if step is None else step
+    used = sum(s <= step for s, _ in snapshots(run_dir))
+    written = []
+    for sigma_rel in sigma_rels:
+        pipeline = task.pipeline(model_with(cfg, reconstruct(run_dir, sigma_rel, step)),
+                                 make_noise_scheduler(cfg.diffusion), cfg)
+
+        def write(tmp: Path) -> None:
+            write_folder(tmp, pipeline, cfg, run_dir, step, None)
+            with open(tmp / CARD, "a") as card:                # the card's "EMA weights" are these
+                card.write(f"\n## Post-hoc EMA\n\nThe weights are a post-hoc EMA of length sigma_rel {sigma_rel:g} at "
+                           f"step {step}, reconstructed from {used} snapshots of the profiles "
+                           f"{', '.join(f'{s:g}' for s in cfg.train.phema_sigma_rels)} (`diffunet.posthoc_ema`); the "
+                           f"training config's `ema_decay` is not theirs.\n")
+        final = length_folder(out if out is not None else run_dir / "phema", sigma_rel)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        written.append(replace_folder(final, write))
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diffunet.posthoc_ema",
+                                description="Post-hoc EMA of a run: a pipeline folder per EMA length, or an FID sweep.")
+    p.add_argument("run", help="the run's output_dir (holds config.yaml and phema_snapshots/)")
+    p.add_argument("--sigma-rel", "--sigma-rels", dest="sigma_rels", type=float, nargs="+", metavar="S",
+                   help=f"EMA lengths, each in (0, {MAX_SIGMA_REL:.4f}] (--sweep default: {' '.join(map(str, SWEEP_SIGMA_RELS))})")
+    p.add_argument("--step", type=int, help="a snapshot's step (default: the last)")
+    p.add_argument("--out", help="folder of the pipeline folders sigma_rel_<S>/ (default RUN/phema)")
+    sweep_options = p.add_argument_group("sweep (--sweep): FID of every length and of the run's own EMA")
+    sweep_options.add_argument("--sweep", action="store_true", help="write RUN/phema_sweep.json and .png")
+    sweep_options.add_argument("--num-images", type=int, default=512)
+    sweep_options.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    sweep_options.add_argument("--scheduler", help="sampling scheduler (default: the run's sample.scheduler)")
+    sweep_options.add_argument("--device", help="default: cuda if there is one")
+    args = p.parse_args(argv)
+    try:
+        if args.sweep:
+            from .phema_sweep import print_table, sweep     # here: phema_sweep builds on this module
+            print_table(sweep(args.run, args.sigma_rels or SWEEP_SIGMA_RELS, step=args.step,
+                              num_images=args.num_images, steps=args.steps, scheduler=args.scheduler,
+                              device=args.device))
+            return 0
+        if not args.sigma_rels:
+            p.error("give --sigma-rel S [S ...] (or --sweep)")
+        for path in write_pipelines(args.run, args.sigma_rels, args.step, args.out):
+            print(f"pipeline written to {path}")
+    except (PosthocEMAError, ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
