@@ -74,6 +74,8 @@ class DataConfig:
     bad_images: str = "strict"                  # unreadable images in a folder: "strict" (stop) | "skip" (warn)
     holdout: int = 0                            # images held out of training (a fixed split, seed 0): the
                                                 # conditions of grids and evaluation for image-conditioned tasks
+    subset: int = 0                             # train on a fixed random N of the images (seed 0, taken before
+                                                # the holdout); 0: all
     sr_factor: int = 4                          # super_resolution: the condition is x0 area-downsampled by this
     mask: str = "mixed"                         # inpainting masks drawn per batch: a name in masks.MASKS
     eval_mask: str = "half"                     # inpainting masks of grids and evaluation (seeded by sample.seed)
@@ -103,6 +105,8 @@ class TrainConfig:
     label_dropout: float = 0.1                  # class-conditional models: drop labels to "null" (for CFG)
     cond_dropout: float = 0.0                   # image-conditioned models: drop the condition (zeros + a flag),
                                                 # so that guidance_scale applies to it
+    augment_p: float = 0.0                      # EDM's non-leaky augmentation (diffunet.augment), each op with this
+                                                # probability; needs model.augment_dim=9 (task=generate)
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 500

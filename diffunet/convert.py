@@ -123,7 +123,7 @@ def config_from_unet2d(config) -> dict:
         attention_resolutions=[height // 2**i for i, a in enumerate(attention) if a], mid_attention=True,
         num_heads=1, head_dim=head_dim, downsample=DOWNSAMPLE[padding], upsample="nearest", skip="concat",
         padding="same", time_condition=TIME_CONDITION[shift], flip_sin_to_cos=cfg["flip_sin_to_cos"],
-        freq_shift=cfg["freq_shift"], num_classes=None, zero_init=False, residual=True)
+        freq_shift=cfg["freq_shift"], num_classes=None, augment_dim=0, zero_init=False, residual=True)
 
 
 def state_dict_from_unet2d(theirs: dict[str, torch.Tensor], model: UNet) -> dict[str, torch.Tensor]:

@@ -666,6 +666,19 @@ class DatasetPart(Subset):
         self.root = getattr(dataset, "root", None)
 
 
+def take_subset(dataset: Dataset, n: int) -> Dataset:
+    """``data.subset``: a fixed random ``n`` of the items (the first ``n`` of ``RandomState(0)``'s permutation, in
+    index order), to train on a small dataset cut from a larger one; ``n=0``: ``dataset``. Taken after the
+    bad-image policy and before ``split_holdout``, so a script that builds the same dataset gets the same images."""
+    if n == 0:
+        return dataset
+    if not 0 < n <= len(dataset):
+        raise DataError(f"data.subset={n} but the dataset has {len(dataset)} images; set 1 to {len(dataset)} "
+                        f"(0: all)")
+    order = np.random.RandomState(0).permutation(len(dataset))
+    return DatasetPart(dataset, sorted(order[:n].tolist()))
+
+
 def split_holdout(dataset: Dataset, n: int) -> tuple[Dataset, DatasetPart | None]:
     """``data.holdout``: (the training part, the ``n`` held-out items); ``n=0``: (``dataset``, None).
 

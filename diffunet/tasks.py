@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import objectives
+from .augment import AUGMENT_DIM, augment
 from .config import ConfigError
 from .data import to_uint8
 from .masks import MASKS, draw_masks
@@ -39,6 +40,7 @@ class Generate:
     one model also learns the unconditional score (classifier-free guidance)."""
 
     name = "generate"                   # the pipeline's ``task``
+    augments = True                     # takes train.augment_p: its x0 is the image alone, free to transform
 
     def check(self, cfg, model, dataset) -> None:
         """What this task needs of the config, the model and the data; ConfigError (one line) otherwise."""
@@ -55,9 +57,13 @@ class Generate:
 
     def training_batch(self, batch, model, cfg) -> tuple[torch.Tensor, dict]:
         """(x0, the model's conditioning keywords) from a loader batch (images, labels) on the device: random
-        horizontal flips if ``data.hflip``, then label dropout (one uniform draw per image for each)."""
+        horizontal flips if ``data.hflip``, then label dropout (one uniform draw per image for each), then the
+        non-leaky augmentation (``train.augment_p``) with its ``augment_labels``."""
         x, y = batch[:2]
-        return flip(cfg, x)[0], labels(y, model, cfg)
+        x, keywords = flip(cfg, x)[0], labels(y, model, cfg)
+        if cfg.train.augment_p > 0:
+            x, keywords["augment_labels"] = augment(x, cfg.train.augment_p)
+        return x, keywords
 
     def loss(self, model, noise_scheduler, x0, cond, cfg) -> torch.Tensor:
         # through the module, so that a test can stand a faulty loss in for the real one
@@ -97,6 +103,20 @@ class Generate:
         equally often, against the reference."""
         images = sample(cfg.train.eval_num_images, class_labels="all" if model.config.num_classes else None)
         return evaluate(to_uint8(images), eval_reference(cfg), cfg.train.eval_extractor, seed=cfg.sample.seed)
+
+
+def check_augment(cfg, model, task) -> None:
+    """``train.augment_p``: a probability, for a task whose target can be augmented alone, and a model that takes
+    the labels (``model.augment_dim``)."""
+    p = cfg.train.augment_p
+    if not 0 <= p < 1:
+        raise ConfigError(f"train.augment_p must be in [0, 1) (got {p})")
+    if p > 0 and not getattr(task, "augments", False):
+        raise ConfigError(f"train.augment_p={p} is for task=generate (task={cfg.task} conditions on an image "
+                          f"that would have to be augmented with it); set train.augment_p=0")
+    if p > 0 and model.config.augment_dim != AUGMENT_DIM:
+        raise ConfigError(f"train.augment_p={p} needs model.augment_dim={AUGMENT_DIM} (the augmentation labels' "
+                          f"width; got {model.config.augment_dim}); set model.augment_dim={AUGMENT_DIM}")
 
 
 def needs_time(cfg, model) -> None:
@@ -145,6 +165,7 @@ class ImageConditioned(Generate):
     class accuracy of the outputs."""
 
     rows = ("input", "output", "truth")
+    augments = False                    # a geometric augmentation would have to move the condition as well
     paired = ""                         # the paired data this task can take: "conds" or "masks"
 
     def check(self, cfg, model, dataset) -> None:
@@ -284,6 +305,7 @@ class Segmentation:
 
     name = "segmentation"
     rows = ("image", "truth", "output")
+    augments = False                    # the mask would have to move with the image
 
     def classes(self, model) -> int:
         return mask_classes(model)

@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, to_dict
 from .convert import init_from
-from .data import DataError, apply_bad_image_policy, build_dataset, save_grid, split_holdout, to_uint8
+from .data import DataError, apply_bad_image_policy, build_dataset, save_grid, split_holdout, take_subset, to_uint8
 from .export import write_folder
 from . import objectives
 from .fast import apply_fast_paths, describe_device, resolve_precision
 from .objectives import make_noise_scheduler
 from .posthoc_ema import SNAPSHOT_DIR, PosthocEMAError, PowerEMA, check_sigma_rel, snapshot_steps
 from .sampling import generate, make_scheduler
-from .tasks import task_of
+from .tasks import check_augment, task_of
 from .unet import UNet
 
 
@@ -107,6 +107,7 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
                           f"reconstruction needs distinct profiles")
     dataset = build_dataset(cfg.data, model.image_size, **task.dataset_options(cfg, model))
     task.check(cfg, model, dataset)
+    check_augment(cfg, model, task)
     if cfg.train.init_from:                     # fine-tuning: the weights of a trained model (resume replaces them)
         init_from(model, cfg.train.init_from)
     return model, dataset
@@ -167,6 +168,7 @@ class Trainer:
             bad = dataset.preflight(progress=acc.is_main_process) if acc.is_main_process else None
             bad = gather_object([bad])[0] if acc.num_processes > 1 else bad
             apply_bad_image_policy(dataset, bad, cfg.data.bad_images, warn=acc.print)
+        dataset = take_subset(dataset, cfg.data.subset)             # a small dataset cut from this one
         dataset, held = split_holdout(dataset, cfg.data.holdout)    # held-out: grids and evaluation
         set_seed(t.seed, device_specific=True)          # then different noise on each process, reproducible
         self.resume_from = ckpt.find_resume(t.resume, self.ckpt_root, warn=acc.print)

@@ -177,6 +177,8 @@ class UNet(ModelMixin, ConfigMixin):
         flip_sin_to_cos: bool = True,                   # time features cos first (False: sin first, as DDPM)
         freq_shift: float = 0,                          # frequencies exp(-ln(1e4) i / (half - shift)) (DDPM: 1)
         num_classes: Optional[int] = None,              # class-conditional; id num_classes is the "null" class
+        augment_dim: int = 0,                           # augmentation labels added to the embedding (EDM's non-
+                                                        # leaky augmentation: diffunet.augment.AUGMENT_DIM); 0: none
         zero_init: bool = True,                         # residual branches and output conv start at zero
         residual: bool = True,                          # False: blocks without shortcut (the 2015 U-Net's conv pairs)
     ):
@@ -201,6 +203,10 @@ class UNet(ModelMixin, ConfigMixin):
         timed = time_condition != "none"
         if not timed and num_classes:
             raise ValueError("time_condition='none' has no embedding to add class labels to; set num_classes=None")
+        if not timed and augment_dim:
+            raise ValueError("time_condition='none' has no embedding to add augmentation labels to; set augment_dim=0")
+        if augment_dim < 0:
+            raise ValueError(f"augment_dim must be 0 (none) or the labels' width (got {augment_dim})")
         emb_dim = 4 * base_channels
         pad = PADDING[padding](3)
         res = functools.partial(ResBlock, emb_dim=emb_dim, groups=norm_groups, dropout=dropout, padding=padding,
@@ -219,6 +225,10 @@ class UNet(ModelMixin, ConfigMixin):
                                         nn.Linear(base_channels, emb_dim),
                                         nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if timed else None
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        # EDM's map_augment: what augmented a training image, so that samples (labels zero) are not augmented
+        self.map_augment = nn.Linear(augment_dim, emb_dim, bias=False) if augment_dim else None
+        if self.map_augment is not None and zero_init:
+            zeroed(self.map_augment)                     # training starts as the model without augmentation
         # the flag of a dropped image condition (zeros in its channels), added to the embedding: guidance on it
         self.cond_null = nn.Parameter(torch.zeros(emb_dim)) if cond_channels and timed else None
         self.conv_in = nn.Conv2d(in_channels + cond_channels, chans[0], 3, padding=pad)
@@ -268,15 +278,18 @@ class UNet(ModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor, timestep=None, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True, *, cond: torch.Tensor | None = None,
-                cond_dropped: torch.Tensor | None = None):
+                cond_dropped: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None):
         """Predict from ``sample`` (B, C, H, W) at ``timestep``: the forms UNet2DModel takes, a number, a 0-d, a (1,)
         or a (B,) tensor, int or float, on any device. Unlike UNet2DModel, a fractional Python float is used as
         is (UNet2DModel truncates a Python number to an int; it keeps tensors' fractions, as we do).
 
         ``cond`` (B, cond_channels, H, W): the image condition of a model built with ``cond_channels``; None, or
         the rows where ``cond_dropped`` (B,) bool is True, stand for "no condition": zeros and the null flag.
+        ``augment_labels`` (B, augment_dim): what augmented each training image (``diffunet.augment``), for a model
+        built with ``augment_dim``; None: zeros, "not augmented", which is how it samples.
         A model with ``time_condition="none"`` takes no timestep (``model(sample)``)."""
         emb = self._embedding(sample, timestep, class_labels)             # (B, 4*base), or None: no time
+        emb = self._augmentation(sample, augment_labels, emb)
         x, emb = self._condition(sample, cond, cond_dropped, emb)         # (B, C, H, W) -> (B, C + K, H, W)
 
         tiling = self.tiling(sample.shape[-2:])
@@ -326,6 +339,17 @@ class UNet(ModelMixin, ConfigMixin):
         elif class_labels is not None:
             raise ValueError("class_labels given, but this UNet was built with num_classes=None")
         return emb
+
+    def _augmentation(self, sample, labels, emb):
+        """The embedding plus the augmentation labels' projection; None labels add nothing (zeros map to zero)."""
+        if labels is None:
+            return emb
+        k, batch = self.config.augment_dim, sample.shape[0]
+        if self.map_augment is None:
+            raise ValueError("augment_labels given, but this UNet was built with augment_dim=0")
+        if labels.shape != (batch, k):
+            raise ValueError(f"augment_labels must be (B, augment_dim) = {(batch, k)}, got {tuple(labels.shape)}")
+        return emb + self.map_augment(labels.to(emb.device, self.map_augment.weight.dtype)).to(emb.dtype)
 
     def _condition(self, sample, cond, dropped, emb):
         """The stem's input: ``sample`` with the image condition concatenated (zeros where dropped), and the
