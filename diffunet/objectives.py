@@ -225,8 +225,8 @@ def check(diffusion_cfg) -> None:
         raise ValueError(f"diffusion.loss_weighting={diffusion_cfg.loss_weighting} is for objective=ddpm; "
                          f"{diffusion_cfg.objective} has its own weighting: leave it at mse")
     for key in ("logit_std", "p_std", "sigma_data", "sigma_min", "flow_shift"):
-        if diffusion_cfg[key] <= 0:
-            raise ValueError(f"diffusion.{key} must be positive (got {diffusion_cfg[key]})")
+        if getattr(diffusion_cfg, key) <= 0:
+            raise ValueError(f"diffusion.{key} must be positive (got {getattr(diffusion_cfg, key)})")
     if diffusion_cfg.sigma_max <= diffusion_cfg.sigma_min:
         raise ValueError(f"diffusion.sigma_max ({diffusion_cfg.sigma_max}) must exceed diffusion.sigma_min "
                          f"({diffusion_cfg.sigma_min})")
