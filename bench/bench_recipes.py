@@ -44,18 +44,21 @@ from diffunet.sampling import generate, make_scheduler                          
 from diffunet.training import train                                                # noqa: E402
 
 UNCOND = ["model.num_classes=null", "train.label_dropout=0"]
-RECIPES = {                                             # name -> overrides of configs/digits.yaml
-    "eps-cosine": ["diffusion.prediction_type=epsilon", "diffusion.beta_schedule=cosine"],     # the old default
-    "eps-cosine-minsnr": ["diffusion.beta_schedule=cosine", "diffusion.loss_weighting=min_snr"],
-    "v-sigmoid": ["diffusion.prediction_type=v_prediction", "diffusion.beta_schedule=sigmoid"],  # lucidrains'
-    "v-cosine": ["diffusion.prediction_type=v_prediction", "diffusion.beta_schedule=cosine"],
-    "flow": ["diffusion.objective=flow"],                                  # logit-normal t
-    "flow-uniform": ["diffusion.objective=flow", "diffusion.time_sampling=uniform"],
-    "edm": ["diffusion.objective=edm"],
+EPS, V = "diffusion.prediction_type=epsilon", "diffusion.prediction_type=v_prediction"
+DDPM, FLOW, EDM = (f"diffusion.objective={o}" for o in ("ddpm", "flow", "edm"))
+COSINE, SIGMOID = "diffusion.beta_schedule=cosine", "diffusion.beta_schedule=sigmoid"
+RECIPES = {                         # name -> overrides of configs/digits.yaml (each names its objective in full)
+    "eps-cosine": [DDPM, EPS, COSINE],                                     # the default until #15
+    "eps-cosine-minsnr": [DDPM, EPS, COSINE, "diffusion.loss_weighting=min_snr"],
+    "v-sigmoid": [DDPM, V, SIGMOID],                                       # lucidrains' defaults
+    "v-cosine": [DDPM, V, COSINE],
+    "flow": [FLOW, "diffusion.time_sampling=logit_normal"],                # the default since #15
+    "flow-uniform": [FLOW, "diffusion.time_sampling=uniform"],
+    "edm": [EDM],
     # unconditional twins, for the peer (lucidrains' GaussianDiffusion has no class labels)
-    "uncond-eps-cosine": ["diffusion.beta_schedule=cosine", *UNCOND],
-    "uncond-flow": ["diffusion.objective=flow", *UNCOND],
-    "uncond-v-sigmoid": ["diffusion.prediction_type=v_prediction", "diffusion.beta_schedule=sigmoid", *UNCOND],
+    "uncond-eps-cosine": [DDPM, EPS, COSINE, *UNCOND],
+    "uncond-flow": [FLOW, "diffusion.time_sampling=logit_normal", *UNCOND],
+    "uncond-v-sigmoid": [DDPM, V, SIGMOID, *UNCOND],
 }
 SMOKE = dict(recipes=["eps-cosine", "flow"], checkpoints=[300], seeds=[0], num_images=256, sampling_steps=[10, 20])
 FULL = dict(recipes=[r for r in RECIPES if not r.startswith("uncond")], checkpoints=[500, 1000, 1500],
@@ -199,6 +202,15 @@ def import_peer():
 
 # ---------------------------------------------------------------------------------------------- report
 
+def earlier_rows(path: Path, fid_floor: float) -> list[dict]:
+    """The rows of an earlier run's recipes.json, checked (before any training) to share this run's floor."""
+    before = json.loads(path.read_text())
+    if abs(before["floor"] - fid_floor) > 1e-9:
+        raise SystemExit(f"--merge {path}: its floor {before['floor']:.3f} is not this run's {fid_floor:.3f}; "
+                         f"run with the --num-images it was run with")
+    return before["rows"]
+
+
 def summarize(rows: list[dict], fid_floor: float) -> list[dict]:
     """Mean and spread (min..max over seeds) per (recipe, step, sampling steps)."""
     groups: dict[tuple, list[dict]] = {}
@@ -217,10 +229,10 @@ def summarize(rows: list[dict], fid_floor: float) -> list[dict]:
 
 def markdown(table: list[dict], fid_floor: float, num_images: int) -> str:
     lines = [f"FID of {num_images} samples (digits extractor); floor (real images) {fid_floor:.3f}.", "",
-             "| recipe | train steps | sampler | sampling steps | FID (min..max) | / floor | train s | sample s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| recipe | train steps | sampler | sampling steps | seeds | FID mean (min..max) | / floor | train s "
+             "| sample s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(table, key=lambda r: (r["recipe"], r["step"], r["sampling_steps"])):
-        lines.append(f"| {r['recipe']} | {r['step']} | {r['sampler']} | {r['sampling_steps']} | {r['fid']:.3f} "
+        lines.append(f"| {r['recipe']} | {r['step']} | {r['sampler']} | {r['sampling_steps']} | {r['seeds']} | {r['fid']:.3f} "
                      f"({r['fid_min']:.3f}..{r['fid_max']:.3f}) | {r['vs_floor']:.2f} | {r['train_s']:.0f} | "
                      f"{r['sample_s']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -267,6 +279,8 @@ def main(argv=None) -> int:
     p.add_argument("--peer", action="store_true", help="also lucidrains' denoising-diffusion-pytorch")
     p.add_argument("--no-recipes", action="store_true", help="with --peer: the peer only")
     p.add_argument("--set", nargs="*", default=[], help="more overrides for every recipe, e.g. train.lr=2e-3")
+    p.add_argument("--merge", type=Path, help="an earlier run's recipes.json: its rows join this run's (a recipe "
+                   "and seed run here again replace them); same --num-images")
     p.add_argument("--out", type=Path, help="write recipes.json, recipes.md and recipes.png here")
     p.add_argument("--work", type=Path, help="keep the runs here (default: a temporary folder)")
     args = p.parse_args(argv)
@@ -277,6 +291,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load()}")
     fid_floor = floor(args.num_images)
     print(f"floor: FID of {args.num_images} real digits against all 1,797: {fid_floor:.3f}", flush=True)
+    earlier = earlier_rows(args.merge, fid_floor) if args.merge else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -285,6 +300,8 @@ def main(argv=None) -> int:
                 rows += run_recipe(name, seed, args, work)
         if args.peer:
             rows += peer_rows(args, work)
+    here = {(r["recipe"], r["seed"]) for r in rows}                   # a recipe and seed run again replace
+    rows = [r for r in earlier if (r["recipe"], r["seed"]) not in here] + rows
     table = summarize(rows, fid_floor)
     text = markdown(table, fid_floor, args.num_images)
     print("\n" + text)

@@ -29,4 +29,19 @@ def test_recipe_table_at_toy_size(tmp_path, capsys):
     by_step = {r["step"]: r["train_s"] for r in saved["table"] if r["recipe"] == "flow"}
     assert by_step[4] == pytest.approx(2 * by_step[2])                  # one step rate per run
     assert (tmp_path / "recipes.png").stat().st_size > 10_000
-    assert "| flow | 4 | flow_dpmpp | 3 |" in (tmp_path / "recipes.md").read_text()
+    assert "| flow | 4 | flow_dpmpp | 3 | 1 |" in (tmp_path / "recipes.md").read_text()
+
+
+def test_merge_joins_an_earlier_run_and_refuses_another_sample_size(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert bench_recipes.main(["--recipes", "flow", *TOY, "--out", str(first)]) == 0
+    assert bench_recipes.main(["--recipes", "edm", *TOY, "--merge", str(first / "recipes.json"),
+                               "--out", str(second)]) == 0
+    saved = json.loads((second / "recipes.json").read_text())
+    assert {r["recipe"] for r in saved["rows"]} == {"flow", "edm"}
+    earlier = json.loads((first / "recipes.json").read_text())["rows"]
+    assert [r for r in saved["rows"] if r["recipe"] == "flow"] == earlier          # carried over unchanged
+    assert "| flow | 4 | flow_dpmpp | 3 | 1 |" in (second / "recipes.md").read_text()
+    with pytest.raises(SystemExit, match="--num-images"):
+        bench_recipes.main(["--recipes", "edm", *[a if a != "16" else "8" for a in TOY],
+                            "--merge", str(first / "recipes.json")])
