@@ -43,7 +43,8 @@ def make_scheduler(name: str, config) -> object:
     ``INPAINTING_SCHEDULERS``) built from the training scheduler's ``config`` (same noise levels and target)."""
     if name in INPAINTING_SCHEDULERS:
         if objective_of(config) != "ddpm":
-            raise ValueError(f"scheduler {name} samples ddpm models only; this one is {objective_of(config)}")
+            raise ValueError(f"scheduler {name} samples ddpm models only; this one is {objective_of(config)} "
+                             f"(train one with diffusion.objective=ddpm, e.g. --config digits-ddpm)")
         return INPAINTING_SCHEDULERS[name].from_config(config)
     return make_sampler(name, config)
 

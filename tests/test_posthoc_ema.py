@@ -179,7 +179,7 @@ def test_cli_writes_pipeline_folders_that_sample(run, tmp_path):
     assert all((f / "model_index.json").is_file() for f in folders)
     assert "post-hoc EMA of length sigma_rel 0.08 at step 6, reconstructed from 3 snapshots" in \
         (folders[0] / "README.md").read_text()
-    unet, sched = load_model(folders[0], scheduler="ddim")
+    unet, sched = load_model(folders[0], scheduler="auto")
     want = reconstruct(run, 0.08)
     assert all(torch.equal(p, want[n]) for n, p in unet.named_parameters())
     images = generate(unet, sched, 3, steps=2, class_labels="all")

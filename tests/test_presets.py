@@ -6,6 +6,8 @@ import torch
 from conftest import tiny
 from diffunet.config import ConfigError, build_model, load_config, model_from_preset, presets
 from diffunet.diagnostics import encoder_grad_norms
+from diffunet.objectives import make_noise_scheduler, sampler_name
+from diffunet.sampling import make_scheduler
 from diffunet.plan import main as plan_main
 
 
@@ -14,9 +16,23 @@ def count(model):
 
 
 def test_every_preset_builds():
-    assert {"digits", "ddpm-cifar10", "small", "unet-original"} <= set(presets())
+    assert {"digits", "digits-ddpm", "ddpm-cifar10", "small", "unet-original"} <= set(presets())
     for name in presets():
         build_model(load_config(name))
+
+
+def test_the_default_is_the_measured_recipe_and_digits_ddpm_the_one_it_replaced():
+    """docs/recipes: rectified flow sampled by DPM-Solver++ in 10 steps; digits-ddpm keeps the DDPM-only samplers."""
+    default, ddpm = load_config("digits"), load_config("digits-ddpm")
+    assert default.diffusion.objective == "flow" and default.sample.steps == 10
+    assert sampler_name(default.sample.scheduler, make_noise_scheduler(default.diffusion).config) == "flow_dpmpp"
+    assert ddpm.diffusion.objective == "ddpm" and ddpm.diffusion.prediction_type == "epsilon"
+    assert make_scheduler("repaint", make_noise_scheduler(ddpm.diffusion).config).__class__.__name__ == \
+        "RePaintScheduler"
+    with pytest.raises(ValueError, match="samples ddpm models only; this one is flow .* --config digits-ddpm"):
+        make_scheduler("repaint", make_noise_scheduler(default.diffusion).config)
+    same = {k for k in ("model", "data") if default[k] == ddpm[k]}
+    assert same == {"model", "data"} and default.train.max_steps == ddpm.train.max_steps  # only the recipe differs
 
 
 @pytest.mark.parametrize("name", presets())

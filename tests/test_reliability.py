@@ -180,14 +180,14 @@ def test_disk_full_while_saving(tmp_path, monkeypatch):
 
 def _nan_at(monkeypatch, bad_calls):
     calls = {"n": 0}
-    real = objectives.diffusion_loss
+    real = objectives.training_loss
 
     def loss(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] in bad_calls else value
 
-    monkeypatch.setattr(objectives, "diffusion_loss", loss)
+    monkeypatch.setattr(objectives, "training_loss", loss)
 
 
 # 8. Non-finite loss: the step is skipped (state unchanged) and counted; K in a row stop the run.

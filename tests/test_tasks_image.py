@@ -159,7 +159,7 @@ def test_the_image_conditioned_bench_runs_end_to_end(tmp_path, capsys):
 
     runs = {}
     for name, preset, extra in (("sr", "digits-sr", []), ("inpaint", "digits-inpaint", []),
-                                ("uncond", "digits", ["model.num_classes=null", "data.holdout=20"])):
+                                ("uncond", "digits-ddpm", ["model.num_classes=null", "data.holdout=20"])):
         cfg = load_config(preset, FAST + [f"output_dir={tmp_path / name}", "train.max_steps=2", "train.eval_every=0",
                                           *extra])
         train(cfg)

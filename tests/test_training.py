@@ -154,7 +154,7 @@ def test_training_on_an_image_folder(tmp_path):
     # the folder loads back as a diffusers pipeline, and its class-conditional U-Net samples each class
     pipe = DiffusionPipeline.from_pretrained(pipe_dir, trust_remote_code=True)
     assert type(pipe.unet).__name__ == diffunet.UNet.__name__ and pipe.unet.config.num_classes == 2
-    unet, sched = load_model(pipe_dir, scheduler="ddim")
+    unet, sched = load_model(pipe_dir, scheduler="auto")
     images = generate(unet, sched, 4, steps=2, class_labels="all")
     assert images.shape == (4, 1, 16, 16) and torch.isfinite(images).all() and images.abs().max() <= 1
     assert not torch.equal(images[0], images[1])
@@ -267,7 +267,8 @@ def test_train_py_cli(tmp_path):
 
 def test_bf16_autocast_gradient_accumulation_and_fast_paths(tmp_path):
     cfg = fast_cfg(tmp_path, "train.max_steps=2", "train.grad_accum=3", "train.mixed_precision=bf16",
-                   "diffusion.loss_weighting=min_snr", "diffusion.prediction_type=v_prediction",
+                   "diffusion.objective=ddpm", "diffusion.loss_weighting=min_snr",
+                   "diffusion.prediction_type=v_prediction",
                    "train.channels_last=true", "train.gradient_checkpointing=true")
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
