@@ -107,6 +107,8 @@ def plot(table: dict, path: Path) -> Path:
         ax.plot(best["sigma_rel"], best["fid"], "*", ms=14, color="C3",
                 label=f"best: sigma_rel {best['sigma_rel']:g}")
     ax.set_xscale("log")
+    ax.set_xticks([r["sigma_rel"] for r in lengths], [f"{r['sigma_rel']:g}" for r in lengths])   # the swept ones
+    ax.minorticks_off()
     ax.set_xlabel("sigma_rel (EMA length)")
     ax.set_ylabel("FID")
     ax.set_title(f"step {table['step']}, {table['num_images']} images, {table['scheduler']} x {table['steps']}")
