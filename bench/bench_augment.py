@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-images", type=int, default=256, help="samples per run for FID and memorization")
     ap.add_argument("--seeds", type=int, default=1, help="runs per arm, train.seed = sample seed = 0 .. N-1")
     ap.add_argument("--p", type=float, default=None, help="train.augment_p of the augmented arm (the preset's)")
-    ap.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the samples")
+    ap.add_argument("--sample-steps", type=int, default=10, help="sampling steps (the preset's sampler)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
                 results[arm].append(run(arm, arm_p, seed, args, root))
 
     print(f"\npreset {PRESET}: {cfg.data.subset} digits, {args.steps} steps, {args.num_images} samples "
-          f"(DDIM {args.sample_steps}), {args.seeds} seed(s), augment_p {p} vs 0; torch {torch.__version__}, "
+          f"({args.sample_steps} sampling steps), {args.seeds} seed(s), augment_p {p} vs 0; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print("FID floors (against all 1,797 digits): "
           + ", ".join(f"{name} {value:.3f}" for name, value in floors.items()))
