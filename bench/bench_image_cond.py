@@ -3,7 +3,8 @@ inpainting of a half-image box against RePaint (diffusers' RePaintScheduler) wit
 
     python train.py --config digits-sr                                                 # the two default runs
     python train.py --config digits-inpaint
-    python train.py --config digits-ddpm model.num_classes=null data.holdout=297 output_dir=runs/digits-uncond   # RePaint's model
+    # RePaint's model: unconditional and epsilon-prediction DDPM, which RePaint needs
+    python train.py --config digits-ddpm model.num_classes=null data.holdout=297 output_dir=runs/digits-uncond
     python bench/bench_image_cond.py [--sr RUN] [--inpaint RUN] [--repaint RUN] [--grids DIR] [--json FILE]
 
 Every run must hold out the same digits (``data.holdout``: a fixed split, ``data.split_holdout``), so the

@@ -232,9 +232,9 @@ def markdown(table: list[dict], fid_floor: float, num_images: int) -> str:
              "| recipe | train steps | sampler | sampling steps | seeds | FID mean (min..max) | / floor | train s "
              "| sample s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(table, key=lambda r: (r["recipe"], r["step"], r["sampling_steps"])):
-        lines.append(f"| {r['recipe']} | {r['step']} | {r['sampler']} | {r['sampling_steps']} | {r['seeds']} | {r['fid']:.3f} "
-                     f"({r['fid_min']:.3f}..{r['fid_max']:.3f}) | {r['vs_floor']:.2f} | {r['train_s']:.0f} | "
-                     f"{r['sample_s']:.1f} |")
+        lines.append(f"| {r['recipe']} | {r['step']} | {r['sampler']} | {r['sampling_steps']} | {r['seeds']} "
+                     f"| {r['fid']:.3f} ({r['fid_min']:.3f}..{r['fid_max']:.3f}) | {r['vs_floor']:.2f} "
+                     f"| {r['train_s']:.0f} | {r['sample_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
