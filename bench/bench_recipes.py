@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,20 +70,24 @@ def load() -> str:
     return f"load {os.getloadavg()[0]:.1f}"
 
 
-def floor(num_images: int) -> float:
-    """FID of ``num_images`` real digits (a fixed random draw) against all 1,797."""
+def floor(num_images: int, draws: int = 1) -> float:
+    """FID of ``num_images`` real digits against all 1,797: the mean over ``draws`` fixed random draws."""
     images = digits_arrays(16)[0]
-    pick = np.random.default_rng(0).choice(len(images), num_images, replace=False)
-    return evaluate(images[pick], "digits", "digits")["fid"]
+    picks = (np.random.default_rng(d).choice(len(images), num_images, replace=False) for d in range(draws))
+    return statistics.mean(evaluate(images[pick], "digits", "digits")["fid"] for pick in picks)
 
 
-def fid_of(unet, config, sampler: str, steps: int, num_images: int, classes) -> tuple[float, float]:
-    """(FID, seconds) of ``num_images`` EMA samples with ``sampler`` at ``steps``."""
-    start = time.perf_counter()
-    images = generate(unet, make_scheduler(sampler, config), num_images, steps=steps, seed=1, class_labels=classes,
-                      batch_size=num_images)
-    seconds = time.perf_counter() - start
-    return evaluate(to_uint8(images), "digits", "digits")["fid"], seconds
+def fid_of(unet, config, sampler: str, steps: int, num_images: int, classes, draws: int = 1) -> tuple[float, float]:
+    """(FID, seconds) of ``num_images`` EMA samples with ``sampler`` at ``steps``: the mean FID over ``draws``
+    independent sets (sampling seeds 1..draws), the seconds one set takes."""
+    fids, seconds = [], 0.0
+    for seed in range(1, draws + 1):
+        start = time.perf_counter()
+        images = generate(unet, make_scheduler(sampler, config), num_images, steps=steps, seed=seed,
+                          class_labels=classes, batch_size=num_images)
+        seconds += time.perf_counter() - start
+        fids.append(evaluate(to_uint8(images), "digits", "digits")["fid"])
+    return statistics.mean(fids), seconds / draws
 
 
 def run_recipe(name: str, seed: int, args, work: Path) -> list[dict]:
@@ -93,10 +98,14 @@ def run_recipe(name: str, seed: int, args, work: Path) -> list[dict]:
                                  f"train.max_steps={last}", f"train.checkpoint_every={min(args.checkpoints)}",
                                  f"train.sample_every={last + 1}", "train.keep_checkpoints=100",
                                  "sample.num_images=10", "sample.steps=10", *args.set])
-    start = time.perf_counter()
-    train(cfg)
-    wall = time.perf_counter() - start
-    rate = _steps_per_second(out) or last / wall
+    if args.rescore:
+        trained_as(out, cfg)
+        wall = None
+    else:
+        start = time.perf_counter()
+        train(cfg)
+        wall = time.perf_counter() - start
+    rate = _steps_per_second(out) or (last / wall if wall else float("nan"))
     config = make_noise_scheduler(cfg.diffusion).config
     sampler = sampler_name(args.sampler, config)
     classes = "all" if cfg.model.num_classes else None
@@ -106,12 +115,28 @@ def run_recipe(name: str, seed: int, args, work: Path) -> list[dict]:
         ckpt.load_ema_weights(ckpt.step_dir(out / "checkpoints", step), unet)
         unet.eval()
         for steps in args.sampling_steps:
-            fid, seconds = fid_of(unet, config, sampler, steps, args.num_images, classes)
+            fid, seconds = fid_of(unet, config, sampler, steps, args.num_images, classes, args.draws)
             rows.append(dict(recipe=name, seed=seed, step=step, sampler=sampler, sampling_steps=steps, fid=fid,
                              train_s=step / rate, sample_s=seconds, run_wall_s=wall))
             print(f"  {name} seed {seed} step {step} {sampler}-{steps}: FID {fid:.3f} "
                   f"(train {step / rate:.0f} s, sample {seconds:.1f} s, {load()})", flush=True)
     return rows
+
+
+def trained_as(out: Path, cfg) -> None:
+    """--rescore: the run in ``out`` must be this recipe's, trained to the last checkpoint; else one clear line."""
+    last = ckpt.step_dir(out / "checkpoints", cfg.train.max_steps)
+    if not last.is_dir():
+        raise SystemExit(f"--rescore: {last} is missing; train this recipe and seed into --work first "
+                         f"(the same call without --rescore)")
+    saved = load_config(out / "config.yaml")
+    for key in ("model", "diffusion", "train"):
+        a, b = (OmegaConf.to_container(c[key]) for c in (saved, cfg))
+        a.pop("mixed_precision", None), b.pop("mixed_precision", None)         # saved resolved, "auto" asked
+        if a != b:
+            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            raise SystemExit(f"--rescore: {out} was trained with other {key}.{diff[0]} ({a.get(diff[0])!r}, "
+                             f"asked {b.get(diff[0])!r}); pass the --set it was trained with")
 
 
 def _steps_per_second(run: Path) -> float | None:
@@ -227,8 +252,9 @@ def summarize(rows: list[dict], fid_floor: float) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict], fid_floor: float, num_images: int) -> str:
-    lines = [f"FID of {num_images} samples (digits extractor); floor (real images) {fid_floor:.3f}.", "",
+def markdown(table: list[dict], fid_floor: float, num_images: int, draws: int = 1) -> str:
+    sets = f", the mean of {draws} sets" if draws > 1 else ""
+    lines = [f"FID of {num_images} samples (digits extractor{sets}); floor (real images{sets}) {fid_floor:.3f}.", "",
              "| recipe | train steps | sampler | sampling steps | seeds | FID mean (min..max) | / floor | train s "
              "| sample s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(table, key=lambda r: (r["recipe"], r["step"], r["sampling_steps"])):
@@ -238,11 +264,22 @@ def markdown(table: list[dict], fid_floor: float, num_images: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def spread(ax, rows: list[dict], x: str, color) -> None:
+    """The seeds' min..max: a band along a line, an error bar where a line has one point."""
+    xs, lo, hi = [r[x] for r in rows], [r["fid_min"] for r in rows], [r["fid_max"] for r in rows]
+    if len(rows) > 1:
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.15)
+    else:
+        ax.errorbar(xs, [r["fid"] for r in rows], yerr=[[r["fid"] - a for r, a in zip(rows, lo)],
+                    [b - r["fid"] for r, b in zip(rows, hi)]], color=color, capsize=4, lw=1.5)
+
+
 def plot(table: list[dict], fid_floor: float, path: Path) -> None:
     """FID against training time (the most sampling steps) and against sampling steps (the last checkpoint)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     most, last = max(r["sampling_steps"] for r in table), max(r["step"] for r in table)
@@ -250,18 +287,27 @@ def plot(table: list[dict], fid_floor: float, path: Path) -> None:
         rs = sorted((r for r in table if r["recipe"] == recipe and r["sampling_steps"] == most),
                     key=lambda r: r["step"])
         line, = left.plot([r["train_s"] for r in rs], [r["fid"] for r in rs], "o-", label=recipe)
-        left.fill_between([r["train_s"] for r in rs], [r["fid_min"] for r in rs], [r["fid_max"] for r in rs],
-                          color=line.get_color(), alpha=0.15)
+        spread(left, rs, "train_s", line.get_color())
         rs = sorted((r for r in table if r["recipe"] == recipe and r["step"] == last), key=lambda r: r["sampling_steps"])
         right.plot([r["sampling_steps"] for r in rs], [r["fid"] for r in rs], "o-", color=line.get_color())
+        spread(right, rs, "sampling_steps", line.get_color())
+    fids = [r[k] for r in table for k in ("fid_min", "fid_max")] + [fid_floor]
     for ax in (left, right):
         ax.axhline(fid_floor, color="k", ls="--", lw=1, label="floor (real images)")
         ax.set_yscale("log")
+        if max(fids) < 10 * min(fids):      # under a decade: plain numbers, not 2.4x10^-1
+            lo, hi = min(fids), max(fids)
+            ticks = [v for v in matplotlib.ticker.MaxNLocator(8).tick_values(lo, hi) if lo <= v <= hi]
+            ax.set_yticks(ticks, [f"{v:.2f}" for v in ticks])
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylabel("FID (digits extractor)")
         ax.grid(alpha=0.3)
     left.set_xlabel(f"training time, s ({most} sampling steps)")
     right.set_xlabel(f"sampling steps (network evaluations), at {last} training steps")
     right.set_xscale("log")
+    steps = sorted({r["sampling_steps"] for r in table})
+    right.set_xticks(steps, [str(n) for n in steps])
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -283,14 +329,21 @@ def main(argv=None) -> int:
                    "and seed run here again replace them); same --num-images")
     p.add_argument("--out", type=Path, help="write recipes.json, recipes.md and recipes.png here")
     p.add_argument("--work", type=Path, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--draws", type=int, default=1, help="FID (and the floor) as the mean over this many sets of "
+                   "--num-images; one set's FID moves by +-30 %% at 512 (docs/recipes)")
+    p.add_argument("--rescore", action="store_true", help="score the runs already trained in --work (same "
+                   "recipes, seeds and --set), do not train")
     args = p.parse_args(argv)
     for key, value in (FULL if args.full else SMOKE).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.checkpoints = sorted(args.checkpoints)
+    if args.rescore and not args.work:
+        p.error("--rescore scores the runs in --work; pass --work DIR")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load()}")
-    fid_floor = floor(args.num_images)
-    print(f"floor: FID of {args.num_images} real digits against all 1,797: {fid_floor:.3f}", flush=True)
+    fid_floor = floor(args.num_images, args.draws)
+    print(f"floor: FID of {args.num_images} real digits against all 1,797 (mean of {args.draws} draws): "
+          f"{fid_floor:.3f}", flush=True)
     earlier = earlier_rows(args.merge, fid_floor) if args.merge else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,7 +356,7 @@ def main(argv=None) -> int:
     here = {(r["recipe"], r["seed"]) for r in rows}                   # a recipe and seed run again replace
     rows = [r for r in earlier if (r["recipe"], r["seed"]) not in here] + rows
     table = summarize(rows, fid_floor)
-    text = markdown(table, fid_floor, args.num_images)
+    text = markdown(table, fid_floor, args.num_images, args.draws)
     print("\n" + text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -45,3 +46,26 @@ def test_merge_joins_an_earlier_run_and_refuses_another_sample_size(tmp_path):
     with pytest.raises(SystemExit, match="--num-images"):
         bench_recipes.main(["--recipes", "edm", *[a if a != "16" else "8" for a in TOY],
                             "--merge", str(first / "recipes.json")])
+
+
+def test_rescore_scores_the_runs_in_work_without_training_them_again(tmp_path, monkeypatch):
+    work, first, again = tmp_path / "work", tmp_path / "first", tmp_path / "again"
+    assert bench_recipes.main(["--recipes", "flow", *TOY, "--work", str(work), "--out", str(first)]) == 0
+    monkeypatch.setattr(bench_recipes, "train", lambda cfg: pytest.fail("--rescore trained a run"))
+    assert bench_recipes.main(["--recipes", "flow", *TOY, "--work", str(work), "--rescore", "--out", str(again)]) == 0
+    before, after = (json.loads((d / "recipes.json").read_text())["rows"] for d in (first, again))
+    assert [r["fid"] for r in after] == pytest.approx([r["fid"] for r in before])      # same weights, same draws
+    assert [r["train_s"] for r in after] == pytest.approx([r["train_s"] for r in before])  # from the run's logs
+    with pytest.raises(SystemExit, match=r"other train.lr \([0-9.e-]+, asked 0.005\); pass the --set"):
+        bench_recipes.main(["--recipes", "flow", *TOY, "train.lr=5e-3", "--work", str(work), "--rescore"])
+    with pytest.raises(SystemExit, match=r"flow-1/checkpoints/step_0*4 is missing"):
+        bench_recipes.main(["--recipes", "flow", *[a if a != "0" else "1" for a in TOY], "--work", str(work),
+                            "--rescore"])
+
+
+def test_draws_average_the_fid_and_the_floor_over_independent_sets():
+    images = bench_recipes.digits_arrays(16)[0]
+    second = images[np.random.default_rng(1).choice(len(images), 64, replace=False)]
+    one, two = bench_recipes.floor(64, 1), bench_recipes.floor(64, 2)
+    assert two == pytest.approx((one + bench_recipes.evaluate(second, "digits", "digits")["fid"]) / 2)
+    assert two != pytest.approx(one)
