@@ -182,7 +182,9 @@ def _state(run: Path, step: int):
 
 
 def test_resume_continues_exactly(tmp_path):
-    common = ["train.checkpoint_every=3", "train.sample_every=100", "model.dropout=0.1", "data.hflip=true"]
+    # a constant lr: the halves' first run stops at max_steps=3, and a cosine decay would end there
+    common = ["train.checkpoint_every=3", "train.sample_every=100", "model.dropout=0.1", "data.hflip=true",
+              "train.lr_scheduler=constant_with_warmup"]
     train(load_config("digits", FAST + common + [f"output_dir={tmp_path / 'straight'}", "train.max_steps=6"]))
     half = FAST + common + [f"output_dir={tmp_path / 'halves'}"]
     train(load_config("digits", half + ["train.max_steps=3"]))
