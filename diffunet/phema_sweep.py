@@ -3,8 +3,10 @@
 ``python -m diffunet.posthoc_ema RUN --sweep`` (``diffunet.posthoc_ema.main``).
 
 Every length is scored on the same terms: ``num_images`` samples (every class equally often, for a
-class-conditional model) from the same seeds (``sample.seed``), with the run's sampler unless told otherwise,
-against the run's evaluation reference with ``train.eval_extractor``.
+class-conditional model) from the same seeds, with the run's sampler unless told otherwise, against the run's
+evaluation reference with ``train.eval_extractor``. ``draws`` > 1 scores that many independent sets (sampling seeds
+``sample.seed``, ``sample.seed + 1``, ...) and keeps the mean: one set of 512 digits moves FID by up to +-30 %
+(docs/recipes/default.md), more than the gaps between neighbouring lengths.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ def default_ema(run: Path, cfg, step: int):
 
 
 def sweep(run, sigma_rels: Sequence[float], step: int | None = None, num_images: int = 512,
-          steps: int | None = None, scheduler: str | None = None, device=None) -> dict:
-    """Score each length in ``sigma_rels`` and the run's own EMA by FID; writes and returns the table (rows
-    ``{"sigma_rel", "fid"}``, the ordinary EMA's with ``sigma_rel`` None), the best length, and the settings."""
+          steps: int | None = None, scheduler: str | None = None, device=None, draws: int = 1) -> dict:
+    """Score each length in ``sigma_rels`` and the run's own EMA by FID, the mean over ``draws`` sets; writes and
+    returns the table (rows ``{"sigma_rel", "fid", "fids"}``, ``fids`` one per set, the ordinary EMA's row with
+    ``sigma_rel`` None), the best length, and the settings."""
     run = Path(run)
     cfg, _ = run_config(run)
     if cfg.task not in SWEEP_TASKS:
@@ -52,6 +55,8 @@ def sweep(run, sigma_rels: Sequence[float], step: int | None = None, num_images:
                               f"task={cfg.task}: write its lengths' pipelines with --sigma-rel and score them there")
     if num_images < 2:
         raise PosthocEMAError(f"--num-images must be at least 2 for an FID (got {num_images})")
+    if draws < 1:
+        raise PosthocEMAError(f"--draws must be at least 1 (got {draws})")
     reference = eval_reference(cfg)
     if reference is None:
         raise PosthocEMAError(f"the run has no evaluation reference: set train.eval_reference in "
@@ -65,8 +70,8 @@ def sweep(run, sigma_rels: Sequence[float], step: int | None = None, num_images:
     except ValueError as e:
         raise PosthocEMAError(str(e)) from None
 
-    def fid(unet) -> float:
-        images = generate(unet.to(device), sampler, num_images, steps=steps, seed=cfg.sample.seed,
+    def fid(unet, seed: int) -> float:
+        images = generate(unet.to(device), sampler, num_images, steps=steps, seed=seed,
                           class_labels="all" if unet.config.num_classes else None,
                           guidance_scale=cfg.sample.guidance_scale, device=device)
         try:
@@ -75,14 +80,18 @@ def sweep(run, sigma_rels: Sequence[float], step: int | None = None, num_images:
         except ExtractorUnavailable as e:
             raise PosthocEMAError(f"train.eval_extractor: {e}") from None
 
-    rows = [{"sigma_rel": s, "fid": fid(model_with(cfg, reconstruct(run, s, step)))} for s in sigma_rels]
+    def scored(unet, **row) -> dict:
+        fids = [fid(unet, cfg.sample.seed + k) for k in range(draws)]
+        return dict(row, fid=sum(fids) / draws, fids=fids)
+
+    rows = [scored(model_with(cfg, reconstruct(run, s, step)), sigma_rel=s) for s in sigma_rels]
     ordinary = default_ema(run, cfg, step)
     if ordinary is not None:
-        rows.append({"sigma_rel": None, "ema_decay": cfg.train.ema_decay, "from": ordinary[1],
-                     "fid": fid(ordinary[0])})
+        rows.append(scored(ordinary[0], sigma_rel=None, ema_decay=cfg.train.ema_decay, **{"from": ordinary[1]}))
     scored = [r for r in rows if r["sigma_rel"] is not None and math.isfinite(r["fid"])]
     best = min(scored, key=lambda r: r["fid"]) if scored else None
-    table = {"run": str(run), "step": step, "num_images": num_images, "scheduler": scheduler, "steps": steps,
+    table = {"run": str(run), "step": step, "num_images": num_images, "draws": draws, "scheduler": scheduler,
+             "steps": steps,
              "extractor": str(cfg.train.eval_extractor), "reference": str(reference), "rows": rows,
              "best_sigma_rel": best["sigma_rel"] if best else None}
     (run / "phema_sweep.json").write_text(json.dumps(table, indent=1) + "\n")
@@ -111,7 +120,9 @@ def plot(table: dict, path: Path) -> Path:
     ax.minorticks_off()
     ax.set_xlabel("sigma_rel (EMA length)")
     ax.set_ylabel("FID")
-    ax.set_title(f"step {table['step']}, {table['num_images']} images, {table['scheduler']} x {table['steps']}")
+    sets = f" (mean of {table['draws']} sets)" if table.get("draws", 1) > 1 else ""
+    ax.set_title(f"step {table['step']}, {table['num_images']} images{sets}, {table['scheduler']} x {table['steps']}",
+                 fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -120,10 +131,12 @@ def plot(table: dict, path: Path) -> Path:
 
 
 def print_table(table: dict) -> None:
-    print(f"{'sigma_rel':>12}  {'FID':>9}")
+    sets = f"  (mean of {table['draws']} sets: min..max)" if table["draws"] > 1 else ""
+    print(f"{'sigma_rel':>12}  {'FID':>9}{sets}")
     for r in table["rows"]:
         name = f"{r['sigma_rel']:.3f}" if r["sigma_rel"] is not None else f"EMA {r['ema_decay']}"
-        print(f"{name:>12}  {r['fid']:9.3f}")
+        spread = f"  ({min(r['fids']):.3f}..{max(r['fids']):.3f})" if table["draws"] > 1 else ""
+        print(f"{name:>12}  {r['fid']:9.3f}{spread}")
     if table["best_sigma_rel"] is not None:
         print(f"best: sigma_rel {table['best_sigma_rel']:g}")
     print(f"written: {Path(table['run']) / 'phema_sweep.json'}, {table['plot']}")

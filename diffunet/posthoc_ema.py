@@ -8,7 +8,7 @@ snapshots: the one whose profile is nearest, in least squares over the profiles 
 to the profile asked for (``solve_coefficients``).
 
     python -m diffunet.posthoc_ema runs/digits --sigma-rel 0.05 0.08 0.12      # runs/digits/phema/sigma_rel_0.080/ ...
-    python -m diffunet.posthoc_ema runs/digits --sweep --num-images 512         # FID of each length: phema_sweep.json/.png
+    python -m diffunet.posthoc_ema runs/digits --sweep --draws 4   # FID of each length: phema_sweep.json/.png
 
 The length is ``sigma_rel``, the profile's standard deviation relative to its age. A power-function profile at step
 t weighs the weights of step tau by tau^gamma (tau <= t); sigma_rel and gamma are one number in two units
@@ -280,6 +280,8 @@ def main(argv=None) -> int:
     sweep_options = p.add_argument_group("sweep (--sweep): FID of every length and of the run's own EMA")
     sweep_options.add_argument("--sweep", action="store_true", help="write RUN/phema_sweep.json and .png")
     sweep_options.add_argument("--num-images", type=int, default=512)
+    sweep_options.add_argument("--draws", type=int, default=1, help="FID as the mean over this many sets of "
+                               "--num-images (sampling seeds sample.seed, +1, ...); one set of 512 moves by +-30 %%")
     sweep_options.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     sweep_options.add_argument("--scheduler", help="sampling scheduler (default: the run's sample.scheduler)")
     sweep_options.add_argument("--device", help="default: cuda if there is one")
@@ -289,7 +291,7 @@ def main(argv=None) -> int:
             from .phema_sweep import print_table, sweep     # here: phema_sweep builds on this module
             print_table(sweep(args.run, args.sigma_rels or SWEEP_SIGMA_RELS, step=args.step,
                               num_images=args.num_images, steps=args.steps, scheduler=args.scheduler,
-                              device=args.device))
+                              device=args.device, draws=args.draws))
             return 0
         if not args.sigma_rels:
             p.error("give --sigma-rel S [S ...] (or --sweep)")

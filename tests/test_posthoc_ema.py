@@ -204,6 +204,20 @@ def test_sweep_writes_a_table_and_a_plot(run, capsys):
     assert f"best: sigma_rel {table['best_sigma_rel']:g}" in done.out
 
 
+def test_sweep_draws_average_independent_sets(run):
+    pytest.importorskip("matplotlib")
+    from diffunet.phema_sweep import sweep
+    one = sweep(run, [0.1], num_images=20)
+    two = sweep(run, [0.1], num_images=20, draws=2)
+    for a, b in zip(one["rows"], two["rows"]):                  # the length's row, then the run's EMA
+        assert len(b["fids"]) == 2 and b["fid"] == pytest.approx(sum(b["fids"]) / 2)
+        assert b["fids"][0] == pytest.approx(a["fid"], rel=1e-4)  # set 1 is the one-set sweep's: the same seed
+        assert b["fids"][1] != pytest.approx(b["fids"][0], rel=1e-3)   # set 2 is other samples
+    assert two["draws"] == 2 and json.loads((run / "phema_sweep.json").read_text())["draws"] == 2
+    with pytest.raises(PosthocEMAError, match="--draws must be at least 1"):
+        sweep(run, [0.1], draws=0)
+
+
 def test_error_lines(run, tmp_path, capsys):
     empty = tmp_path / "empty"
     train(cfg_for(empty, "train.max_steps=1", "train.phema_snapshots=0"))
