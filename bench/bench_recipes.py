@@ -6,8 +6,10 @@ soonest, and at how few sampling steps; with the peer, lucidrains' denoising-dif
     python bench/bench_recipes.py --recipes flow edm --checkpoints 500 1000 --seeds 0 1 --num-images 512
     python bench/bench_recipes.py --peer --recipes uncond-flow --checkpoints 500 1000 1500   # against lucidrains
 
-Each recipe is a list of config overrides on the default preset (configs/digits.yaml), trained in this process
-by ``diffunet.training.train``; the EMA weights of each checkpoint are sampled with the objective's default
+Each recipe is a list of config overrides on the default preset (configs/digits.yaml) after ``TABLE``, the
+training settings the committed table (docs/recipes) was measured with, so that it stays reproducible when the
+preset changes; ``--set`` overrides both (``--set train.lr=2e-3 train.lr_scheduler=cosine train.ema_decay=0.99``
+is today's default run). Each is trained in this process by ``diffunet.training.train``; the EMA weights of each checkpoint are sampled with the objective's default
 sampler (``sample.scheduler=auto``: DPM-Solver++(2M) on its noise levels, one network evaluation per step) at
 each ``--sampling-steps``, ``--num-images`` images per class-balanced set, and scored by FID with the project's
 own extractor (the offline digits classifier, ``diffunet.metrics``). The floor printed beside them is the FID of
@@ -48,11 +50,13 @@ UNCOND = ["model.num_classes=null", "train.label_dropout=0"]
 EPS, V = "diffusion.prediction_type=epsilon", "diffusion.prediction_type=v_prediction"
 DDPM, FLOW, EDM = (f"diffusion.objective={o}" for o in ("ddpm", "flow", "edm"))
 COSINE, SIGMOID = "diffusion.beta_schedule=cosine", "diffusion.beta_schedule=sigmoid"
-RECIPES = {                         # name -> overrides of configs/digits.yaml (each names its objective in full)
+# the table's training settings (the digits preset's before docs/recipes/default.md): a constant lr, so that the
+# 500- and 1,000-step checkpoints of a 1,500-step run are what 500- and 1,000-step runs would be
+TABLE = ["train.lr=1e-3", "train.lr_scheduler=constant_with_warmup", "train.ema_decay=0.995"]
+RECIPES = {                         # name -> overrides of configs/digits.yaml + TABLE (each names its objective)
     "eps-cosine": [DDPM, EPS, COSINE],                                     # the default until #15
     "eps-cosine-minsnr": [DDPM, EPS, COSINE, "diffusion.loss_weighting=min_snr"],
     "v-sigmoid": [DDPM, V, SIGMOID],                                       # lucidrains' defaults
-    "v-cosine": [DDPM, V, COSINE],
     "flow": [FLOW, "diffusion.time_sampling=logit_normal"],                # the default since #15
     "flow-uniform": [FLOW, "diffusion.time_sampling=uniform"],
     "edm": [EDM],
@@ -94,7 +98,7 @@ def run_recipe(name: str, seed: int, args, work: Path) -> list[dict]:
     """Train recipe ``name`` with ``seed`` to the last checkpoint; one row per (checkpoint, sampling steps)."""
     out = work / f"{name}-{seed}"
     last = max(args.checkpoints)
-    cfg = load_config("digits", [*RECIPES[name], f"output_dir={out}", f"train.seed={seed}",
+    cfg = load_config("digits", [*TABLE, *RECIPES[name], f"output_dir={out}", f"train.seed={seed}",
                                  f"train.max_steps={last}", f"train.checkpoint_every={min(args.checkpoints)}",
                                  f"train.sample_every={last + 1}", "train.keep_checkpoints=100",
                                  "sample.num_images=10", "sample.steps=10", *args.set])
@@ -117,7 +121,7 @@ def run_recipe(name: str, seed: int, args, work: Path) -> list[dict]:
         for steps in args.sampling_steps:
             fid, seconds = fid_of(unet, config, sampler, steps, args.num_images, classes, args.draws)
             rows.append(dict(recipe=name, seed=seed, step=step, sampler=sampler, sampling_steps=steps, fid=fid,
-                             train_s=step / rate, sample_s=seconds, run_wall_s=wall))
+                             train_s=step / rate, sample_s=seconds, run_wall_s=wall, set=args.set))
             print(f"  {name} seed {seed} step {step} {sampler}-{steps}: FID {fid:.3f} "
                   f"(train {step / rate:.0f} s, sample {seconds:.1f} s, {load()})", flush=True)
     return rows
@@ -193,7 +197,7 @@ def peer_rows(args, work: Path) -> list[dict]:
                 fake = (fake.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
                 fid = evaluate(fake, "digits", "digits")["fid"]
                 rows.append(dict(recipe="peer:lucidrains", seed=seed, step=stop, sampler="ddim",
-                                 sampling_steps=steps, fid=fid, train_s=train_s, sample_s=seconds))
+                                 sampling_steps=steps, fid=fid, train_s=train_s, sample_s=seconds, set=[]))
                 print(f"  peer seed {seed} step {stop} ddim-{steps}: FID {fid:.3f} (train {train_s:.0f} s, "
                       f"sample {seconds:.1f} s, {load()})", flush=True)
             start = time.perf_counter() - train_s                          # sampling is not training time
@@ -227,17 +231,24 @@ def import_peer():
 
 # ---------------------------------------------------------------------------------------------- report
 
-def earlier_rows(path: Path, fid_floor: float) -> list[dict]:
-    """The rows of an earlier run's recipes.json, checked (before any training) to share this run's floor."""
+def earlier_rows(path: Path, fid_floor: float, overrides: list[str]) -> list[dict]:
+    """The rows of an earlier run's recipes.json, checked (before any training) to share this run's floor and
+    ``--set`` (a row without one was run with none)."""
     before = json.loads(path.read_text())
     if abs(before["floor"] - fid_floor) > 1e-3 * fid_floor:           # features sum in thread-dependent order
         raise SystemExit(f"--merge {path}: its floor {before['floor']:.3f} is not this run's {fid_floor:.3f}; "
                          f"run with the --num-images it was run with")
+    other = next((r.get("set", []) for r in before["rows"] if r.get("set", []) != overrides), None)
+    if other is not None:
+        raise SystemExit(f"--merge {path}: its rows were trained with --set {' '.join(other) or '(none)'}, this run "
+                         f"with {' '.join(overrides) or '(none)'}; run with the --set they were run with")
     return before["rows"]
 
 
 def summarize(rows: list[dict], fid_floor: float) -> list[dict]:
-    """Mean and spread (min..max over seeds) per (recipe, step, sampling steps)."""
+    """Mean and spread (min..max over seeds) of FID per (recipe, step, sampling steps), and the fastest seed's
+    training and sampling seconds: a merged table's seeds may come from machines 3x apart in speed, and the
+    shortest time is the one least slowed by load (timeit's convention)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["recipe"], r["step"], r["sampling_steps"]), []).append(r)
@@ -247,14 +258,14 @@ def summarize(rows: list[dict], fid_floor: float) -> list[dict]:
         table.append(dict(recipe=recipe, step=step, sampler=rs[0]["sampler"], sampling_steps=steps,
                           fid=statistics.mean(fids), fid_min=min(fids), fid_max=max(fids), seeds=len(rs),
                           vs_floor=statistics.mean(fids) / fid_floor,
-                          train_s=statistics.mean(r["train_s"] for r in rs),
-                          sample_s=statistics.mean(r["sample_s"] for r in rs)))
+                          train_s=min(r["train_s"] for r in rs), sample_s=min(r["sample_s"] for r in rs)))
     return table
 
 
 def markdown(table: list[dict], fid_floor: float, num_images: int, draws: int = 1) -> str:
     sets = f", the mean of {draws} sets" if draws > 1 else ""
-    lines = [f"FID of {num_images} samples (digits extractor{sets}); floor (real images{sets}) {fid_floor:.3f}.", "",
+    lines = [f"FID of {num_images} samples (digits extractor{sets}); floor (real images{sets}) {fid_floor:.3f}. "
+             f"Seconds: the fastest seed's.", "",
              "| recipe | train steps | sampler | sampling steps | seeds | FID mean (min..max) | / floor | train s "
              "| sample s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(table, key=lambda r: (r["recipe"], r["step"], r["sampling_steps"])):
@@ -344,7 +355,7 @@ def main(argv=None) -> int:
     fid_floor = floor(args.num_images, args.draws)
     print(f"floor: FID of {args.num_images} real digits against all 1,797 (mean of {args.draws} draws): "
           f"{fid_floor:.3f}", flush=True)
-    earlier = earlier_rows(args.merge, fid_floor) if args.merge else []
+    earlier = earlier_rows(args.merge, fid_floor, args.set) if args.merge else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
