@@ -160,6 +160,9 @@ class Objective:
     samplers: dict = field(default_factory=dict)   # name -> Sampler: what samples this objective's models
     default_sampler: str = ""                   # what sample.scheduler=auto picks
     describe: Callable = lambda cfg: ""         # diffusion cfg -> a phrase for the model card
+    owns: Callable | None = None                # scheduler config -> whether it is this objective's; None: the
+                                                # objective of the configs no other one owns (the DDPM family)
+    weightings: tuple = ("mse",)                # the diffusion.loss_weighting values its loss reads
 
 
 def _ddpm_scheduler(cfg) -> DDPMScheduler:
@@ -184,7 +187,8 @@ OBJECTIVES = {
         },
         default_sampler="ddim",
         describe=lambda cfg: (f"DDPM, {cfg.num_train_timesteps} steps, `{cfg.beta_schedule}` betas, predicting "
-                              f"`{cfg.prediction_type}`")),
+                              f"`{cfg.prediction_type}`"),
+        weightings=tuple(WEIGHTINGS)),
     "flow": Objective(
         scheduler=lambda cfg: FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps,
                                                               shift=cfg.flow_shift),
@@ -197,7 +201,8 @@ OBJECTIVES = {
                 "use_flow_sigmas": True, "flow_shift": c.get("shift", 1.0), "prediction_type": "flow_prediction"}),
         },
         default_sampler="flow_dpmpp",
-        describe=lambda cfg: f"rectified flow, t ~ `{cfg.time_sampling}`, predicting the velocity eps - x0"),
+        describe=lambda cfg: f"rectified flow, t ~ `{cfg.time_sampling}`, predicting the velocity eps - x0",
+        owns=lambda config: "shift" in config or bool(config.get("use_flow_sigmas"))),   # DPM-Solver on flow sigmas
     "edm": Objective(
         scheduler=lambda cfg: EDMEulerScheduler(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
                                                 sigma_data=cfg.sigma_data,
@@ -208,7 +213,8 @@ OBJECTIVES = {
             "edm_dpmpp": Sampler(EDMDPMSolverMultistepScheduler),
         },
         default_sampler="edm_dpmpp",
-        describe=lambda cfg: f"EDM, sigma_data {cfg.sigma_data}, ln sigma ~ N({cfg.p_mean}, {cfg.p_std}^2)"),
+        describe=lambda cfg: f"EDM, sigma_data {cfg.sigma_data}, ln sigma ~ N({cfg.p_mean}, {cfg.p_std}^2)",
+        owns=lambda config: "sigma_data" in config),
 }
 SAMPLERS = {name: s for o in OBJECTIVES.values() for name, s in o.samplers.items()}   # every name
 
@@ -221,9 +227,11 @@ def check(diffusion_cfg) -> None:
     choose(TARGETS, diffusion_cfg.prediction_type, "diffusion.prediction_type")
     choose(WEIGHTINGS, diffusion_cfg.loss_weighting, "diffusion.loss_weighting")
     choose(FLOW_TIMES, diffusion_cfg.time_sampling, "diffusion.time_sampling")
-    if objective is not OBJECTIVES["ddpm"] and diffusion_cfg.loss_weighting != "mse":
-        raise ValueError(f"diffusion.loss_weighting={diffusion_cfg.loss_weighting} is for objective=ddpm; "
-                         f"{diffusion_cfg.objective} has its own weighting: leave it at mse")
+    if diffusion_cfg.loss_weighting not in objective.weightings:
+        takes = [name for name, o in OBJECTIVES.items() if diffusion_cfg.loss_weighting in o.weightings]
+        raise ValueError(f"diffusion.loss_weighting={diffusion_cfg.loss_weighting} is for objective="
+                         f"{', '.join(takes)}; {diffusion_cfg.objective} has its own weighting: leave it at "
+                         f"{objective.weightings[0]}")
     for key in ("logit_std", "p_std", "sigma_data", "sigma_min", "flow_shift"):
         if getattr(diffusion_cfg, key) <= 0:
             raise ValueError(f"diffusion.{key} must be positive (got {getattr(diffusion_cfg, key)})")
@@ -246,11 +254,11 @@ def training_loss(model, sched, x0: torch.Tensor, cond: dict | None, diffusion_c
 
 
 def objective_of(config) -> str:
-    """The objective a scheduler config (a training scheduler's, or a sampler's made from it) belongs to: EDM
-    schedulers have ``sigma_data``, flow-matching ones ``shift`` (or DPM-Solver's ``use_flow_sigmas``)."""
-    if "sigma_data" in config:
-        return "edm"
-    return "flow" if "shift" in config or config.get("use_flow_sigmas") else "ddpm"
+    """The objective a scheduler config (a training scheduler's, or a sampler's made from it) belongs to: the
+    one that ``owns`` it (EDM schedulers have ``sigma_data``, flow-matching ones ``shift`` or DPM-Solver's
+    ``use_flow_sigmas``), else the one that owns no mark (DDPM's schedulers have none of their own)."""
+    marked = (name for name, o in OBJECTIVES.items() if o.owns is not None and o.owns(config))
+    return next(marked, None) or next(name for name, o in OBJECTIVES.items() if o.owns is None)
 
 
 def sampler_name(name: str, config) -> str:
