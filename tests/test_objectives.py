@@ -99,6 +99,45 @@ def test_each_objective_learns_a_fixed_batch(objective):
     assert np.isfinite(losses).all() and np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
 
 
+def test_edm_weight_makes_the_network_regress_its_own_target_at_unit_weight():
+    """EDM's weight (sigma^2 + sd^2) / (sigma sd)^2 is 1 / c_out^2: the loss is the plain MSE of F to its target
+    (x0 - c_skip x) / c_out, which the hand computation below states without the scheduler."""
+    cfg = diffusion("edm")
+    sched, sd = make_noise_scheduler(cfg), cfg.sigma_data
+    x0 = POINT.repeat(6, 1, 1, 1)
+    zero = lambda x, t, **_: SimpleNamespace(sample=torch.zeros_like(x))      # F = 0: D(x) = c_skip x
+    loss = training_loss(zero, sched, x0, None, cfg, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)                                        # the loss's draws, in its order
+    sigma = (cfg.p_mean + cfg.p_std * torch.randn(6, generator=g)).exp().double().view(-1, 1, 1, 1)
+    x = x0.double() + sigma * torch.randn(x0.shape, generator=g).double()
+    c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+    c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+    want = ((x0.double() - c_skip * x) / c_out).square().mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_caps_each_timesteps_weight_at_gamma_in_x0_terms(prediction_type):
+    sched = make_noise_scheduler(diffusion("ddpm", "diffusion.beta_schedule=cosine",
+                                           f"diffusion.prediction_type={prediction_type}"))
+    t = torch.tensor([0, 50, 200, 500, 900, 999])
+    abar = sched.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    # the x0-space weight each target's plain MSE carries: eps snr, v snr + 1, x0 1 (Hang et al. 2023, eq. 9-11)
+    carried = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type]
+    want = snr.clamp(max=5.0) / carried
+    weights = objectives.WEIGHTINGS["min_snr"](sched, t, objectives.TARGETS[prediction_type], 5.0)
+    assert torch.allclose(weights.double(), want, rtol=1e-4)
+    assert objectives.WEIGHTINGS["mse"](sched, t, objectives.TARGETS[prediction_type], 5.0) is None
+
+
+def test_objective_of_reads_each_objectives_mark():
+    for name, sampler in objectives.SAMPLERS.items():
+        objective = next(o for o, entry in OBJECTIVES.items() if name in entry.samplers)
+        training = make_noise_scheduler(diffusion(objective)).config
+        assert objectives.objective_of(make_scheduler(name, training).config) == objective, name
+
+
 def test_flow_times_follow_their_law():
     cfg = diffusion("flow", "diffusion.logit_mean=0.5")
     t = objectives.FLOW_TIMES["logit_normal"](20000, cfg, torch.Generator().manual_seed(0), "cpu")
