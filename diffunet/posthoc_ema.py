@@ -24,12 +24,13 @@ import json
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, _fsync_dir, replace_folder
@@ -104,7 +105,11 @@ def solve_coefficients(in_steps: Sequence[int], in_sigma_rels: Sequence[float], 
 
 class PowerEMA:
     """The model's parameters under K power-function EMA profiles, fp32, one multi-tensor lerp per profile per
-    step. Parameters only: buffers come from the live model (as diffusers' EMAModel does)."""
+    step. Parameters only: buffers come from the live model (as diffusers' EMAModel does).
+
+    Written here because diffusers has no post-hoc EMA, and ema-pytorch's ``PostHocEMA`` (not a dependency) keeps
+    its profiles as whole model copies, written by ``torch.save`` (pickles) at a fixed interval without an atomic
+    rename, outside accelerate's checkpoint; these snapshots are safetensors, atomic, and resumed exactly."""
 
     def __init__(self, named_parameters: Iterable[tuple[str, torch.Tensor]],
                  sigma_rels: Sequence[float] = DEFAULT_SIGMA_RELS):
@@ -195,6 +200,16 @@ def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
     return found
 
 
+@contextmanager
+def readable(path: Path):
+    """Reading snapshot ``path`` inside: a file that is not one (truncated, damaged) is one PosthocEMAError line."""
+    try:
+        yield
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise PosthocEMAError(f"post-hoc EMA snapshot {path} cannot be read ({type(e).__name__}: {e}); move it "
+                              f"out of {Path(path).parent} to reconstruct from the others") from None
+
+
 def reconstruct(run_dir: Path, sigma_rel: float, step: int | None = None) -> dict[str, torch.Tensor]:
     """The parameters (name -> fp32 tensor) of an EMA of length ``sigma_rel`` at snapshot ``step`` (default: the
     last), combined from every snapshot up to it."""
@@ -207,15 +222,15 @@ def reconstruct(run_dir: Path, sigma_rel: float, step: int | None = None) -> dic
     used = [(s, p) for s, p in found if s <= step]
     in_steps, in_sigmas, keys = [], [], []
     for s, path in used:
-        with safe_open(path, "pt") as f:
+        with readable(path), safe_open(path, "pt") as f:
             meta = f.metadata()
-        for k, sigma in enumerate(json.loads(meta["sigma_rels"])):
-            in_steps.append(s), in_sigmas.append(sigma), keys.append((path, k))
-    names = json.loads(meta["names"])
+            for k, sigma in enumerate(json.loads(meta["sigma_rels"])):
+                in_steps.append(s), in_sigmas.append(sigma), keys.append((path, k))
+            names = json.loads(meta["names"])
     x = solve_coefficients(in_steps, in_sigmas, step, sigma_rel)
     out = {name: torch.zeros(()) for name in names}
     for (path, k), weight in zip(keys, x):
-        with safe_open(path, "pt") as f:
+        with readable(path), safe_open(path, "pt") as f:
             for name in names:
                 out[name] = out[name] + float(weight) * f.get_tensor(f"{k}.{name}").double()
     return {name: t.float() for name, t in out.items()}

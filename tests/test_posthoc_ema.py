@@ -4,6 +4,7 @@ snapshots a run writes (and an exact resume of them), the pipeline-folder CLI, t
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +234,16 @@ def test_error_lines(run, tmp_path, capsys):
         done = capsys.readouterr()
         assert done.err.count("\n") == 1, done.err
         assert done.err.startswith("error: ") and re.search(message, done.err), done.err
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    snapshot = damaged / phema.SNAPSHOT_DIR / "phema-000004.safetensors"
+    snapshot.write_bytes(snapshot.read_bytes()[:200])                 # cut short, as by a full disk elsewhere
+    assert phema.main([str(damaged), "--sigma-rel", "0.1"]) == 2
+    done = capsys.readouterr()
+    assert done.err.count("\n") == 1 and re.search(r"^error: post-hoc EMA snapshot .*phema-000004.safetensors cannot "
+                                                   r"be read \(SafetensorError: .*\); move it out of", done.err), done.err
+    snapshot.unlink()                                                 # as the line says: the others still serve
+    assert phema.main([str(damaged), "--sigma-rel", "0.1"]) == 0
     with pytest.raises(PosthocEMAError, match="the sweep scores generation .* task=inpainting"):
         (tmp_path / "inp").mkdir()
         (tmp_path / "inp" / "config.yaml").write_text((run / "config.yaml").read_text().replace(
@@ -255,3 +266,18 @@ def test_a_failed_snapshot_stops_the_run_with_one_line(tmp_path, monkeypatch):
                                             r"on device\); every earlier snapshot in .* is intact"):
         train(cfg_for(tmp_path / "run"))
     assert sorted(p.name for p in (tmp_path / "run" / phema.SNAPSHOT_DIR).iterdir()) == ["phema-000002.safetensors"]
+
+
+def test_a_snapshot_cut_short_leaves_neither_a_snapshot_nor_a_temporary_file(tmp_path, monkeypatch):
+    params = [torch.nn.Parameter(torch.randn(3, 4))]
+    ema = PowerEMA([("a", params[0])])
+    ema.update(params)
+    kept = ema.snapshot(tmp_path, step=1)
+
+    def cut_short(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(phema, "save_file", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        ema.snapshot(tmp_path, step=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name]       # step 1 intact, no step 2, no .tmp
