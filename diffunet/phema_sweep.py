@@ -80,19 +80,18 @@ def sweep(run, sigma_rels: Sequence[float], step: int | None = None, num_images:
         except ExtractorUnavailable as e:
             raise PosthocEMAError(f"train.eval_extractor: {e}") from None
 
-    def scored(unet, **row) -> dict:
+    def score(unet, **row) -> dict:
         fids = [fid(unet, cfg.sample.seed + k) for k in range(draws)]
         return dict(row, fid=sum(fids) / draws, fids=fids)
 
-    rows = [scored(model_with(cfg, reconstruct(run, s, step)), sigma_rel=s) for s in sigma_rels]
+    rows = [score(model_with(cfg, reconstruct(run, s, step)), sigma_rel=s) for s in sigma_rels]
     ordinary = default_ema(run, cfg, step)
     if ordinary is not None:
-        rows.append(scored(ordinary[0], sigma_rel=None, ema_decay=cfg.train.ema_decay, **{"from": ordinary[1]}))
+        rows.append(score(ordinary[0], sigma_rel=None, ema_decay=cfg.train.ema_decay, **{"from": ordinary[1]}))
     scored = [r for r in rows if r["sigma_rel"] is not None and math.isfinite(r["fid"])]
     best = min(scored, key=lambda r: r["fid"]) if scored else None
     table = {"run": str(run), "step": step, "num_images": num_images, "draws": draws, "scheduler": scheduler,
-             "steps": steps,
-             "extractor": str(cfg.train.eval_extractor), "reference": str(reference), "rows": rows,
+             "steps": steps, "extractor": str(cfg.train.eval_extractor), "reference": str(reference), "rows": rows,
              "best_sigma_rel": best["sigma_rel"] if best else None}
     (run / "phema_sweep.json").write_text(json.dumps(table, indent=1) + "\n")
     table["plot"] = str(plot(table, run / "phema_sweep.png"))
