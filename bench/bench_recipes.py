@@ -286,7 +286,9 @@ def spread(ax, rows: list[dict], x: str, color) -> None:
 
 
 def plot(table: list[dict], fid_floor: float, path: Path) -> None:
-    """FID against training time (the most sampling steps) and against sampling steps (the last checkpoint)."""
+    """FID against training steps (the most sampling steps) and against sampling steps (the last checkpoint).
+    Steps, not seconds: every recipe runs the same network, so a step costs the same in each, while a merged
+    table's seeds may come from machines 3x apart (the table gives the seconds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -297,8 +299,8 @@ def plot(table: list[dict], fid_floor: float, path: Path) -> None:
     for recipe in sorted({r["recipe"] for r in table}):
         rs = sorted((r for r in table if r["recipe"] == recipe and r["sampling_steps"] == most),
                     key=lambda r: r["step"])
-        line, = left.plot([r["train_s"] for r in rs], [r["fid"] for r in rs], "o-", label=recipe)
-        spread(left, rs, "train_s", line.get_color())
+        line, = left.plot([r["step"] for r in rs], [r["fid"] for r in rs], "o-", label=recipe)
+        spread(left, rs, "step", line.get_color())
         rs = sorted((r for r in table if r["recipe"] == recipe and r["step"] == last), key=lambda r: r["sampling_steps"])
         right.plot([r["sampling_steps"] for r in rs], [r["fid"] for r in rs], "o-", color=line.get_color())
         spread(right, rs, "sampling_steps", line.get_color())
@@ -313,7 +315,8 @@ def plot(table: list[dict], fid_floor: float, path: Path) -> None:
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylabel("FID (digits extractor)")
         ax.grid(alpha=0.3)
-    left.set_xlabel(f"training time, s ({most} sampling steps)")
+    left.set_xlabel(f"training steps of 64 images ({most} sampling steps)")
+    left.set_xticks(sorted({r["step"] for r in table}))
     right.set_xlabel(f"sampling steps (network evaluations), at {last} training steps")
     right.set_xscale("log")
     steps = sorted({r["sampling_steps"] for r in table})
