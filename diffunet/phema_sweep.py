@@ -107,9 +107,14 @@ def plot(table: dict, path: Path) -> Path:
     lengths = [r for r in table["rows"] if r["sigma_rel"] is not None]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot([r["sigma_rel"] for r in lengths], [r["fid"] for r in lengths], "o-", label="post-hoc EMA")
+    if table.get("draws", 1) > 1:                   # the sets' min..max: how much of a gap is the sample set's
+        ax.fill_between([r["sigma_rel"] for r in lengths], [min(r["fids"]) for r in lengths],
+                        [max(r["fids"]) for r in lengths], alpha=0.15, label="min..max over the sets")
     for r in table["rows"]:
         if r["sigma_rel"] is None:
             ax.axhline(r["fid"], ls="--", color="gray", label=f"EMA decay {r['ema_decay']}")
+            if table.get("draws", 1) > 1:
+                ax.axhspan(min(r["fids"]), max(r["fids"]), color="gray", alpha=0.08)
     best = next((r for r in lengths if r["sigma_rel"] == table["best_sigma_rel"]), None)
     if best is not None:
         ax.plot(best["sigma_rel"], best["fid"], "*", ms=14, color="C3",
