@@ -9,8 +9,9 @@ soonest, and at how few sampling steps; with the peer, lucidrains' denoising-dif
 Each recipe is a list of config overrides on the default preset (configs/digits.yaml) after ``TABLE``, the
 training settings the committed table (docs/recipes) was measured with, so that it stays reproducible when the
 preset changes; ``--set`` overrides both (``--set train.lr=2e-3 train.lr_scheduler=cosine train.ema_decay=0.99``
-is today's default run). Each is trained in this process by ``diffunet.training.train``; the EMA weights of each checkpoint are sampled with the objective's default
-sampler (``sample.scheduler=auto``: DPM-Solver++(2M) on its noise levels, one network evaluation per step) at
+is today's default run). Each is trained in this process by ``diffunet.training.train``; the EMA weights of
+each checkpoint are sampled with the objective's default sampler (``sample.scheduler=auto``: DPM-Solver++(2M) on
+its noise levels, one network evaluation per step) at
 each ``--sampling-steps``, ``--num-images`` images per class-balanced set, and scored by FID with the project's
 own extractor (the offline digits classifier, ``diffunet.metrics``). The floor printed beside them is the FID of
 ``--num-images`` real digits against the full set: what a perfect model scores at that sample size.

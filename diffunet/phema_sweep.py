@@ -105,15 +105,16 @@ def plot(table: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     lengths = [r for r in table["rows"] if r["sigma_rel"] is not None]
+    sets = table.get("draws", 1) > 1                # the sets' min..max: how much of a gap is the sample set's
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot([r["sigma_rel"] for r in lengths], [r["fid"] for r in lengths], "o-", label="post-hoc EMA")
-    if table.get("draws", 1) > 1:                   # the sets' min..max: how much of a gap is the sample set's
+    if sets:
         ax.fill_between([r["sigma_rel"] for r in lengths], [min(r["fids"]) for r in lengths],
                         [max(r["fids"]) for r in lengths], alpha=0.15, label="min..max over the sets")
     for r in table["rows"]:
         if r["sigma_rel"] is None:
             ax.axhline(r["fid"], ls="--", color="gray", label=f"EMA decay {r['ema_decay']}")
-            if table.get("draws", 1) > 1:
+            if sets:
                 ax.axhspan(min(r["fids"]), max(r["fids"]), color="gray", alpha=0.08)
     best = next((r for r in lengths if r["sigma_rel"] == table["best_sigma_rel"]), None)
     if best is not None:
@@ -124,8 +125,8 @@ def plot(table: dict, path: Path) -> Path:
     ax.minorticks_off()
     ax.set_xlabel("sigma_rel (EMA length)")
     ax.set_ylabel("FID")
-    sets = f" (mean of {table['draws']} sets)" if table.get("draws", 1) > 1 else ""
-    ax.set_title(f"step {table['step']}, {table['num_images']} images{sets}, {table['scheduler']} x {table['steps']}",
+    mean = f" (mean of {table['draws']} sets)" if sets else ""
+    ax.set_title(f"step {table['step']}, {table['num_images']} images{mean}, {table['scheduler']} x {table['steps']}",
                  fontsize=9)
     ax.legend()
     fig.tight_layout()
