@@ -5,25 +5,25 @@
     accelerate launch --multi_gpu --num_processes 2 train.py --config ... --resume latest
 """
 
-import argparse
 import sys
 
 from omegaconf import OmegaConf
 
 from diffunet.checkpoint import CheckpointError
+from diffunet.cli import ArgumentParser
 from diffunet.config import ConfigError, load_config
 from diffunet.data import DataError
 from diffunet.training import Interrupted, TrainingError, train
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Train a diffunet diffusion model.",
-                                     epilog="Overrides are dotted keys: train.max_steps=500 model.skip=add")
+    parser = ArgumentParser(prog="python train.py", description="Train a diffunet diffusion model.",
+                            epilog="Overrides are dotted keys: train.max_steps=500 model.skip=add")
     parser.add_argument("--config", default="digits", help="a YAML file or preset name (default: digits)")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as train.resume=...)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)     # overrides may stand before and after --config
     try:
         cfg = load_config(args.config, args.overrides + ([f"train.resume={args.resume}"] if args.resume else []))
         if args.print_config:

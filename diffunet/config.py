@@ -2,7 +2,8 @@
 
 The ``model`` section is not written out here: it is made from ``UNet.__init__``'s signature, so the model's
 keywords, their types and defaults exist in exactly one place. OmegaConf does the merging and the type
-coercion and names the key a typo meant; the thin layer on top turns its errors into one line each.
+coercion; the thin layer on top checks every key against the schema first (all typos at once, each with the key
+it likely meant) and turns OmegaConf's errors into one line each.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from .unet import UNet
 
@@ -65,7 +65,8 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "digits"                      # "digits" | a folder path | "hf:<name or path>" | "cifar10"
+    source: str = "digits"                      # a name in data.SOURCES ("digits", "cells", "cifar10") | a folder
+                                                # path | "hf:<name or path>"
     image_column: str = "image"                 # HF datasets: column holding the images
     label_column: Optional[str] = "label"       # HF datasets / digits: column of class ids (None: unlabelled)
     split: str = "train"
@@ -100,6 +101,8 @@ class TrainConfig:
     mixed_precision: str = "auto"               # "auto" (by the device: diffunet/fast.py) | "no" | "fp16" | "bf16"
     channels_last: bool = False                 # NHWC activations (a win on GPUs; see diffunet/fast.py)
     compile: bool = False                       # torch.compile the model (falls back to eager with a warning)
+    num_threads: int = 0                        # CPU threads per process (torch.set_num_threads); 0: torch's
+                                                # default, one per core. 1 where another job shares the cores
     gradient_checkpointing: bool = False        # recompute each level in backward: memory for time
     ema_decay: float = 0.999
     label_dropout: float = 0.1                  # class-conditional models: drop labels to "null" (for CFG)
@@ -162,6 +165,7 @@ class EvalConfig:
     kid_subsets: int = 100                      # ... averaged over this many subsets
     is_splits: int = 10                         # IS: at most this many splits (fewer, so each holds >= 100 images)
     seed: int = 0                               # fixes KID's subsets and IS's splits
+    floor_draws: int = 4                        # fid_floor: the mean FID of this many draws of N real images
 
 
 @dataclass
@@ -192,20 +196,35 @@ def _resolve(name_or_path: str | Path) -> Path:
     raise ConfigError(f"no config file or preset named '{name_or_path}'{hint}")
 
 
-# OmegaConf 2.4 refuses a key the schema lacks and suggests the likely one itself (difflib, cutoff 0.6, best first):
-#   Key 'btach_size' not in 'TrainConfig'. Did you mean: 'batch_size'?
-#       full_key: train.btach_size
-# (or "Did you mean one of: 'a', 'b'?", and no suggestion when none is close). We only make it one line.
-SUGGESTION = re.compile(r"Did you mean(?: one of)?: '([^']+)'")
+def _unknown_keys(schema: DictConfig, layer: dict, prefix: str = "") -> list[tuple[str, str | None, DictConfig]]:
+    """Every key of ``layer`` that the schema lacks: (full key, the nearest valid full key or None, its section).
+    OmegaConf's merge stops at the first one; a file with three typos should say three."""
+    found = []
+    for key, value in layer.items():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            near = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1)    # OmegaConf's own rule
+            found.append((name, prefix + near[0] if near else None, schema))
+        elif isinstance(value, dict) and isinstance(schema[key], DictConfig) and _is_schema(schema[key]):
+            found += _unknown_keys(schema[key], value, name + ".")
+    return found
 
 
-def _unknown_key(e: ConfigKeyError) -> str:
-    """OmegaConf's unknown-key error with full keys: its best suggestion, else the valid keys of that section."""
-    section = e.full_key.rpartition(".")[0]
-    near = SUGGESTION.search(str(e))
-    if near:
-        return f"unknown config key '{e.full_key}'; did you mean '{section + '.' if section else ''}{near[1]}'?"
-    return f"unknown config key '{e.full_key}'; valid keys: {', '.join(map(str, e.parent_node or ()))}"
+def _is_schema(node: DictConfig) -> bool:
+    """A section made from a dataclass: its keys are fixed (a plain dict-typed section would take any key)."""
+    return dataclasses.is_dataclass(OmegaConf.get_type(node))
+
+
+def _unknown_keys_message(unknown: list[tuple[str, str | None, DictConfig]]) -> str:
+    """One key: its suggestion, else that section's valid keys. Several: each with its suggestion, on one line."""
+    if len(unknown) == 1:
+        name, near, section = unknown[0]
+        if near:
+            return f"unknown config key '{name}'; did you mean '{near}'?"
+        return f"unknown config key '{name}'; valid keys: {', '.join(map(str, section))}"
+    keys = ", ".join(f"'{name}'" + (f" (did you mean '{near}'?)" if near else "") for name, near, _ in unknown)
+    hint = "" if all(near for _, near, _ in unknown) else "; python train.py --print-config lists the valid keys"
+    return f"unknown config keys {keys}{hint}"
 
 
 def _shape_mismatch(base, layer, prefix: str = "") -> str | None:
@@ -225,15 +244,16 @@ def _shape_mismatch(base, layer, prefix: str = "") -> str | None:
 
 
 def _merge(base: DictConfig, layer: DictConfig | dict, origin: str) -> DictConfig:
+    as_dict = OmegaConf.to_container(layer) if isinstance(layer, DictConfig) else layer
+    unknown = _unknown_keys(base, as_dict) if isinstance(as_dict, dict) and _is_schema(base) else []
+    if unknown:
+        raise ConfigError(f"{origin}: {_unknown_keys_message(unknown)}")
     try:
         return OmegaConf.merge(base, layer)
     except TypeError:                                   # a list given keys, or a section given a list
-        as_dict = layer if isinstance(layer, dict) else OmegaConf.to_container(layer)
         why = _shape_mismatch(OmegaConf.to_container(base), as_dict) or "a value's shape does not fit the schema"
         raise ConfigError(f"{origin}: {why}") from None
     except OmegaConfBaseException as e:
-        if isinstance(e, ConfigKeyError) and e.full_key:    # struct mode: a key the schema does not have
-            raise ConfigError(_unknown_key(e)) from None
         key = getattr(e, "full_key", "") or ""
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{origin}: {key + ': ' if key else ''}{msg}") from None

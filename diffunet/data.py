@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -116,6 +117,16 @@ def fit(x: torch.Tensor, size: tuple[int, int], resize: str = "bicubic") -> torc
     return x if resize == "nearest" else x.clamp(0, 1)      # nearest keeps the values it samples: class ids
 
 
+def resize_note(where, size: tuple[int, int], odd: list[tuple[str, str]], total: int) -> str | None:
+    """What ``fit`` does to the ``odd`` (name, "WxH") of ``total`` images that are not of the model's ``size``,
+    or None: said once before training, since a wrong size is otherwise silent."""
+    if not odd:
+        return None
+    want = f"{size[1]}x{size[0]}"                           # width x height, as _wxh writes the images' sizes
+    return (f"note: {len(odd)} of {total} images under {where} are not {want}: each is resized to cover {want} "
+            f"and center-cropped (the first: {odd[0][0]}, {odd[0][1]})")
+
+
 def to_model_tensor(arr: np.ndarray, size: tuple[int, int], channels: int, where: str) -> torch.Tensor:
     """(H, W, c) float in [0, 1] -> (channels, *size) float in [-1, 1]."""
     arr = match_channels(arr, channels, where)
@@ -149,9 +160,16 @@ BAD_IMAGES = ("strict", "skip")
 
 
 def apply_bad_image_policy(dataset, bad: list[tuple[str, str]], policy: str, warn=print) -> None:
-    """``strict``: stop, naming the first bad file; ``skip``: drop them and warn once with the count."""
-    if not bad:
-        return
+    """``strict``: stop, naming the first bad file; ``skip``: drop them and warn once with the count. Then the
+    note that preflight left on the dataset (``size_note``: images resized and cropped to the model's size), once."""
+    if bad:
+        _drop_bad(dataset, bad, policy, warn)
+    note = getattr(dataset, "size_note", None)      # here: training calls this once, on every dataset it checks
+    if note:
+        warn(note)
+
+
+def _drop_bad(dataset, bad: list[tuple[str, str]], policy: str, warn) -> None:
     if policy not in BAD_IMAGES:
         raise DataError(f"unknown data.bad_images {policy!r}; choose 'strict' or 'skip'")
     if policy == "strict":
@@ -252,10 +270,10 @@ class ImageFolder(Dataset):
     def __init__(self, root: str | Path, size, channels: int):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DataError(f"data.source {root} is not a folder (nor 'digits', 'cifar10' or 'hf:<name>')")
+            raise DataError(f"data.source {root} is not a folder (nor {', '.join(map(repr, SOURCES))} or 'hf:<name>')")
         self.files = image_files(self.root)
         if not self.files:
-            raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {self.root}")
+            raise no_images(self.root)
         parents = {p.relative_to(self.root).parts[0] for p in self.files if len(p.relative_to(self.root).parts) > 1}
         labelled = all(len(p.relative_to(self.root).parts) > 1 for p in self.files) and len(parents) > 1
         self.classes = sorted(parents) if labelled else []
@@ -263,17 +281,26 @@ class ImageFolder(Dataset):
         index = {c: i for i, c in enumerate(self.classes)}
         self.labels = [index[p.relative_to(self.root).parts[0]] if labelled else -1 for p in self.files]
         self.size, self.channels = tuple(size), channels
+        self.size_note = None                   # preflight's resize_note, which apply_bad_image_policy prints
+
+    def _name(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
     def preflight(self, progress: bool = False) -> list[tuple[str, str]]:
-        """Decode every image once, before training: (path, reason) for each that cannot be used."""
+        """Decode every image once, before training: (path, reason) for each that cannot be used. Records the
+        ``size_note`` of the images that are not of the model's size."""
         from tqdm.auto import tqdm
 
-        bad = []
+        bad, odd = [], []
         for path in tqdm(self.files, desc="checking images", disable=not progress, leave=False):
             try:
-                load_image(path)
+                image = load_image(path)
             except DataError as e:
                 bad.append((str(path), str(e).removeprefix("cannot read image ")))
+                continue
+            if image.shape[:2] != self.size:
+                odd.append((self._name(path), _wxh(image)))
+        self.size_note = resize_note(self.root, self.size, odd, len(self.files) - len(bad))
         return bad
 
     def drop(self, paths: set[str]) -> None:
@@ -292,6 +319,17 @@ class ImageFolder(Dataset):
 def image_files(root: str | Path, suffixes=IMAGE_EXTENSIONS) -> list[Path]:
     """Every image file below ``root`` (files with one of ``suffixes``), any depth, sorted."""
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+
+
+def no_images(folder: str | Path) -> DataError:
+    """The error for a folder without image files: which suffixes are read, and what the folder holds instead
+    (a folder of .npy arrays looks like data but is not read)."""
+    found = Counter(p.suffix.lower() or "suffixless" for p in Path(folder).rglob("*") if p.is_file())
+    kinds = [f"{n} {suffix} file{'s' if n > 1 else ''}" for suffix, n in found.most_common(3)]
+    rest = sum(found.values()) - sum(n for _, n in found.most_common(3))
+    held = ", ".join(kinds) + (f" and {rest} other files" if rest else "")
+    why = f"found {held}; save them in one of those formats (e.g. PNG)" if found else "the folder is empty"
+    return DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {folder}: {why}")
 
 
 # ------------------------------------------------------------------------------------------ paired data
@@ -487,12 +525,11 @@ class PairedFolder(ImageFolder):
                                                  "segmentation reads class-id masks from masks/")
         super().__init__(root / "images", size, channels)
         self.root = root
+        if not image_files(root / self.condition):
+            raise no_images(root / self.condition)
         pairs, _, self.lone_partners = pair_files(root / "images", root / self.condition)
         partner_of = dict(pairs)
         self.partners = [partner_of.get(path) for path in self.files]          # None: no partner
-
-    def _name(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
 
     def _lone(self, path: Path, other: str) -> str:
         stem = Path(*path.relative_to(self.root).parts[1:]).with_suffix("").as_posix()
@@ -508,7 +545,7 @@ class PairedFolder(ImageFolder):
         values 0/1 or 0/255, or class ids): (path, reason) for each file that cannot be used."""
         from tqdm.auto import tqdm
 
-        bad, entry = self.unpaired(), self.pairing
+        bad, entry, odd, kept = self.unpaired(), self.pairing, [], 0
         pairs = [(p, q) for p, q in zip(self.files, self.partners) if q is not None]
         for path, partner in tqdm(pairs, desc="checking pairs", disable=not progress, leave=False):
             try:
@@ -522,6 +559,11 @@ class PairedFolder(ImageFolder):
                 problem = str(e).removeprefix("cannot read image ")
             if problem:
                 bad.append((str(partner), problem))
+                continue
+            kept += 1                                   # the note counts the pairs training keeps
+            if image.shape[:2] != self.size:
+                odd.append((self._name(path), _wxh(image)))
+        self.size_note = resize_note(self.root, self.size, odd, kept)
         return bad
 
     def drop(self, paths: set[str]) -> None:
@@ -582,6 +624,7 @@ class HFDataset(Dataset):
             feature = ds.features[self.label_column]
             self.num_classes = getattr(feature, "num_classes", None) or int(max(ds[self.label_column])) + 1
         self.size, self.channels = tuple(size), channels
+        self.size_note = None                   # as an ImageFolder's: rows whose image is resized, by preflight
 
     @property
     def root(self) -> str:                      # what apply_bad_image_policy's messages name
@@ -590,17 +633,23 @@ class HFDataset(Dataset):
     def preflight(self, progress: bool = False) -> list[tuple[str, str]]:
         """With a condition column, read every row once before training, as a PairedFolder's preflight does:
         (row, reason) for each whose image and condition do not go together (a mask of another size, other
-        values). Without one, nothing: rows are read as training reaches them."""
+        values), and the ``size_note``. Without one, nothing: rows are read as training reaches them."""
         from tqdm.auto import tqdm
 
         if self.condition is None:
             return []
-        bad = []
+        bad, odd = [], []
         for i in tqdm(range(len(self.ds)), desc="checking rows", disable=not progress, leave=False):
             try:
-                self._pair(i)
+                read = self._read(i)
+                self._pair(i, read)
             except DataError as e:
                 bad.append((f"{self.spec}[{i}]", str(e)))
+                continue
+            image, _, _, where = read
+            if image.shape[:2] != self.size:
+                odd.append((where, _wxh(image)))
+        self.size_note = resize_note(f"dataset '{self.spec}'", self.size, odd, len(self.ds) - len(bad))
         return bad
 
     def drop(self, rows: set[str]) -> None:
@@ -615,11 +664,15 @@ class HFDataset(Dataset):
         item = self._pair(i)
         return item + ((self.weight_maps(i, item[2]),) if self.weight_maps else ())
 
-    def _pair(self, i):
-        """Item ``i`` without its weight map: what preflight checks."""
+    def _read(self, i):
+        """Row ``i`` as (its image (H, W, C) in [0, 1], its label, the row, its name)."""
         row, where = self.ds[i], f"{self.spec}[{i}]"
-        image = image_array(row[self.image_column])
         label = int(row[self.label_column]) if self.label_column is not None else -1
+        return image_array(row[self.image_column]), label, row, where
+
+    def _pair(self, i, read=None):
+        """Item ``i`` without its weight map (from ``read``, ``_read(i)`` if given): what preflight checks."""
+        image, label, row, where = read or self._read(i)
         if self.condition is None:
             return to_model_tensor(image, self.size, self.channels, where), label
         partner = self.pairing.read(row[self.cond_column])
@@ -711,6 +764,21 @@ def cells_source(n: int, size: tuple[int, int], channels: int, mask_classes: int
     return cells.cells_dataset(n, crop=size[0], seed=0, source=max(256, size[0]), **options)
 
 
+@dataclass(frozen=True)
+class NamedSource:
+    """A ``data.source`` that is a name, not a path."""
+    build: Callable         # (data_cfg, size, channels, mask_classes=, weights=) -> Dataset
+    masks: bool             # it has masks to segment
+
+
+SOURCES = {     # the names data.source takes; every other value is "hf:<name>" or a folder
+    "digits": NamedSource(lambda cfg, size, channels, **_: digits_dataset(size, channels), masks=False),
+    "cifar10": NamedSource(lambda cfg, size, channels, **_: cifar10_dataset(size, channels), masks=False),
+    "cells": NamedSource(lambda cfg, size, channels, **segment: cells_source(cfg.num_crops, size, channels, **segment),
+                         masks=True),
+}
+
+
 def build_dataset(data_cfg, sample_size, channels: int, *, mask_classes: int | None = None,
                   weights: tuple[float, float] | None = None) -> Dataset:
     """The dataset ``data.source`` names, at the model's size and channel count.
@@ -723,15 +791,13 @@ def build_dataset(data_cfg, sample_size, channels: int, *, mask_classes: int | N
     size = as_size(sample_size)
     source = str(data_cfg.source)
     segment = dict(mask_classes=mask_classes, weights=weights)
-    if source == "cells":
-        return cells_source(data_cfg.num_crops, size, channels, **segment)
-    if source in ("digits", "cifar10") and (mask_classes is not None or weights is not None):
-        raise DataError(f"data.source={source} has no masks to segment; use data.source=cells, a folder of "
-                        f"images/ and masks/, or hf:... with data.mask_column")
-    if source == "digits":
-        return digits_dataset(size, channels)
-    if source == "cifar10":
-        return cifar10_dataset(size, channels)
+    if source in SOURCES:
+        named = SOURCES[source]
+        if not named.masks and (mask_classes is not None or weights is not None):
+            with_masks = ", ".join(f"data.source={name}" for name, s in SOURCES.items() if s.masks)
+            raise DataError(f"data.source={source} has no masks to segment; use {with_masks}, a folder of "
+                            f"images/ and masks/, or hf:... with data.mask_column")
+        return named.build(data_cfg, size, channels, **segment)
     if source.startswith("hf:"):
         return HFDataset(source[3:], size, channels, data_cfg.image_column, data_cfg.label_column, data_cfg.split,
                          data_cfg.cond_column, data_cfg.mask_column, **segment)

@@ -6,9 +6,9 @@ claims in numbers (what the 1x1 fusion saves, what valid padding crops, where at
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from .cli import ArgumentParser
 from .config import ConfigError, build_model, load_config
 from .unet import UNet
 
@@ -58,9 +58,10 @@ def format_plan(model: UNet, variant: UNet | None = None, size=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffunet.plan", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m diffunet.plan", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML config or preset name")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.skip=add")
+    parser.add_argument("overrides", nargs="*", default=[],     # a default: argparse would call it required
+                        help="dotted overrides, e.g. model.skip=add")
     parser.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE",
                         help="compare with a variant (repeatable), e.g. --vs model.skip=concat_1x1")
     parser.add_argument("--size", type=int, nargs="+", help="plan for this input size (H [W]) instead")

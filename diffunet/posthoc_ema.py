@@ -19,7 +19,6 @@ snapshots are the profiles the least squares assumes. The maths is ours, written
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, _fsync_dir, replace_folder
+from .cli import ArgumentParser
 from .config import ConfigError, build_model
 from .export import CARD, _run_config, write_folder
 from .objectives import make_noise_scheduler
@@ -285,8 +285,8 @@ def write_pipelines(run_dir: Path, sigma_rels: Sequence[float], step: int | None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffunet.posthoc_ema",
-                                description="Post-hoc EMA of a run: a pipeline folder per EMA length, or an FID sweep.")
+    p = ArgumentParser(prog="python -m diffunet.posthoc_ema",
+                       description="Post-hoc EMA of a run: a pipeline folder per EMA length, or an FID sweep.")
     p.add_argument("run", help="the run's output_dir (holds config.yaml and phema_snapshots/)")
     p.add_argument("--sigma-rel", "--sigma-rels", dest="sigma_rels", type=float, nargs="+", metavar="S",
                    help=f"EMA lengths, each in (0, {MAX_SIGMA_REL:.4f}] (--sweep default: {' '.join(map(str, SWEEP_SIGMA_RELS))})")

@@ -288,6 +288,12 @@ class UNet(ModelMixin, ConfigMixin):
         ``augment_labels`` (B, augment_dim): what augmented each training image (``diffunet.augment``), for a model
         built with ``augment_dim``; None: zeros, "not augmented", which is how it samples.
         A model with ``time_condition="none"`` takes no timestep (``model(sample)``)."""
+        c = self.config.in_channels
+        if sample.ndim != 4 or sample.shape[1] != c:        # shapes only: no sync; conv2d's own error names no key
+            fix = (f"give {c}-channel images or set model.in_channels={sample.shape[1]}" if sample.ndim == 4 else
+                   "add the batch axis: sample[None]" if sample.ndim == 3 else "give a batch of images")
+            raise ValueError(f"sample must be (B, in_channels, H, W) with in_channels={c} (model.in_channels), "
+                             f"got {tuple(sample.shape)}; {fix}")
         emb = self._embedding(sample, timestep, class_labels)             # (B, 4*base), or None: no time
         emb = self._augmentation(sample, augment_labels, emb)
         x, emb = self._condition(sample, cond, cond_dropped, emb)         # (B, C, H, W) -> (B, C + K, H, W)
@@ -335,10 +341,21 @@ class UNet(ModelMixin, ConfigMixin):
         if self.class_embed is not None:
             if class_labels is None:                                    # unconditional: the "null" class
                 class_labels = torch.full((batch,), self.null_class, device=sample.device)
+            class_labels = torch.as_tensor(class_labels)
+            if class_labels.device.type == "cpu":            # a range check on a GPU tensor would sync
+                self._check_labels(class_labels)
             emb = emb + self.class_embed(class_labels.to(sample.device).long())
         elif class_labels is not None:
             raise ValueError("class_labels given, but this UNet was built with num_classes=None")
         return emb
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """Class ids in 0..num_classes (num_classes: the null class); nn.Embedding's own error names nothing."""
+        n = self.null_class
+        outside = labels[(labels < 0) | (labels > n)]
+        if outside.numel():
+            raise ValueError(f"class_labels must be in 0..{n - 1} (or {n}, no class), got {int(outside[0])}; this "
+                             f"UNet was built with num_classes={n} (model.num_classes)")
 
     def _augmentation(self, sample, labels, emb):
         """The embedding plus the augmentation labels' projection; None labels add nothing (zeros map to zero)."""
@@ -362,8 +379,10 @@ class UNet(ModelMixin, ConfigMixin):
         if cond is None:
             cond, dropped = sample.new_zeros(batch, k, *sample.shape[-2:]), torch.ones(batch, dtype=torch.bool)
         if cond.shape != (batch, k, *sample.shape[-2:]):
+            fix = (f"; this UNet takes cond_channels={k} (model.cond_channels): give a {k}-channel condition or set "
+                   f"model.cond_channels={cond.shape[1]}" if cond.ndim == 4 and cond.shape[1] != k else "")
             raise ValueError(f"cond must be (B, cond_channels, H, W) = {(batch, k, *sample.shape[-2:])}, "
-                             f"got {tuple(cond.shape)}")
+                             f"got {tuple(cond.shape)}{fix}")
         cond = cond.to(sample.device, sample.dtype)
         if dropped is not None:
             dropped = dropped.to(sample.device).bool()

@@ -170,3 +170,27 @@ def test_carved_borders_part_touching_cells_by_one_pixel(sample):
     neighbours = np.stack([padded[r, c + 1], padded[r + 2, c + 1], padded[r + 1, c], padded[r + 1, c + 2]])
     assert (((neighbours > 0) & (neighbours < instances[r, c])).any(0)).all()
     assert cells.count_objects(carved > 0) >= instances.max() - 2 > cells.count_objects(instances > 0)
+
+
+def test_the_cells_command_writes_the_test_images_as_paired_data(tmp_path, capsys):
+    from PIL import Image
+
+    from diffunet.config import load_config
+    from diffunet.data import build_dataset
+
+    out = tmp_path / "cells_test"
+    assert cells.main([str(out), "--num", "2", "--size", "64", "--seed", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"wrote 2 cell image(s) of 64x64 to {out / 'images'} and their masks (0/255) to {out / 'masks'}"]
+    names = ["000000.png", "000001.png"]
+    for kind in ("images", "masks"):
+        assert sorted(p.name for p in (out / kind).iterdir()) == names          # pairs by name
+    for name, (image, instances) in zip(names, cells.test_images(2, 64, seed=1)):
+        written, mask = (np.asarray(Image.open(out / kind / name)) for kind in ("images", "masks"))
+        assert np.array_equal(written, np.round(image * 255).astype(np.uint8))
+        assert set(np.unique(mask)) == {0, 255} and np.array_equal(mask > 0, instances > 0)
+    ds = build_dataset(load_config(None, [f"data.source={out}"]).data, 64, 1, mask_classes=2)
+    assert len(ds) == 2 and ds.preflight() == []                            # what segmentation training reads
+    with pytest.raises(SystemExit):
+        cells.main([str(tmp_path / "small"), "--size", "8"])
+    assert capsys.readouterr().err.startswith("python -m diffunet.cells: error: --size 8: give at least 28")

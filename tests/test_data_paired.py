@@ -146,7 +146,9 @@ def test_bad_pairs_stop_naming_the_file_or_are_skipped_with_a_count(tmp_path, ca
         apply_bad_image_policy(ds, bad, "strict")
     warnings = []
     apply_bad_image_policy(ds, bad, "skip", warn=warnings.append)
-    assert len(ds) == left and ds.preflight() == [] and len(warnings) == 1 and "skipping 1 " in warnings[0]
+    assert len(ds) == left and ds.preflight() == [] and "skipping 1 " in warnings[0]
+    assert len(warnings) == 2 and warnings[1].startswith(f"note: {left} of {left} images under {tmp_path} are not "
+                                                         f"8x8: ")      # 16 px images, a model of 8: what is kept
     assert all(len(ds[i]) == 3 for i in range(len(ds)))
 
 
@@ -226,6 +228,9 @@ def test_hf_datasets_cond_and_mask_columns(tmp_path):
     warned = []
     apply_bad_image_policy(ds, bad, "skip", warn=warned.append)
     assert len(ds) == 1 and torch.equal(ds[0][2][0], expected) and "skipping 2" in warned[0]
+    saved = tmp_path / "saved"                                              # 48x32 rows, a model of 8x8
+    assert warned[1:] == [f"note: 1 of 1 images under dataset '{saved}' are not 8x8: each is resized to cover 8x8 "
+                          f"and center-cropped (the first: {saved}[0], 48x32)"]
     assert _hf(tmp_path).preflight() == []                                  # no condition: rows read as trained on
 
 

@@ -117,3 +117,18 @@ def test_encoder_grad_norms_one_per_level_and_leave_grads_alone():
     assert len(norms) == 3 and all(n > 0 for n in norms)
     assert all(p.grad is None for p in model.parameters())
     assert encoder_grad_norms(tiny(), x) == [0.0, 0.0]                           # zero-init: nothing flows yet
+
+
+def test_every_unknown_key_is_named_on_one_line_with_its_origin(tmp_path):
+    yaml = tmp_path / "x.yaml"
+    yaml.write_text("train:\n  btach_size: 8\n  lr: 1e-4\nmodel:\n  fooo: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(yaml)
+    assert str(e.value) == (f"{yaml}: unknown config keys 'train.btach_size' (did you mean 'train.batch_size'?), "
+                            f"'model.fooo'; python train.py --print-config lists the valid keys")
+    with pytest.raises(ConfigError) as e:
+        load_config("digits", ["model.skp=add", "train.lr=1e-3", "data.sourc=cells"])
+    assert str(e.value) == ("command line: unknown config keys 'model.skp' (did you mean 'model.skip'?), "
+                            "'data.sourc' (did you mean 'data.source'?)")
+    with pytest.raises(ConfigError, match=r"^command line: unknown config key 'train\.qqqq'; valid keys: max_steps, "):
+        load_config(None, ["train.qqqq=1"])                   # one key and no near name: the section's keys

@@ -261,7 +261,8 @@ def test_train_py_cli(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     bad = subprocess.run([sys.executable, str(ROOT / "train.py"), "train.lrr=1"], env=env, capture_output=True,
                          text=True)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown config key 'train.lrr'; did you mean 'train.lr'?"
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: command line: unknown config key 'train.lrr'; did you mean 'train.lr'?"
     shown = subprocess.run([sys.executable, str(ROOT / "train.py"), "--print-config", "train.lr=1e-4"], env=env,
                            capture_output=True, text=True)
     assert shown.returncode == 0 and "lr: 0.0001" in shown.stdout and "source: digits" in shown.stdout

@@ -221,3 +221,24 @@ def test_the_ddpm_checkpoints_switches():
     assert torch.allclose(embed(t), torch.cat([args.sin(), args.cos()], dim=-1))
     norms = [m for m in tiny(norm_eps=1e-6).modules() if isinstance(m, torch.nn.GroupNorm)]
     assert len(norms) > 5 and all(m.eps == 1e-6 for m in norms)
+
+
+def test_inputs_the_model_was_not_built_for_are_one_value_error_naming_the_config_key():
+    with pytest.raises(ValueError) as e:
+        tiny()(torch.randn(2, 3, 16, 16), 3)
+    assert str(e.value) == ("sample must be (B, in_channels, H, W) with in_channels=1 (model.in_channels), got "
+                            "(2, 3, 16, 16); give 1-channel images or set model.in_channels=3")
+    with pytest.raises(ValueError, match=r"got \(1, 16, 16\); add the batch axis: sample\[None\]$"):
+        tiny()(torch.randn(1, 16, 16), 3)
+    with pytest.raises(ValueError) as e:
+        tiny(cond_channels=1)(torch.randn(2, 1, 16, 16), 3, cond=torch.randn(2, 3, 16, 16))
+    assert str(e.value).endswith("; this UNet takes cond_channels=1 (model.cond_channels): give a 1-channel "
+                                 "condition or set model.cond_channels=3")
+    labelled, x = tiny(num_classes=10), torch.randn(2, 1, 16, 16)
+    for bad, shown in ((torch.tensor([3, 11]), 11), (torch.tensor([-1, 2]), -1)):
+        with pytest.raises(ValueError) as e:
+            labelled(x, 3, class_labels=bad)
+        assert str(e.value) == (f"class_labels must be in 0..9 (or 10, no class), got {shown}; this UNet was built "
+                                f"with num_classes=10 (model.num_classes)")
+    assert labelled(x, 3, class_labels=torch.tensor([0, 10])).sample.shape == x.shape      # 10: the null class
+    assert torch.equal(labelled(x, 3, class_labels=7).sample, labelled(x, 3, class_labels=torch.tensor([7, 7])).sample)
