@@ -45,14 +45,20 @@ from .tables import choose
 # accelerate's mixed_precision names -> the dtype the model computes in. Training, sampling and the bench all
 # read this one table; torch's dtype names are accepted as aliases (sample.py --dtype float32).
 PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# "False": a bare `train.mixed_precision=no` on the command line is YAML 1.1's false, which OmegaConf's str field
-# then holds as "False".
-ALIASES = {"fp32": "no", "float32": "no", "bfloat16": "bf16", "float16": "fp16", "False": "no"}
+ALIASES = {"fp32": "no", "float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+# A bare `train.mixed_precision=no` on the command line is YAML 1.1's false, which OmegaConf's str field then holds
+# as "False": read as "no", but not a name to offer anyone.
+YAML_NO = {"False": "no"}
+
+
+def alias(name: str) -> str:
+    """accelerate's name for a precision name, alias or YAML's reading of "no"."""
+    return {**ALIASES, **YAML_NO}.get(name, name)
 
 
 def precision(name: str, what: str = "mixed_precision") -> tuple[str, torch.dtype]:
     """(accelerate's name, dtype) of a precision name or alias; a one-line error listing the valid names."""
-    name = ALIASES.get(name, name)
+    name = alias(name)
     return name, choose(PRECISION, name, what)
 
 
@@ -138,7 +144,7 @@ def resolve_precision(name: str, device: torch.device | str, what: str = "train.
     without native bf16 runs as asked, with one line that says why and what to set instead, given to ``warn``
     (e.g. ``accelerator.print``: once per run, not per process) or, by default, ``warnings.warn`` as a
     ``PrecisionWarning``. ``what`` names the option in that line and in the error for an unknown name."""
-    name = ALIASES.get(name, name)
+    name = alias(name)
     choose({"auto": None, **PRECISION}, name, what)
     cls = device_class(device)
     hardware = DEVICES[cls]
@@ -150,6 +156,36 @@ def resolve_precision(name: str, device: torch.device | str, what: str = "train.
         else:
             warn(message)
     return hardware.auto if name == "auto" else name
+
+
+# What ``accelerate launch`` tells its processes: its --mixed_precision flag, else the user's `accelerate config`,
+# else "no". Absent when a run is started with plain python (or torchrun).
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"
+
+
+def training_precision(asked: str, device: torch.device | str, warn: Callable[[str], object] | None = None,
+                       environ=None) -> tuple[str, str | None]:
+    """(accelerate's mixed_precision name for a training run, a line saying what decided it, or None) from
+    ``train.mixed_precision`` (``asked``) and the launcher's word (``LAUNCHER_PRECISION``).
+
+    The launcher's word rules over "auto", as accelerate's users and diffusers' training scripts expect; where no
+    launcher spoke, "auto" picks by the device (``resolve_precision``). An explicit ``train.mixed_precision``
+    that differs from the launcher's is a ValueError: one line naming both, since either silently winning trains
+    in a precision somebody did not ask for."""
+    launcher = (os.environ if environ is None else environ).get(LAUNCHER_PRECISION)
+    name = alias(asked)
+    if launcher is None:
+        resolved = resolve_precision(asked, device, warn=warn)
+        return resolved, (f"train.mixed_precision=auto: {resolved} on {describe_device(device)}"
+                          if name == "auto" else None)
+    launcher = alias(launcher.lower())
+    if name not in ("auto", launcher):
+        raise ValueError(f"train.mixed_precision={name} but the launcher says mixed_precision={launcher} "
+                         f"(accelerate launch --mixed_precision, or your accelerate config; 'no' where neither "
+                         f"says): make them agree, or leave train.mixed_precision=auto to follow the launcher")
+    resolved = resolve_precision(launcher, device, what="the launcher's mixed_precision", warn=warn)
+    return resolved, (f"train.mixed_precision=auto: {resolved}, the launcher's (accelerate launch "
+                      f"--mixed_precision, or accelerate config)" if name == "auto" else None)
 
 
 def describe_device(device: torch.device | str | None = None) -> str:

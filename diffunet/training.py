@@ -25,8 +25,9 @@ from .convert import init_from
 from .data import DataError, apply_bad_image_policy, build_dataset, save_grid, split_holdout, take_subset, to_uint8
 from .export import write_folder
 from . import objectives
-from .fast import apply_fast_paths, describe_device, resolve_precision
+from .fast import apply_fast_paths, training_precision
 from .objectives import make_noise_scheduler
+from .pace import Pace, busy_at_start, set_threads
 from .posthoc_ema import SNAPSHOT_DIR, PosthocEMAError, PowerEMA, check_sigma_rel, snapshot_steps
 from .sampling import generate, make_scheduler
 from .tasks import check_augment, task_of
@@ -149,19 +150,25 @@ class Trainer:
         t = cfg.train
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        asked, notes = t.mixed_precision, []
-        try:        # "auto" by what the device does (fast.DEVICES); the saved config records what ran
-            t.mixed_precision = resolve_precision(asked, "cpu" if no_accelerator() else "cuda", warn=notes.append)
+        notes = []
+        try:        # the launcher's word, else "auto" by what the device does; the saved config records what ran
+            t.mixed_precision, said = training_precision(t.mixed_precision, "cpu" if no_accelerator() else "cuda",
+                                                         warn=notes.append)
+            threads = set_threads(t.num_threads)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.accelerator = acc = Accelerator(
             cpu=no_accelerator(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
-        if asked == "auto":
-            acc.print(f"train.mixed_precision={asked}: {t.mixed_precision} on {describe_device(acc.device)}")
+        if said:
+            acc.print(said)
         for note in notes:
             acc.print(f"WARNING: {note}")
+        busy = busy_at_start(threads * acc.num_processes) if no_accelerator() and acc.is_main_process else None
+        if busy:
+            acc.print(busy)
+        self.pace = Pace(threads, cpu=no_accelerator())
         set_seed(t.seed)                                # the same initial weights on every process, every run
         model, dataset = validate(cfg)
         if hasattr(dataset, "preflight"):               # decode every file (or paired row) once, on the main process
@@ -308,14 +315,18 @@ class Trainer:
             logs["lr"] = self.lr_scheduler.get_last_lr()[0]
             self.accelerator.log(logs, step=self.step)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['img_per_s']:.0f}")
-        if self.step in self.phema_steps:          # before the checkpoint, so a resume from it never misses one
-            self.save_snapshot()
-        if self.step % t.checkpoint_every == 0 or last:
-            self.save_checkpoint()
-        if self.step % t.sample_every == 0 and not last:
-            self.sample_grid(f"step_{self.step:06d}")
-        if t.eval_every > 0 and (self.step % t.eval_every == 0 or last):
-            self.evaluate()
+            slow = self.pace.check(logs["img_per_s"], self.step)
+            if slow and self.accelerator.is_main_process:
+                bar.write(slow)                    # above the progress bar, not through it
+        with meter.paused():                       # outputs are not training: the throughput leaves them out
+            if self.step in self.phema_steps:      # before the checkpoint, so a resume from it never misses one
+                self.save_snapshot()
+            if self.step % t.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+            if self.step % t.sample_every == 0 and not last:
+                self.sample_grid(f"step_{self.step:06d}")
+            if t.eval_every > 0 and (self.step % t.eval_every == 0 or last):
+                self.evaluate()
 
     def batches(self):
         """Micro-batches on the device, continuing the data order where the checkpoint left it."""
@@ -485,6 +496,15 @@ class Meter:
     def add(self, loss: torch.Tensor, images: int) -> None:
         self.loss_sum += loss.detach()
         self.micro, self.seen = self.micro + 1, self.seen + images
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (checkpoints, grids, evaluation) does not count against the throughput."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock += time.perf_counter() - start
 
     def read(self, accelerator, world: int) -> dict:
         """The means across processes, then a fresh start."""

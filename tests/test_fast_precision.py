@@ -119,3 +119,38 @@ def test_auto_resolves_in_a_real_run_and_is_saved_in_the_config(tmp_path):
     train(fast_cfg(tmp_path, "train.max_steps=1", "train.mixed_precision=auto", "sample.num_images=1"))
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml").train.mixed_precision
     assert saved == fast.resolve_precision("auto", "cpu") and saved in ("no", "bf16")
+
+
+# ------------------------------------------------------------------------------------------ the launcher's word
+
+@pytest.mark.parametrize("launcher,asked,want", [
+    ("no", "auto", "no"),               # accelerate launch --mixed_precision no: fp32, though auto picks bf16 here
+    ("bf16", "auto", "bf16"),
+    ("bf16", "bf16", "bf16"),
+    ("no", "False", "no"),              # YAML's reading of a bare train.mixed_precision=no
+    (None, "auto", "bf16"),             # python train.py: auto by the device
+    (None, "no", "no"),
+])
+def test_the_launchers_precision_rules_over_auto(monkeypatch, launcher, asked, want):
+    mock(monkeypatch, "AVX512", {"amx_bf16": True}, True, False)        # a CPU where auto picks bf16
+    environ = {} if launcher is None else {fast.LAUNCHER_PRECISION: launcher}
+    got, said = fast.training_precision(asked, "cpu", environ=environ)
+    assert got == want
+    if asked == "auto":
+        assert said.startswith(f"train.mixed_precision=auto: {want}")
+        assert ("the launcher's" in said) == (launcher is not None)
+
+
+@pytest.mark.parametrize("launcher,asked", [("bf16", "no"), ("no", "bf16")])
+def test_an_explicit_precision_that_contradicts_the_launcher_is_one_line(monkeypatch, launcher, asked, tmp_path):
+    from diffunet.config import ConfigError
+    from diffunet.training import train
+    from test_training import fast_cfg
+
+    monkeypatch.setenv(fast.LAUNCHER_PRECISION, launcher)
+    with pytest.raises(ConfigError) as e:
+        train(fast_cfg(tmp_path, f"train.mixed_precision={asked}"))
+    assert str(e.value) == (f"train.mixed_precision={asked} but the launcher says mixed_precision={launcher} "
+                            f"(accelerate launch --mixed_precision, or your accelerate config; 'no' where neither "
+                            f"says): make them agree, or leave train.mixed_precision=auto to follow the launcher")
+    assert not (tmp_path / "run").exists()                              # refused before anything was written
