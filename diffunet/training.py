@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .batchnorm import sync_batch_norm
 from .config import ConfigError, build_model, to_dict
 from .convert import init_from
 from .data import DataError, apply_bad_image_policy, build_dataset, save_grid, split_holdout, take_subset, to_uint8
@@ -192,6 +193,9 @@ class Trainer:
 
         apply_fast_paths(model.to(acc.device), channels_last=t.channels_last, compile=t.compile,
                          gradient_checkpointing=t.gradient_checkpointing)
+        synced = sync_batch_norm(model, acc)           # the global batch's statistics, not each process's part
+        if synced:
+            acc.print(f"{synced} batch-norm layers synced across {self.world} processes")
         optimizer = make_optimizer(model, t)
         # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
         lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps * self.world,
