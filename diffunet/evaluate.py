@@ -16,7 +16,6 @@ with ``a/x.jpg``); ``x_3.png`` (one of several outputs per condition) pairs with
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import ArgumentParser
 from .config import EvalConfig
 from .cells import count_objects
 from .data import DataError, files_by_stem, read_class_mask, read_image, read_mask
@@ -177,8 +177,19 @@ def evaluate_segmentation(outputs: str | Path, truth: str | Path, classes: int =
     return dict(mean, num_images=len(rows), **(dict(num_unpaired=len(unpaired)) if skip_unpaired else {}))
 
 
+def floor_note(result: dict, reference: str, draws: int) -> str:
+    """The line that says what the FID is to be read against: the floor, real images against their reference."""
+    n = result["num_fake"]
+    if "fid_floor" in result:
+        return (f"fid is read against fid_floor, not 0: {n} real images of {reference} score "
+                f"{result['fid_floor']:.4g} against all {result['num_real']} (mean of {draws} draws); "
+                f"fid / fid_floor = {result['fid'] / result['fid_floor']:.2f}")
+    why = "--floor-draws 0" if draws < 1 else f"the reference holds {result['num_real']} images, not more than {n}"
+    return f"no fid_floor ({why}): FID depends on the number of images, so compare only scores of {n} images"
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m diffunet.evaluate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m diffunet.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("samples", help="folder, .npz or 'digits' (--paired: the folder of outputs)")
     p.add_argument("reference", help="folder, .npz or 'digits' (its features are cached) (--paired: the truth folder)")
     p.add_argument("--extractor", choices=list(EXTRACTORS), help="default: digits for 'digits', else inception")
@@ -188,6 +199,8 @@ def main(argv=None) -> dict:
     p.add_argument("--kid-subset-size", type=int, default=EvalConfig.kid_subset_size)
     p.add_argument("--kid-subsets", type=int, default=EvalConfig.kid_subsets)
     p.add_argument("--seed", type=int, default=EvalConfig.seed)
+    p.add_argument("--floor-draws", type=int, default=EvalConfig.floor_draws,
+                   help="fid_floor: the mean FID of this many draws of as many real images as samples (0: none)")
     p.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the reference's features")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     paired = p.add_argument_group("paired metrics (--paired)")
@@ -220,7 +233,9 @@ def main(argv=None) -> dict:
                 "digits" if args.reference == "digits" else "inception")
             result = evaluate(args.samples, args.reference, extractor, batch_size=args.batch_size,
                               device=args.device, kid_subset_size=args.kid_subset_size,
-                              kid_subsets=args.kid_subsets, cache=args.cache, seed=args.seed)
+                              kid_subsets=args.kid_subsets, cache=args.cache, seed=args.seed,
+                              floor_draws=args.floor_draws)
+            result["notes"] = [floor_note(result, args.reference, args.floor_draws)]
     except (ExtractorUnavailable, FileNotFoundError, PairingError, DataError) as e:
         sys.exit(f"error: {e}")
     if args.json:

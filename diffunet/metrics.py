@@ -290,9 +290,21 @@ def scores(real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor | N
     return out
 
 
+def fid_floor(real: torch.Tensor, n: int, draws: int = EvalConfig.floor_draws) -> float | None:
+    """The FID that ``n`` real images score against the reference they come from: the mean over ``draws`` fixed
+    draws (``numpy.random.default_rng(d)``, d = 0 .. draws - 1, without replacement) of ``n`` rows of the
+    reference's features ``real`` against all of them. A score of ``n`` samples is read against this, not
+    against 0: FID is biased by the set's size. None where the reference holds no more than ``n`` images."""
+    if draws < 1 or n >= len(real):
+        return None
+    picks = (np.random.default_rng(d).choice(len(real), n, replace=False) for d in range(draws))
+    return float(np.mean([scores(real, real[torch.from_numpy(pick)])["fid"] for pick in picks]))
+
+
 def evaluate(fake, reference="digits", extractor="digits", *, batch_size: int = EvalConfig.batch_size, device=None,
              kid_subset_size: int = EvalConfig.kid_subset_size, kid_subsets: int = EvalConfig.kid_subsets,
-             is_splits: int = EvalConfig.is_splits, cache: bool = True, seed: int = EvalConfig.seed) -> dict:
+             is_splits: int = EvalConfig.is_splits, cache: bool = True, seed: int = EvalConfig.seed,
+             floor_draws: int = EvalConfig.floor_draws) -> dict:
     """Score generated images against a reference set.
 
     Args:
@@ -307,10 +319,12 @@ def evaluate(fake, reference="digits", extractor="digits", *, batch_size: int = 
             under 100 images (one split below 200 images).
         cache: reuse the reference's features from ``CACHE_DIR`` (arrays are never cached).
         seed: fixes KID's subsets and IS's splits, so the same inputs give the same numbers.
+        floor_draws: ``fid_floor`` over this many draws of N_fake real images (0: none).
 
     Returns:
-        dict(fid, kid_mean, kid_std, is_mean, is_std, num_fake, num_real); is_* only where the extractor has
-        class logits (digits, Inception).
+        dict(fid, fid_floor, kid_mean, kid_std, is_mean, is_std, num_fake, num_real); is_* only where the
+        extractor has class logits (digits, Inception); fid_floor (``fid_floor``) only where the reference holds
+        more images than the samples.
     """
     device = _device(device)
     net = load_extractor(extractor).to(device)
@@ -320,6 +334,8 @@ def evaluate(fake, reference="digits", extractor="digits", *, batch_size: int = 
         fake, logits = extract(net, fake, batch_size, device)
         out = scores(real, fake, logits, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
                      is_splits=is_splits, seed=seed)
+        floor = fid_floor(real, len(fake), floor_draws)
+    out = {"fid": out.pop("fid"), **({"fid_floor": floor} if floor is not None else {}), **out}
     return dict(out, num_fake=len(fake), num_real=len(real))
 
 

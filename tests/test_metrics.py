@@ -113,3 +113,21 @@ def test_cli_on_a_folder_and_an_npz(digits, tmp_path, capsys):
     np.savez(tmp_path / "real.npz", images=digits[0][:300])
     result = main([str(tmp_path / "real.npz"), "digits", "--kid-subsets", "5", "--json"])
     assert result["num_fake"] == 300 and result["fid"] < 5 and '"fid"' in capsys.readouterr().out
+
+
+def test_the_fid_floor_is_real_images_against_their_reference(digits, capsys):
+    """An FID is printed beside its floor: N real images of the reference against all of it, which the same N
+    samples are to be read against (the README's 0.158 for 512 digits over 4 draws); smaller sets have higher
+    floors, and a reference no larger than the samples has none."""
+    real = metrics.reference_features("digits", "digits")
+    assert metrics.fid_floor(real, 512) == pytest.approx(0.158, abs=0.001)
+    assert metrics.fid_floor(real, 128) > metrics.fid_floor(real, 512) > 0
+    assert metrics.fid_floor(real, len(real)) is None and metrics.fid_floor(real, 512, draws=0) is None
+    picked = digits[0][np.random.default_rng(9).choice(len(digits[0]), 512, replace=False)]
+    result = evaluate(picked, "digits", "digits", **FAST)
+    assert result["fid_floor"] == pytest.approx(metrics.fid_floor(real, 512))
+    assert 0.5 < result["fid"] / result["fid_floor"] < 3                # a set of real digits: near its floor
+    capsys.readouterr()
+    out = main(["digits", "digits", "--kid-subsets", "5"])
+    assert "fid_floor" not in out and "no fid_floor (the reference holds 1797 images, not more than 1797)" in \
+        capsys.readouterr().out
