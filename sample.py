@@ -15,66 +15,79 @@ import inspect
 import sys
 
 from diffunet.checkpoint import CheckpointError, is_segmentation
+from diffunet.cli import ArgumentParser
 from diffunet.config import SampleConfig
 from diffunet.fast import ALIASES, PRECISION
-from diffunet.objectives import TARGETS
+from diffunet.objectives import OBJECTIVES, TARGETS
 from diffunet.sampling import INPAINTING_SCHEDULERS, SCHEDULERS, sample_conditioned, sample_to_folder
 from diffunet.segment_sample import segment_to_folder
 
 DEFAULTS = SampleConfig()
-ONE_MODE = argparse.SUPPRESS        # options of one of the two functions: passed only when given, so that the
-                                    # function's own default applies and the other function refuses them by name
+GIVEN = argparse.SUPPRESS       # every option reaches the function only when given: its own default applies
+                                # (None: as the run sampled), and an option a mode has no use for is refused
+RUN = "default: as the run sampled (its pipeline folder says), else {}"
 
 
 def runner(args: dict):
-    if "cond" not in args:
-        return sample_to_folder
-    return segment_to_folder if is_segmentation(args["model"]) else sample_conditioned
+    """The function of this model folder and these options: a segmentation pipeline's, a conditioned run's
+    (``--cond``) or plain sampling's. A segmentation model without ``--cond`` has nothing to segment: one line."""
+    if is_segmentation(args["model"]):
+        if "cond" not in args:
+            raise ValueError(f"{args['model']} is a segmentation model: pass --cond DIR, the images to segment "
+                             f"(python -m diffunet.cells DIR makes test images)")
+        return segment_to_folder
+    return sample_conditioned if "cond" in args else sample_to_folder
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="pipeline folder written by train.py, or a UNet.save_pretrained folder")
     p.add_argument("--out", required=True, help="output folder: 000000.png, ..., grid.png (with --cond: the "
                                                 "conditions' relative paths and stems)")
-    p.add_argument("--num-images", type=int, default=ONE_MODE, help=f"default {DEFAULTS.num_images}")
-    p.add_argument("--start-index", type=int, default=ONE_MODE, help="first image index (extend an existing set)")
-    p.add_argument("--cond", default=ONE_MODE, metavar="DIR",
+    p.add_argument("--num-images", type=int, default=GIVEN, help=f"default {DEFAULTS.num_images}")
+    p.add_argument("--start-index", type=int, default=GIVEN, help="first image index (extend an existing set)")
+    p.add_argument("--cond", default=GIVEN, metavar="DIR",
                    help="sample an image-conditioned model: one output per image file under DIR (any depth)")
-    p.add_argument("--mask", default=ONE_MODE, metavar="DIR",
+    p.add_argument("--mask", default=GIVEN, metavar="DIR",
                    help="with --cond: the masks (white = to fill), paired by relative path and stem")
-    p.add_argument("--num-per-cond", type=int, default=ONE_MODE, metavar="N",
+    p.add_argument("--num-per-cond", type=int, default=GIVEN, metavar="N",
                    help="with --cond: N outputs per condition (stem_0 ... stem_{N-1}, stem_mean, stem_std)")
-    p.add_argument("--tile", type=int, default=ONE_MODE, metavar="T",
+    p.add_argument("--tile", type=int, default=GIVEN, metavar="T",
                    help="segmentation: by tiles of T x T output pixels (images of any size, memory bounded by T)")
-    p.add_argument("--overlap", type=int, default=ONE_MODE, metavar="P",
+    p.add_argument("--overlap", type=int, default=GIVEN, metavar="P",
                    help="with --tile, 'same'-padding models: blended overlap of neighbouring tiles (default T/4)")
-    p.add_argument("--scheduler", choices=[*SCHEDULERS, *INPAINTING_SCHEDULERS], default=DEFAULTS.scheduler,
-                   help="repaint: training-free inpainting (with --cond and --mask)")
-    p.add_argument("--steps", type=int, default=DEFAULTS.steps)
-    p.add_argument("--eta", type=float, default=DEFAULTS.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--scheduler", choices=[*SCHEDULERS, *INPAINTING_SCHEDULERS], default=GIVEN,
+                   help="repaint: training-free inpainting (with --cond and --mask); " + RUN.format("auto"))
+    p.add_argument("--steps", type=int, default=GIVEN, help=RUN.format(50))
+    p.add_argument("--eta", type=float, default=GIVEN, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
+    p.add_argument("--batch-size", type=int, default=GIVEN, help=f"default {DEFAULTS.batch_size}")
+    p.add_argument("--seed", type=int, default=GIVEN, help=f"default {DEFAULTS.seed}")
     labels = p.add_mutually_exclusive_group()
-    labels.add_argument("--class-label", dest="classes", type=int, metavar="K", help="class id of every image")
-    labels.add_argument("--classes", choices=["all"], help="a balanced set (the default for conditional models)")
-    p.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale,
-                   help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")
-    p.add_argument("--dtype", choices=["auto", *PRECISION, *ALIASES], default=DEFAULTS.dtype)
-    p.add_argument("--device", default=None, help="default: the process's accelerator, else the CPU")
-    p.add_argument("--prediction-type", choices=list(TARGETS), default=None,
-                   help="the model's target, for a bare model folder (a pipeline folder records it)")
-    p.add_argument("--npz", nargs="?", const="samples.npz", default=ONE_MODE,
+    labels.add_argument("--class-label", dest="classes", type=int, metavar="K", default=GIVEN,
+                        help="class id of every image")
+    labels.add_argument("--classes", choices=["all"], default=GIVEN,
+                        help="a balanced set (the default for conditional models)")
+    p.add_argument("--guidance-scale", type=float, default=GIVEN,
+                   help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger; " + RUN.format(1))
+    p.add_argument("--dtype", choices=["auto", *PRECISION, *ALIASES], default=GIVEN,
+                   help=f"the U-Net's precision (default {DEFAULTS.dtype})")
+    p.add_argument("--device", default=GIVEN, help="default: the process's accelerator, else the CPU")
+    p.add_argument("--objective", choices=list(OBJECTIVES), default=GIVEN,
+                   help="what a bare model folder that records no scheduler was trained for (a pipeline folder, "
+                        "and model folders train.py wrote, record it)")
+    p.add_argument("--prediction-type", choices=list(TARGETS), default=GIVEN,
+                   help="a ddpm model's target, for such a bare model folder (or to override a recorded one)")
+    p.add_argument("--npz", nargs="?", const="samples.npz", default=GIVEN,
                    help="also write the images as uint8 in an .npz (default name samples.npz, in --out)")
-    p.add_argument("--no-grid", dest="grid", action="store_false")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-grid", dest="grid", action="store_false", default=GIVEN)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=GIVEN)
     args = p.parse_args(argv)
-    run = runner(vars(args))
-    taken = inspect.signature(run).parameters
-    for name in [n for n in vars(args) if n not in taken and getattr(args, n) == p.get_default(n)]:
-        delattr(args, name)                         # an option left at its default that this mode has no use for
-    wrong = sorted(set(vars(args)) - set(taken))
-    if wrong:
+    try:
+        run = runner(vars(args))
+    except (CheckpointError, ValueError) as e:
+        p.error(str(e))
+    wrong = sorted(set(vars(args)) - set(inspect.signature(run).parameters))
+    if wrong:                                   # one rule: an option given that this mode has no use for
         where = ("not for a segmentation model" if run is segment_to_folder else
                  "not with --cond" if "cond" in vars(args) else "only with --cond")
         p.error(f"{', '.join('--' + name.replace('_', '-') for name in wrong)}: {where}")

@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import diffusers
 import numpy as np
 import torch
 from accelerate.utils import gather_object
@@ -425,8 +426,6 @@ def _from_pretrained(cls, folder: Path, weights: Path, dtype: torch.dtype = torc
 
 def _check_pipeline_index(path: Path) -> dict:
     """``model_index.json`` of a pipeline folder: a ``unet`` that is diffunet's UNet and a diffusers scheduler."""
-    import diffusers
-
     index = _read_json(path)
 
     def pair(key):                                      # ["library", "Class"], or None
@@ -448,9 +447,14 @@ def _check_pipeline_index(path: Path) -> dict:
 
 
 # What a pipeline folder's model_index.json says of its own pipeline, beside its components: DiffunetPipeline's
-# other keywords, whose defaults a folder from before image conditions, or a bare model folder, means.
-PIPELINE_OPTIONS = {name: p.default for name, p in inspect.signature(DiffunetPipeline.__init__).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
+# other keywords, whose defaults a folder from before them, or a bare model folder, means. Two kinds: the task's
+# (which image condition the model takes) and the run's sampling settings (``sample_*``: what sample.py and a call
+# without steps or guidance use).
+DEFAULTS = {name: p.default for name, p in inspect.signature(DiffunetPipeline.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+SAMPLE_PREFIX = "sample_"
+PIPELINE_OPTIONS = {k: v for k, v in DEFAULTS.items() if not k.startswith(SAMPLE_PREFIX)}
+SAMPLE_SETTINGS = {k.removeprefix(SAMPLE_PREFIX): v for k, v in DEFAULTS.items() if k.startswith(SAMPLE_PREFIX)}
 
 
 def _segmentation_index(index: dict) -> bool:
@@ -460,12 +464,18 @@ def _segmentation_index(index: dict) -> bool:
 
 
 def is_segmentation(path) -> bool:
-    """Whether ``path`` is a segmentation pipeline folder (``DiffunetSegmentationPipeline``) or a bare model folder
-    of a U-Net without time (deterministic: it segments)."""
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return _segmentation_index(_read_json(path / "model_index.json"))
-    config = path / "config.json"
+    """Whether ``path`` is a segmentation pipeline folder (``DiffunetSegmentationPipeline``) or its ``unet/``, or a
+    model folder on its own of a U-Net without time (deterministic: it segments)."""
+    index = pipeline_index(path)
+    if index is not None:
+        return _segmentation_index(_read_json(index))
+    return (Path(path) / "config.json").is_file() and is_deterministic(path)
+
+
+def is_deterministic(path) -> bool:
+    """Whether the model of folder ``path`` (a pipeline's ``unet/``, or a bare model folder) has no time input: a
+    deterministic network, which takes no scheduler. Read from its config.json alone, before any weights."""
+    config = model_folder(path) / "config.json"
     return config.is_file() and _read_json(config).get("time_condition") == "none"
 
 
@@ -473,8 +483,8 @@ def pipeline_options(path) -> dict:
     """``{"task": ..., "sr_factor": ...}`` of a pipeline folder (its ``model_index.json``), the keywords of
     ``DiffunetPipeline`` beside the unet and scheduler; ``PIPELINE_OPTIONS`` where it names none, or where
     ``path`` is a bare model folder. Values no pipeline takes are one CheckpointError line naming the file."""
-    index = Path(path) / "model_index.json"
-    saved = _read_json(index) if index.is_file() else {}
+    index = pipeline_index(path)
+    saved = _read_json(index) if index is not None else {}
     options = {key: saved.get(key, default) for key, default in PIPELINE_OPTIONS.items()}
     task, factor = options["task"], options["sr_factor"]
     if task != "generate" and task not in IMAGE_TASKS:
@@ -484,9 +494,53 @@ def pipeline_options(path) -> dict:
     return options
 
 
+def pipeline_index(path) -> Path | None:
+    """The ``model_index.json`` that speaks for folder ``path``: its own, or, for the ``unet/`` of a pipeline
+    folder, its pipeline's; None for a model folder on its own."""
+    path = Path(path).resolve()
+    for index in (path / "model_index.json", path.parent / "model_index.json" if path.name == "unet" else None):
+        if index is not None and index.is_file():
+            return index
+    return None
+
+
+def sample_settings(path) -> dict:
+    """``{"scheduler": ..., "steps": ..., "guidance_scale": ...}``: how the run that wrote pipeline folder ``path``
+    (or its ``unet/``) sampled: its ``sample.*``, saved in ``model_index.json``; ``SAMPLE_SETTINGS`` for what a
+    folder does not say (a folder from before they were saved, a model folder on its own)."""
+    index = pipeline_index(path)
+    saved = _read_json(index) if index is not None else {}
+    return {key: saved.get(SAMPLE_PREFIX + key, default) for key, default in SAMPLE_SETTINGS.items()}
+
+
+# A model folder records its training scheduler's config in its config.json under this private key (diffusers
+# keeps "_" keys through save and load and passes none to __init__): a bare model folder then says what its model
+# predicts, and nothing has to be guessed.
+SCHEDULER_KEY = "_diffunet_training_scheduler"
+
+
+def record_scheduler(unet, scheduler) -> None:
+    """Write ``scheduler``'s config (the training scheduler's) into ``unet``'s config, to be saved with it."""
+    config = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
+    unet.register_to_config(**{SCHEDULER_KEY: {"_class_name": type(scheduler).__name__, **config}})
+
+
+def recorded_scheduler(folder: Path, unet) -> dict | None:
+    """The training scheduler's config of bare model folder ``folder``: recorded in its config.json, or, for the
+    ``unet/`` of a pipeline folder from before the record, that pipeline's ``scheduler/``; None if neither says."""
+    if unet.config.get(SCHEDULER_KEY):
+        return dict(unet.config[SCHEDULER_KEY])
+    index = pipeline_index(folder)
+    if index is not None and _read_json(index).get("scheduler") not in (None, [None, None]):
+        return _read_json(index.parent / "scheduler" / "scheduler_config.json")
+    return None
+
+
 def load_model_folder(path: Path, dtype: torch.dtype = torch.float32) -> tuple[UNet, dict | None]:
     """(unet in eval mode, the training scheduler's config) from a pipeline folder (``model_index.json``,
-    ``unet/``, ``scheduler/``), or (unet, None) from a bare ``UNet.save_pretrained`` folder (``config.json``)."""
+    ``unet/``, ``scheduler/``) or a bare ``UNet.save_pretrained`` folder (``config.json``: its recorded scheduler,
+    ``recorded_scheduler``); the config is None for a model without a scheduler, or a bare folder that records
+    none."""
     path = Path(path)
     if (path / "model_index.json").is_file():
         index = _check_pipeline_index(path / "model_index.json")
@@ -494,6 +548,46 @@ def load_model_folder(path: Path, dtype: torch.dtype = torch.float32) -> tuple[U
         scheduler = _read_json(path / "scheduler" / "scheduler_config.json") if has_scheduler else None
         return load_unet(path, dtype, classes=(index["unet"][1],)).eval(), scheduler
     if (path / "config.json").is_file():
-        return load_unet(path, dtype).eval(), None
+        unet = load_unet(path, dtype).eval()
+        return unet, recorded_scheduler(path, unet)
     raise CheckpointError(f"{path} is neither a pipeline folder (model_index.json) nor a model folder "
                           "(config.json); pass the <output_dir>/pipeline folder that train.py writes")
+
+
+# Keywords of DiffusionPipeline.from_pretrained that mean nothing for a local folder read by load_pipeline
+LOCAL_NOOPS = {"trust_remote_code", "local_files_only", "use_safetensors", "low_cpu_mem_usage", "cache_dir",
+               "revision", "variant"}
+
+
+def load_pipeline(cls, path, torch_dtype: torch.dtype | None = None, **kwargs):
+    """``cls.from_pretrained(path)`` for a folder of ours (``DiffunetPipeline.from_pretrained``, or the
+    segmentation pipeline's): the U-Net and scheduler read as ``load_model_folder`` reads them (no code from the
+    folder is imported or run), the pipeline's keywords from its ``model_index.json``. ``unet=`` /
+    ``scheduler=`` replace a component, as in diffusers; a folder of the other pipeline class is one line."""
+    from .segment_pipeline import DiffunetSegmentationPipeline      # it imports this module's pipeline module
+
+    given = {k: kwargs.pop(k) for k in ("unet", "scheduler") if k in kwargs}
+    unknown = sorted(set(kwargs) - LOCAL_NOOPS)
+    if unknown:
+        raise TypeError(f"{cls.__name__}.from_pretrained of a local folder takes torch_dtype, unet= and "
+                        f"scheduler=, not {', '.join(unknown)}")
+    path = Path(path)
+    index = _check_pipeline_index(path / "model_index.json") if (path / "model_index.json").is_file() else None
+    if index is None:
+        raise CheckpointError(f"{path} is not a pipeline folder (no model_index.json); load a bare model folder "
+                              f"with UNet.from_pretrained, or pass the <output_dir>/pipeline folder train.py wrote")
+    segmentation = _segmentation_index(index)
+    if segmentation != issubclass(cls, DiffunetSegmentationPipeline):
+        right = "DiffunetSegmentationPipeline" if segmentation else "DiffunetPipeline"
+        raise CheckpointError(f"{path} holds a {right}; load it with {right}.from_pretrained")
+    if "unet" not in given or "scheduler" not in given:
+        unet, scheduler_config = load_model_folder(path, torch_dtype or torch.float32)
+        given.setdefault("unet", unet)
+        if "scheduler" not in given:
+            name = index["scheduler"][1]
+            given["scheduler"] = None if name is None else getattr(diffusers, name).from_config(scheduler_config)
+    takes = set(inspect.signature(cls.__init__).parameters) - {"self", "unet", "scheduler"}
+    options = {k: v for k, v in index.items() if k in takes}
+    if not segmentation:
+        pipeline_options(path)                          # a task or factor no pipeline takes: one line
+    return cls(**given, **options)

@@ -121,10 +121,13 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
     and the full config."""
     c, d, t, s = unet.config, cfg.diffusion, cfg.train, cfg.sample
     h, w = unet.image_size
-    what, usage = task_of(cfg).card(cfg, unet)
-    schedule = ("" if c.time_condition == "none" else
-                f", with its training noise schedule ({OBJECTIVES[d.objective].describe(d)})")
-    pipeline_config = make_noise_scheduler(d).config
+    task = task_of(cfg)
+    what, usage = task.card(cfg, unet)
+    deterministic = c.time_condition == "none"
+    schedule = "" if deterministic else f", with its training noise schedule ({OBJECTIVES[d.objective].describe(d)})"
+    pipeline_class = "DiffunetSegmentationPipeline" if task.segments else "DiffunetPipeline"
+    how = (f"`{sampler_name(s.scheduler, make_noise_scheduler(d).config)}` with {s.steps} steps"
+           f"{f', guidance {s.guidance_scale:g}' if s.guidance_scale != 1 and not task.segments else ''}")
     params = sum(p.numel() for p in unet.parameters())
     lines = [
         "---", "library_name: diffusers", "tags:", "- diffunet", "- diffusion",
@@ -147,13 +150,14 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
         usage,
         "```",
         "",
-        "With diffunet installed, `python sample.py path/to/this/folder --out samples` samples with any of its "
-        "schedulers (and class labels), reading the weights without running code from the folder.",
+        f"With diffunet installed, `{pipeline_class}.from_pretrained(\"path/to/this/folder\")` (from `diffunet`) "
+        f"loads it without running any code from the folder, and `python sample.py path/to/this/folder "
+        f"{task.sample_arguments(unet)}` {'segments' if task.segments else 'samples'} with it"
+        f"{'' if deterministic else ' as the run did (' + how + '; --scheduler, --steps change it)'}.",
         "",
         "## Samples",
         "",
-        (f"![samples]({GRID})\n\nEMA weights at step {step}, `{sampler_name(s.scheduler, pipeline_config)}` with "
-         f"{s.steps} steps"
+        (f"![samples]({GRID})\n\nEMA weights at step {step}{'' if deterministic else ', ' + how}"
          f"{', one class per column' if c.num_classes else ''}." if grid else "No sample grid was saved at this step."),
         "",
         "## Metrics",
@@ -188,7 +192,10 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
 def write_folder(folder: Path, pipeline: DiffusionPipeline, cfg: DictConfig, run: Path, step: int,
                  grid: Path | None) -> Path:
     """The portable pipeline folder: ``save_pretrained``, the code (``make_portable``), the sample grid and the
-    model card. ``folder`` must not exist yet (see ``checkpoint.replace_folder``)."""
+    model card. ``folder`` must not exist yet (see ``checkpoint.replace_folder``). The U-Net's config records the
+    training scheduler (``checkpoint.record_scheduler``), so that its ``unet/`` alone still says what it predicts."""
+    if pipeline.scheduler is not None:
+        ckpt.record_scheduler(pipeline.unet, pipeline.scheduler)
     pipeline.save_pretrained(folder)
     modules = make_portable(folder, type(pipeline))
     if grid is not None:

@@ -18,6 +18,7 @@ diffusers only.
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -77,6 +78,20 @@ def step_kwargs(scheduler, generator, eta: float) -> dict:
     return kwargs
 
 
+def from_folder(cls, diffusers_loader, path, kwargs: dict):
+    """``cls.from_pretrained(path, **kwargs)``: the installed diffunet's reader (``checkpoint.load_pipeline``) for
+    a local folder, where ``cls`` is diffunet's own class; ``diffusers_loader`` otherwise: a Hub id, or this file
+    running as the copy inside an exported folder (diffunet not installed, or not this class)."""
+    if cls.__module__.split(".")[0] == "diffunet" and os.path.isdir(path):
+        try:
+            from diffunet.checkpoint import load_pipeline
+        except ImportError:                         # a copy of this file whose module happens to be named diffunet
+            load_pipeline = None
+        if load_pipeline is not None:
+            return load_pipeline(cls, path, **kwargs)
+    return diffusers_loader(path, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------- image conditions
 # What an image-conditioned task gives the model, one entry per task. The training side (diffunet.tasks) builds
 # its conditions with these same functions, so training and sampling cannot drift apart.
@@ -123,21 +138,32 @@ class DiffunetPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, task: str = "generate", sr_factor: int = 1):
+    def __init__(self, unet, scheduler, task: str = "generate", sr_factor: int = 1, sample_scheduler: str = "auto",
+                 sample_steps: int = 50, sample_guidance_scale: float = 1.0):
         super().__init__()
         if task != "generate" and task not in IMAGE_TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of generate, {', '.join(IMAGE_TASKS)}")
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(task=task, sr_factor=sr_factor)        # saved in model_index.json
+        # saved in model_index.json: the task, and how the run sampled (its sample.* settings), which a call
+        # without num_inference_steps / guidance_scale and diffunet's sample.py reuse
+        self.register_to_config(task=task, sr_factor=sr_factor, sample_scheduler=sample_scheduler,
+                                sample_steps=sample_steps, sample_guidance_scale=sample_guidance_scale)
         self.image_processor = VaeImageProcessor(do_normalize=True)    # [-1, 1] <-> [0, 1], tensors <-> PIL / np
         # conditions keep their size (the default processor rounds sizes to multiples of 8, a VAE's factor)
         self.cond_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
         self.mask_processor = VaeImageProcessor(do_resize=False, do_normalize=False, do_binarize=True,
                                                 do_convert_grayscale=True)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``; for the installed class and a local folder (``train.py``'s
+        ``pipeline/``, ``diffunet.export``'s folder) through diffunet's own reader instead: nothing in the folder
+        is imported or run, no ``trust_remote_code`` is needed, and the result is this class."""
+        return from_folder(cls, super().from_pretrained, pretrained_model_name_or_path, kwargs)
+
     @torch.no_grad()
-    def __call__(self, batch_size: int | None = None, class_labels=None, guidance_scale: float = 1.0,
-                 num_inference_steps: int = 50, generator: torch.Generator | list[torch.Generator] | None = None,
+    def __call__(self, batch_size: int | None = None, class_labels=None, guidance_scale: float | None = None,
+                 num_inference_steps: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  eta: float = 0.0, image=None, mask_image=None, output_type: str = "pil", return_dict: bool = True):
         """Sample images.
 
@@ -146,8 +172,9 @@ class DiffunetPipeline(DiffusionPipeline):
             class_labels: one class id per image (a list or tensor), or one id for every image; None samples the
                 unconditional model (the null class of a class-conditional one).
             guidance_scale: classifier-free guidance w: 1 the conditional model, 0 the unconditional, other
-                values uncond + w (cond - uncond), two passes per step (batched).
-            num_inference_steps: scheduler steps.
+                values uncond + w (cond - uncond), two passes per step (batched); default: the run's
+                (``config.sample_guidance_scale``).
+            num_inference_steps: scheduler steps; default: the run's (``config.sample_steps``).
             generator: one ``torch.Generator`` for the whole batch, or a list, one per image: image i then draws
                 its initial noise and every scheduler noise draw from ``generator[i]`` alone.
             eta: DDIM's noise (0 deterministic, 1 DDPM-like); schedulers without it ignore it.
@@ -163,6 +190,10 @@ class DiffunetPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
         unet, scheduler, device = self.unet, self.scheduler, self._execution_device
+        if guidance_scale is None:
+            guidance_scale = self.config.sample_guidance_scale
+        if num_inference_steps is None:
+            num_inference_steps = self.config.sample_steps
         labels = self.check_labels(class_labels)
         batch = self.batch_size_of(batch_size, labels, generator)
         if labels is not None:

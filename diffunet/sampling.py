@@ -18,15 +18,15 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, RePaintScheduler
+from diffusers import RePaintScheduler
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model_folder, pipeline_options
-from .config import SampleConfig
-from .data import (IMAGE_EXTENSIONS, PIL_MODES, DataError, image_path, load_image, match_channels, pair_files,
-                   read_image, read_mask, save_grid, to_uint8, write_image)
+from .checkpoint import CheckpointError, load_model_folder, pipeline_index, pipeline_options, sample_settings
+from .config import DiffusionConfig, SampleConfig
+from .data import (PIL_MODES, DataError, image_path, load_image, match_channels, no_images, pair_files, read_image,
+                   read_mask, save_grid, to_uint8, write_image)
 from .fast import describe_device, precision, resolve_precision
-from .objectives import SAMPLERS, make_sampler, objective_of
+from .objectives import SAMPLERS, make_noise_scheduler, make_sampler, objective_of, sampler_name
 from .pipeline import DiffunetPipeline, upsample_condition
 
 SCHEDULERS = {"auto": None, **SAMPLERS}  # "auto": the model's objective's default (objectives.OBJECTIVES)
@@ -50,16 +50,34 @@ def make_scheduler(name: str, config) -> object:
 
 
 def load_model(path: str | Path, scheduler: str = SampleConfig.scheduler, prediction_type: str | None = None,
-               dtype: torch.dtype = torch.float32):
+               dtype: torch.dtype = torch.float32, objective: str | None = None):
     """(unet, scheduler) from a pipeline folder written by ``train.py`` (``model_index.json``, ``unet/``,
     ``scheduler/``; whichever pipeline class it names: ``DiffunetPipeline``, or ``DDPMPipeline`` in older runs)
-    or from a bare ``UNet.save_pretrained`` folder, whose training scheduler is then taken to be
-    ``DDPMScheduler()`` (1000 steps, linear betas) with target ``prediction_type`` (default "epsilon"). A folder
-    that cannot be used is one ``CheckpointError`` line naming the file (``checkpoint.load_model_folder``).
-    The pipeline's own keywords (``task``, ``sr_factor``: which image condition the model takes) are
-    ``checkpoint.pipeline_options(path)``, for ``generate_batches`` / ``generate``."""
+    or from a bare ``UNet.save_pretrained`` folder, by the training scheduler it records
+    (``checkpoint.recorded_scheduler``). A folder that records none cannot say what its model predicts: it is
+    refused (CheckpointError) unless ``objective`` ("ddpm", "flow", "edm") or ``prediction_type`` (a DDPM target)
+    says, which then take the schema's defaults of ``diffusion.*`` for the rest. ``prediction_type`` also
+    overrides a recorded target. A model without time (deterministic segmentation) gets no scheduler (None).
+    A folder that cannot be used is one ``CheckpointError`` line naming the file
+    (``checkpoint.load_model_folder``). The pipeline's own keywords (``task``, ``sr_factor``: which image
+    condition the model takes) are ``checkpoint.pipeline_options(path)``, for ``generate_batches`` /
+    ``generate``; how its run sampled, ``checkpoint.sample_settings(path)``."""
     unet, train_config = load_model_folder(path, dtype)
-    train_config = dict(train_config if train_config is not None else DDPMScheduler().config)
+    if unet.config.time_condition == "none":
+        return unet, None
+    if train_config is None:
+        if objective is None and prediction_type is None:
+            raise CheckpointError(f"{path} does not say what its model predicts (a model folder saved without its "
+                                  f"training scheduler): pass --objective ddpm|flow|edm (with --prediction-type "
+                                  f"for a ddpm model), or sample the pipeline folder train.py wrote")
+        diffusion = DiffusionConfig(objective=objective or "ddpm")
+        if prediction_type is not None:
+            diffusion.prediction_type = prediction_type
+        train_config = dict(make_noise_scheduler(diffusion).config)
+    elif objective is not None and objective_of(train_config) != objective:
+        raise CheckpointError(f"{path} records a {objective_of(train_config)} model; --objective {objective} "
+                              f"contradicts it: leave --objective out")
+    train_config = dict(train_config)
     if prediction_type is not None:
         train_config["prediction_type"] = prediction_type
         # from_config gives keys listed as "defaults used" the new class's default: this one is now chosen
@@ -160,10 +178,13 @@ def generate(unet, scheduler, num_images: int, *, steps: int = SampleConfig.step
 
 # ------------------------------------------------------------------------------------------- sample.py
 
-def load_for_processes(model: str | Path, scheduler: str, prediction_type: str | None, dtype: str,
-                       device: str | None):
-    """(accelerate's process state, unet on this process's device in the ``dtype`` asked for, scheduler): what
-    every sampling run of ``sample.py`` starts with, under ``accelerate launch`` or alone."""
+def load_for_processes(model: str | Path, dtype: str, device: str | None, *, scheduler: str | None = None,
+                       steps: int | None = None, guidance_scale: float | None = None,
+                       prediction_type: str | None = None, objective: str | None = None):
+    """(accelerate's process state, unet on this process's device in the ``dtype`` asked for, scheduler, the
+    sampling settings): what every sampling run of ``sample.py`` starts with, under ``accelerate launch`` or
+    alone. The settings (``scheduler``, ``steps``, ``guidance_scale``) are each as given, else as the run that
+    wrote the folder sampled (``checkpoint.sample_settings``); the main process says in one line which it uses."""
     from accelerate import PartialState
 
     # accelerate sets up multi-process CPU runs (gloo) only when told cpu=True; on a GPU machine that would
@@ -174,25 +195,49 @@ def load_for_processes(model: str | Path, scheduler: str, prediction_type: str |
     name = resolve_precision(dtype, where, what="--dtype", warn=print if state.is_main_process else lambda _: None)
     if dtype == "auto" and state.is_main_process:
         print(f"--dtype {dtype}: {name} on {describe_device(where)}")
-    unet, sched = load_model(model, scheduler, prediction_type, precision(name, "dtype")[1])
-    return state, unet.to(where), sched
+    given = dict(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale)
+    saved = sample_settings(model)
+    settings = {key: saved[key] if value is None else value for key, value in given.items()}
+    unet, sched = load_model(model, settings["scheduler"], prediction_type, precision(name, "dtype")[1], objective)
+    if sched is not None and state.is_main_process:
+        print(describe_settings(model, sched, settings, [key for key, value in given.items() if value is None]))
+    return state, unet.to(where), sched, settings
+
+
+def describe_settings(model, sched, settings: dict, from_run: list[str]) -> str:
+    """One line: the scheduler (by name and class), steps and guidance a sampling run uses, and which of them
+    come from the run that wrote ``model`` rather than from the command line."""
+    name = sampler_name(settings["scheduler"], sched.config) if settings["scheduler"] != "repaint" else "repaint"
+    line = (f"sampling with {name} ({type(sched).__name__}), {settings['steps']} steps, guidance "
+            f"{settings['guidance_scale']:g}")
+    if not from_run:
+        return line
+    index = pipeline_index(model)
+    where = f"the run's sample.* in {index}" if index is not None else "defaults: the folder records no settings"
+    flags = ", ".join(f"--{key.replace('_', '-')}" for key in from_run)
+    return f"{line} ({flags}: {where})"
 
 
 def sample_to_folder(model: str | Path, out: str | Path, num_images: int = SampleConfig.num_images, *,
-                     scheduler: str = SampleConfig.scheduler, steps: int = SampleConfig.steps,
+                     scheduler: str | None = None, steps: int | None = None,
                      eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size,
                      seed: int = SampleConfig.seed, start_index: int = 0, classes=None,
-                     guidance_scale: float = SampleConfig.guidance_scale, dtype: str = SampleConfig.dtype,
-                     device: str | None = None, prediction_type: str | None = None, npz: str | None = None,
-                     grid: bool = True, progress: bool = True) -> Path:
+                     guidance_scale: float | None = None, dtype: str = SampleConfig.dtype,
+                     device: str | None = None, prediction_type: str | None = None, objective: str | None = None,
+                     npz: str | None = None, grid: bool = True, progress: bool = True) -> Path:
     """Images start_index .. start_index + num_images - 1 of ``model`` (see ``load_model``) as ``out/000042.png``,
     plus ``out/grid.png`` and, with ``npz``, an .npz (path relative to ``out``) of the range: ``images``
     (N, H, W, C) uint8, ``indices`` and, for class-conditional models, ``labels``.
 
     Indices whose file exists are skipped, so an interrupted run resumes without duplicates or gaps. Under
     ``accelerate launch`` the missing indices are split into contiguous, disjoint chunks, one per process.
-    A class-conditional model with ``classes=None`` samples a balanced set ("all")."""
-    state, unet, sched = load_for_processes(model, scheduler, prediction_type, dtype, device)
+    A class-conditional model with ``classes=None`` samples a balanced set ("all"). ``scheduler``, ``steps`` and
+    ``guidance_scale`` left at None sample as the run did (``load_for_processes``); ``objective`` and
+    ``prediction_type`` say what a bare model folder that records no scheduler predicts (``load_model``)."""
+    state, unet, sched, settings = load_for_processes(model, dtype, device, scheduler=scheduler, steps=steps,
+                                                      guidance_scale=guidance_scale,
+                                                      prediction_type=prediction_type, objective=objective)
+    steps, guidance_scale = settings["steps"], settings["guidance_scale"]
     options = pipeline_options(model)
     if classes is None and unet.config.num_classes:
         classes = "all"
@@ -243,7 +288,7 @@ def conditions(cond: str | Path, mask: str | Path | None = None) -> list[tuple[s
             more = f" ({len(lone) - 1} more files lack one too)" if len(lone) > 1 else ""
             raise DataError(f"{lone[0]} has no file of the same relative path and stem under {other}{more}")
     if not pairs:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {cond}")
+        raise no_images(cond)
     return [(c.relative_to(cond).with_suffix("").as_posix(), c, None if mask is None else m) for c, m in pairs]
 
 
@@ -309,11 +354,11 @@ def condition_grid(pipe: DiffunetPipeline, items: list, outputs: list[Path], pat
 
 
 def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, mask: str | Path | None = None,
-                       num_per_cond: int = 1, scheduler: str = SampleConfig.scheduler, steps: int = SampleConfig.steps,
+                       num_per_cond: int = 1, scheduler: str | None = None, steps: int | None = None,
                        eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size,
-                       seed: int = SampleConfig.seed, classes=None, guidance_scale: float = SampleConfig.guidance_scale,
+                       seed: int = SampleConfig.seed, classes=None, guidance_scale: float | None = None,
                        dtype: str = SampleConfig.dtype, device: str | None = None, prediction_type: str | None = None,
-                       grid: bool = True, progress: bool = True) -> Path:
+                       objective: str | None = None, grid: bool = True, progress: bool = True) -> Path:
     """``num_per_cond`` outputs of ``model`` (see ``load_model``) for every image file under ``cond`` (any
     depth), each the condition of the model's task (``checkpoint.pipeline_options``: the low-resolution input of
     super-resolution, the image to complete of inpainting, or of any epsilon model with ``scheduler="repaint"``),
@@ -327,8 +372,12 @@ def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, 
     nor on the other files. Outputs whose file exists are skipped (a run resumes); a key's mean and std are
     (re)written once its N outputs exist. Under ``accelerate launch`` the missing outputs are split between the
     processes. Every file is checked before any sampling: a file without its partner, or one of another aspect
-    ratio, is one error naming it. ``classes``: None (a class-conditional model's null class) or one class."""
-    state, unet, sched = load_for_processes(model, scheduler, prediction_type, dtype, device)
+    ratio, is one error naming it. ``classes``: None (a class-conditional model's null class) or one class.
+    ``scheduler``, ``steps`` and ``guidance_scale`` left at None sample as the run did (``load_for_processes``)."""
+    state, unet, sched, settings = load_for_processes(model, dtype, device, scheduler=scheduler, steps=steps,
+                                                      guidance_scale=guidance_scale,
+                                                      prediction_type=prediction_type, objective=objective)
+    steps, guidance_scale = settings["steps"], settings["guidance_scale"]
     options = pipeline_options(model)
     pipe = pipeline_for(unet, sched, **options)
     task = pipe.image_task
@@ -345,11 +394,16 @@ def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, 
     clash = [path for key, path, _ in items if grid and "grid.png" in names[key]]
     if clash:
         raise DataError(f"{clash[0]} and the grid would both write {out / 'grid.png'}; rename it or pass --no-grid")
-    with warnings.catch_warnings():         # every process checks every file: all stop alike, before any sampling
-        if not state.is_main_process:
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:    # every process checks every file: all stop alike,
+        warnings.simplefilter("always")                     # before any sampling
         for _, path, mask_path in items:
             read_condition(pipe, path, mask_path)
+    if caught and state.is_main_process:                    # files of another size: said once, with the count
+        resized = [w for w in caught if "resized" in str(w.message)]
+        for w in [w for w in caught if w not in resized] + resized[:1]:
+            more = f" ({len(resized) - 1} more of the {len(items)} files too)" if w in resized[:1] and \
+                len(resized) > 1 else ""
+            warnings.warn(f"{w.message}{more}", w.category, stacklevel=2)
 
     todo = [(i, k) for i, (key, _, _) in enumerate(items) for k in range(num_per_cond)
             if not (out / names[key][k]).exists()]

@@ -30,7 +30,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline import denoise
+from .pipeline import denoise, from_folder
 from .tiles import predict_tiled
 
 OUTPUT_TYPES = ("np", "pt", "pil")
@@ -82,17 +82,25 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _optional_components = ["scheduler"]        # None for a deterministic model (saved as [null, null])
 
-    def __init__(self, unet, scheduler):        # no default: diffusers takes keywords with one for options
-        super().__init__()
+    def __init__(self, unet, scheduler, sample_scheduler: str = "auto", sample_steps: int = 50):
+        super().__init__()                      # scheduler: no default, diffusers takes keywords with one for options
         self.register_modules(unet=unet, scheduler=scheduler)
+        if unet.config.time_condition != "none":       # a diffusion model: how the run sampled
+            self.register_to_config(sample_scheduler=sample_scheduler, sample_steps=sample_steps)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)   # [0, 1] -> [-1, 1]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``; for the installed class and a local folder through diffunet's own
+        reader (``DiffunetPipeline.from_pretrained``): no code from the folder runs, no ``trust_remote_code``."""
+        return from_folder(cls, super().from_pretrained, pretrained_model_name_or_path, kwargs)
 
     @property
     def deterministic(self) -> bool:
         return self.unet.config.time_condition == "none"
 
     @torch.no_grad()
-    def __call__(self, image, num_samples: int = 1, num_inference_steps: int = 50,
+    def __call__(self, image, num_samples: int = 1, num_inference_steps: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
                  tile=None, overlap: int | None = None, tile_batch_size: int = 4, output_type: str = "np",
                  return_dict: bool = True):
@@ -102,7 +110,8 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
             image: PIL images, an np array (B, H, W, C) or a tensor (B, C, H, W) in [0, 1], of any size the
                 network takes whole (``UNet.tiling``), or any size at all with ``tile``.
             num_samples: diffusion only: masks sampled per image (the ensemble); > 1 gives ``std``.
-            num_inference_steps: diffusion only: scheduler steps per sample.
+            num_inference_steps: diffusion only: scheduler steps per sample; default: the run's
+                (``config.sample_steps``).
             generator: one generator, or one per image (image i's samples then draw from ``generator[i]`` only).
             eta: DDIM's noise (0 deterministic); schedulers without it ignore it.
             tile: output pixels per tile (int or (h, w)); None: the whole image at once.
@@ -113,6 +122,8 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
         unet, device = self.unet, self._execution_device
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("sample_steps", 50)
         x = self.image_processor.preprocess(image).to(device, torch.float32)         # (B, C, H, W) in [-1, 1]
         channels = unet.config.in_channels if self.deterministic else unet.config.cond_channels
         if x.shape[1] != channels:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .config import SampleConfig
 from .data import load_image, match_channels, write_image
+from .checkpoint import is_deterministic
 from .sampling import conditions, image_generator, load_for_processes
 from .segment_pipeline import DiffunetSegmentationPipeline, mask_classes
 
@@ -28,23 +29,38 @@ def std_image(std: np.ndarray) -> np.ndarray:
     return np.clip(np.round(std * 2 * 255), 0, 255).astype(np.uint8)
 
 
+# What a deterministic model has no use for: it has no scheduler, and one forward pass gives its one mask.
+DIFFUSION_ONLY = ("scheduler", "steps", "eta", "seed", "prediction_type", "objective")
+
+
 def segment_to_folder(model: str | Path, cond: str | Path, out: str | Path, *, tile: int | None = None,
-                      overlap: int | None = None, num_per_cond: int = 1, scheduler: str = SampleConfig.scheduler,
-                      steps: int = SampleConfig.steps, eta: float = SampleConfig.eta,
-                      batch_size: int = SampleConfig.batch_size, seed: int = SampleConfig.seed,
+                      overlap: int | None = None, num_per_cond: int = 1, scheduler: str | None = None,
+                      steps: int | None = None, eta: float | None = None,
+                      batch_size: int = SampleConfig.batch_size, seed: int | None = None,
                       dtype: str = SampleConfig.dtype, device: str | None = None, prediction_type: str | None = None,
-                      progress: bool = True) -> Path:
+                      objective: str | None = None, progress: bool = True) -> Path:
     """Masks of every image file under ``cond`` (any depth, any size; converted to the model's channels) by the
     segmentation pipeline ``model``, whole or by tiles of ``tile`` output pixels (``overlap``: "same"-padding
     models' blend width; ``batch_size`` tiles per call). A diffusion model samples ``num_per_cond`` masks per
-    image (``steps`` of ``scheduler``): the file is their majority, ``stem_std.png`` their std map. Image "a/x"
-    draws from ``image_generator(seed, (crc32("a/x"),))``: independent of the other files and the processes.
-    Existing outputs are skipped (a run resumes); under ``accelerate launch`` the images are split between
-    processes. Every file is read once before any compute, so an unreadable one stops the run naming it."""
-    state, unet, sched = load_for_processes(model, scheduler, prediction_type, dtype, device)
+    image (``steps`` of ``scheduler``, each None: as the run did): the file is their majority, ``stem_std.png``
+    their std map. Image "a/x" draws from ``image_generator(seed, (crc32("a/x"),))``: independent of the other
+    files and the processes. Existing outputs are skipped (a run resumes); under ``accelerate launch`` the images
+    are split between processes. Every file is read once before any compute, so an unreadable one stops the run
+    naming it. A deterministic model takes none of ``DIFFUSION_ONLY`` (nor ``num_per_cond`` > 1): one line."""
+    given = dict(scheduler=scheduler, steps=steps, eta=eta, seed=seed, prediction_type=prediction_type,
+                 objective=objective)
+    if is_deterministic(model):
+        wrong = [f"--{name.replace('_', '-')}" for name in DIFFUSION_ONLY if given[name] is not None]
+        wrong += ["--num-per-cond > 1"] if num_per_cond > 1 else []
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: not for a deterministic segmentation model (one forward pass, "
+                             f"no scheduler, one mask per image)")
+    state, unet, sched, settings = load_for_processes(model, dtype, device, scheduler=scheduler, steps=steps,
+                                                      guidance_scale=1.0, prediction_type=prediction_type,
+                                                      objective=objective)
+    steps = settings["steps"]
+    eta, seed = SampleConfig.eta if eta is None else eta, SampleConfig.seed if seed is None else seed
     deterministic = unet.config.time_condition == "none"
-    if deterministic and num_per_cond > 1:
-        raise ValueError("--num-per-cond > 1 samples a diffusion model's ensemble; this model is deterministic")
     pipe = DiffunetSegmentationPipeline(unet=unet, scheduler=None if deterministic else sched)
     pipe.set_progress_bar_config(disable=True)
     classes = mask_classes(unet)

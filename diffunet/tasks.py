@@ -41,6 +41,11 @@ class Generate:
 
     name = "generate"                   # the pipeline's ``task``
     augments = True                     # takes train.augment_p: its x0 is the image alone, free to transform
+    segments = False                    # its pipeline is DiffunetSegmentationPipeline (masks of images)
+
+    def sample_arguments(self, unet) -> str:
+        """What ``python sample.py FOLDER`` needs beside the folder, for the model card."""
+        return "--out samples"
 
     def check(self, cfg, model, dataset) -> None:
         """What this task needs of the config, the model and the data; ConfigError (one line) otherwise."""
@@ -74,8 +79,9 @@ class Generate:
         return {"task": self.name}
 
     def pipeline(self, unet, scheduler, cfg):
-        """The pipeline a run of this task saves: its EMA U-Net and the training noise scheduler."""
-        return DiffunetPipeline(unet=unet, scheduler=scheduler, **self.pipeline_options(cfg))
+        """The pipeline a run of this task saves: its EMA U-Net, the training noise scheduler, and how the run
+        samples (``sample_settings``)."""
+        return DiffunetPipeline(unet=unet, scheduler=scheduler, **self.pipeline_options(cfg), **sample_settings(cfg))
 
     def card(self, cfg, unet) -> tuple[str, str]:
         """(what the model is, a line of Python that uses its pipeline ``pipe``), for the model card."""
@@ -103,6 +109,12 @@ class Generate:
         equally often, against the reference."""
         images = sample(cfg.train.eval_num_images, class_labels="all" if model.config.num_classes else None)
         return evaluate(to_uint8(images), eval_reference(cfg), cfg.train.eval_extractor, seed=cfg.sample.seed)
+
+
+def sample_settings(cfg, keys=("scheduler", "steps", "guidance_scale")) -> dict:
+    """The run's ``sample.*`` as the pipelines' ``sample_*`` keywords: saved in its folder, so that sample.py
+    and a call without steps or guidance sample as the run did."""
+    return {f"sample_{key}": cfg.sample[key] for key in keys}
 
 
 def check_augment(cfg, model, task) -> None:
@@ -167,6 +179,9 @@ class ImageConditioned(Generate):
     rows = ("input", "output", "truth")
     augments = False                    # a geometric augmentation would have to move the condition as well
     paired = ""                         # the paired data this task can take: "conds" or "masks"
+
+    def sample_arguments(self, unet) -> str:
+        return "--cond inputs/ --out outputs" + (" --mask masks/" if IMAGE_TASKS[self.name].takes_mask else "")
 
     def check(self, cfg, model, dataset) -> None:
         needs_time(cfg, model)
@@ -306,6 +321,10 @@ class Segmentation:
     name = "segmentation"
     rows = ("image", "truth", "output")
     augments = False                    # the mask would have to move with the image
+    segments = True
+
+    def sample_arguments(self, unet) -> str:
+        return "--cond images/ --out masks --tile 128"
 
     def classes(self, model) -> int:
         return mask_classes(model)
@@ -410,6 +429,9 @@ class SegmentationDiffusion(Segmentation, Generate):
     rows = ("image", "truth", "output", "std")
     loss = Generate.loss
 
+    def sample_arguments(self, unet) -> str:
+        return "--cond images/ --out masks --num-per-cond 8"
+
     def check_model(self, cfg, model) -> None:
         needs_time(cfg, model)
         if model.config.cond_channels < 1:
@@ -433,7 +455,8 @@ class SegmentationDiffusion(Segmentation, Generate):
         return mask_to_sample(mask, self.classes(model)), keywords
 
     def pipeline(self, unet, scheduler, cfg):
-        return DiffunetSegmentationPipeline(unet=unet, scheduler=scheduler)
+        return DiffunetSegmentationPipeline(unet=unet, scheduler=scheduler,
+                                            **sample_settings(cfg, ("scheduler", "steps")))
 
     def card(self, cfg, unet) -> tuple[str, str]:
         return (f"A diffusion segmentation model ({self.classes(unet)} classes) of "

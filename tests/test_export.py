@@ -242,3 +242,72 @@ def test_bin_weights_of_plain_tensors_still_load(folder):
     torch.save(state, unet / "diffusion_pytorch_model.bin")
     loaded, _ = load_model(folder)
     assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ issue 30: our own folders
+
+def test_the_installed_class_loads_a_folder_without_running_its_code(folder, tmp_path):
+    """``DiffunetPipeline.from_pretrained(folder)`` with diffunet installed: no trust_remote_code, nothing imported
+    from the folder, the installed class with the same weights; diffusers' loader of the folder's own code stays."""
+    import diffunet
+    from diffunet import DiffunetSegmentationPipeline
+
+    before = set(sys.modules)
+    pipe = diffunet.DiffunetPipeline.from_pretrained(folder)
+    assert type(pipe) is diffunet.DiffunetPipeline                      # the installed class, not the copy
+    assert not [m for m in set(sys.modules) - before if m.split(".")[0].startswith(("diffunet_", "diffusers_modules"))]
+    assert type(pipe.unet) is diffunet.UNet and type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in pipe.unet.state_dict().items())
+    assert pipe.unet.dtype == torch.float32 and not pipe.unet.training
+    half = diffunet.DiffunetPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    assert half.unet.dtype == torch.bfloat16
+    with pytest.raises(export.CheckpointError, match="load it with DiffunetPipeline.from_pretrained"):
+        DiffunetSegmentationPipeline.from_pretrained(folder)
+    with pytest.raises(TypeError, match="not device_map"):
+        diffunet.DiffunetPipeline.from_pretrained(folder, device_map="auto")
+    probe(folder)
+    result = python(COMPARE.format(folder=folder, probe=folder.parent / "probe.safetensors"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]               # without diffunet: the folder's own code
+    assert "pipeline DiffunetPipeline diffusers_modules.local.diffunet_" in result.stdout
+
+
+def test_a_pipeline_samples_as_its_run_did(tmp_path):
+    """The run's sample.* travel in model_index.json: a call without steps or guidance uses them."""
+    from diffunet import DiffunetPipeline
+
+    cfg = fast_cfg(tmp_path, "sample.steps=3", "sample.guidance_scale=2.0", "sample.scheduler=flow_euler")
+    pipeline = task_of(cfg).pipeline(build_model(cfg).eval(), make_noise_scheduler(cfg.diffusion), cfg)
+    export.write_folder(tmp_path / "folder", pipeline, cfg, tmp_path, 0, None)
+    index = json.loads((tmp_path / "folder" / "model_index.json").read_text())
+    assert (index["sample_steps"], index["sample_guidance_scale"], index["sample_scheduler"]) == (3, 2.0, "flow_euler")
+    pipe = DiffunetPipeline.from_pretrained(tmp_path / "folder")
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    predict = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, *a, **k: calls.append(len(x)) or predict(x, t, *a, **k)
+    pipe(class_labels=[1], output_type="pt")
+    assert calls == [2, 2, 2]                       # 3 steps, each a batch of 2 (guidance 2: cond and uncond)
+
+
+def test_a_model_folder_records_what_it_predicts(folder, tmp_path, capsys):
+    """The unet/ of a pipeline folder, copied anywhere, still says what its model predicts; a model folder that
+    records nothing is refused with the flag to pass, never sampled as a guess."""
+    from diffunet.objectives import objective_of
+
+    bare = tmp_path / "bare"
+    (folder / "unet").rename(bare)
+    _, sampler = load_model(bare)
+    assert objective_of(sampler.config) == "flow" and type(sampler).__name__ == "DPMSolverMultistepScheduler"
+    config = json.loads((bare / "config.json").read_text())
+    del config[export.ckpt.SCHEDULER_KEY]
+    (bare / "config.json").write_text(json.dumps(config))
+    assert sample.main([str(bare), "--out", str(tmp_path / "s"), "--num-images", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {bare} does not say what its model predicts (a model folder saved without its training scheduler): "
+        f"pass --objective ddpm|flow|edm (with --prediction-type for a ddpm model), or sample the pipeline folder "
+        f"train.py wrote")
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
+    assert sample.main([str(bare), "--out", str(tmp_path / "s"), "--num-images", "1", "--objective", "flow",
+                        "--steps", "2", "--no-progress"]) == 0
+    assert "sampling with flow_dpmpp" in capsys.readouterr().out

@@ -199,6 +199,12 @@ def test_another_size_is_resized_with_a_warning_naming_the_file(sr, tmp_path):
     with pytest.warns(UserWarning, match=f"{cond / 'big.png'}: image is 8x8; resized to the model's 4x4") as caught:
         out = files(sample_conditioned(sr, cond, tmp_path / "out", batch_size=3, **KW))
     assert len(caught) == 1 and sorted(out) == ["big.png", "full.png", "grid.png", "small.png"]
+    for name in ("big2.png", "big3.png"):                               # several: said once, with the count
+        lows(cond, [name], size=(8, 8))
+    with pytest.warns(UserWarning) as caught:
+        sample_conditioned(sr, cond, tmp_path / "out", batch_size=3, **KW)
+    assert [str(w.message) for w in caught] == [
+        f"{cond / 'big.png'}: image is 8x8; resized to the model's 4x4 (2 more of the 5 files too)"]
 
 
 def test_repaint_inpaints_with_an_unconditional_model(tmp_path, capsys):

@@ -125,7 +125,8 @@ def test_folder_resume_extend_and_npz(pipeline, tmp_path):
 def test_any_channel_count_and_non_square(tmp_path, channels, size, suffix):
     model = tiny(in_channels=channels, sample_size=size, zero_init=False)
     model.save_pretrained(tmp_path / "model")                            # a bare model folder
-    out = sample_to_folder(tmp_path / "model", tmp_path / "out", 3, scheduler="euler", steps=2, progress=False)
+    out = sample_to_folder(tmp_path / "model", tmp_path / "out", 3, scheduler="euler", steps=2, objective="ddpm",
+                           progress=False)
     image = read_image(out / f"000002.{suffix}")
     assert image.shape == (*size, channels) and image.dtype == np.uint8 and (out / "grid.png").is_file()
 
@@ -200,3 +201,43 @@ def test_sample_py_pickled_bin_weights_are_one_line_and_never_run(model, tmp_pat
     assert result.returncode == 2 and not marker.exists()
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot load {weights}: it is not a file of tensors")
+
+
+# ------------------------------------------------------------------------------------------ issue 30: as the run did
+
+def test_sample_py_samples_as_the_run_did_unless_told(model, tmp_path, capsys):
+    """A pipeline folder's recorded sample.* (scheduler, steps, guidance) are sample.py's defaults: the same
+    images as asking for them, other images than the old fixed defaults (ddim, 50 steps, guidance 1)."""
+    import sample
+
+    folder = tmp_path / "pipeline"
+    DiffunetPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100), sample_scheduler="dpmpp",
+                     sample_steps=3, sample_guidance_scale=2.0).save_pretrained(folder)
+    args = ["--num-images", "3", "--no-progress", "--no-grid"]
+    assert sample.main([str(folder), "--out", str(tmp_path / "run"), *args]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == (f"sampling with dpmpp (DPMSolverMultistepScheduler), 3 steps, guidance 2 (--scheduler, --steps, "
+                    f"--guidance-scale: the run's sample.* in {folder.resolve() / 'model_index.json'})")
+    assert sample.main([str(folder), "--out", str(tmp_path / "told"), "--scheduler", "dpmpp", "--steps", "3",
+                        "--guidance-scale", "2", *args]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("guidance 2")      # nothing taken from the run
+    assert sample.main([str(folder), "--out", str(tmp_path / "old"), "--scheduler", "ddim", "--steps", "50",
+                        "--guidance-scale", "1", *args]) == 0
+    run, told, old = (folder_images(tmp_path / name) for name in ("run", "told", "old"))
+    assert all(np.array_equal(run[k], told[k]) for k in run)
+    assert any(not np.array_equal(run[k], old[k]) for k in run)
+
+
+def test_sample_py_errors_are_one_line(pipeline, tmp_path, capsys):
+    import sample
+
+    for argv, message in [([str(pipeline), "--out", "x", "--steps", "x"], "argument --steps: invalid int value"),
+                          ([str(pipeline), "--out", "x", "--mask", "m"], "--mask: only with --cond"),
+                          ([str(pipeline), "--out", "x", "--dtype", "False"], "argument --dtype: invalid choice")]:
+        with pytest.raises(SystemExit) as e:
+            sample.parse(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and "usage:" not in err and message in err, err
+    help_text = subprocess.run([sys.executable, str(ROOT / "sample.py"), "-h"], capture_output=True, text=True,
+                               env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
+    assert "--dtype {auto,no,bf16,fp16,fp32,float32,bfloat16,float16}" in help_text and "False" not in help_text

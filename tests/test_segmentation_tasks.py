@@ -159,6 +159,11 @@ def test_segmentation_run_trains_exports_and_segments_folders_by_tiles(tmp_path)
     assert index["scheduler"] == [None, None]                           # nothing to schedule
     card = (pipeline / "README.md").read_text()
     assert "A deterministic segmentation model (2 classes)" in card and "`diffunet_segment_pipeline.py`" in card
+    assert "python sample.py path/to/this/folder --cond images/ --out masks --tile 128` segments" in card
+    head = card.split("## Training")[0]                                 # no scheduler to name, no steps to take
+    assert f"with {cfg.sample.steps} steps" not in head and "ddim" not in head and "auto" not in head
+    pipe = DiffunetSegmentationPipeline.from_pretrained(pipeline)      # the installed class, no code from the folder
+    assert type(pipe) is DiffunetSegmentationPipeline and pipe.scheduler is None
     scores = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()][-1]
     assert 0 <= scores["dice"] <= 1 and scores["objects_truth"] > 0
     assert (run / "samples" / "final.png").is_file()
@@ -196,6 +201,16 @@ def test_segmentation_rejects_an_ensemble_of_a_deterministic_model(tmp_path, cap
         sample.main([str(tmp_path / "model"), "--cond", str(tmp_path / "images"), "--out", str(tmp_path / "o"),
                      "--guidance-scale", "3"])
     assert "--guidance-scale: not for a segmentation model" in capsys.readouterr().err
+    # one rule for every option a mode has no use for: a deterministic model has no steps, scheduler or eta
+    for option, value in (("--steps", "20"), ("--scheduler", "ddim"), ("--eta", "1")):
+        assert sample.main([str(tmp_path / "model"), "--cond", str(tmp_path / "images"), "--out",
+                            str(tmp_path / "o"), option, value]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {option}: not for a deterministic segmentation model "
+                                                   f"(one forward pass, no scheduler, one mask per image)")
+    with pytest.raises(SystemExit):                                     # nothing to segment: say what to pass
+        sample.main([str(tmp_path / "model"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{tmp_path / 'model'} is a segmentation model: pass --cond DIR" in err
     Image.fromarray(np.zeros((15, 16), np.uint8)).save(tmp_path / "images" / "sub" / "odd.png")
     assert sample.main([str(tmp_path / "model"), "--cond", str(tmp_path / "images"), "--out", str(tmp_path / "o"),
                         "--no-progress"]) == 2
