@@ -137,20 +137,21 @@ def device_class(device: torch.device | str) -> str:
 
 
 def resolve_precision(name: str, device: torch.device | str, what: str = "train.mixed_precision",
-                      warn: Callable[[str], object] | None = None) -> str:
+                      warn: Callable[[str], object] | None = None, instead: str | None = None) -> str:
     """accelerate's mixed_precision name ("no" | "fp16" | "bf16") for ``name`` on ``device``.
 
     "auto" picks by ``DEVICES``; explicit names and aliases (``ALIASES``) pass through. An explicit bf16 on a CPU
     without native bf16 runs as asked, with one line that says why and what to set instead, given to ``warn``
     (e.g. ``accelerator.print``: once per run, not per process) or, by default, ``warnings.warn`` as a
-    ``PrecisionWarning``. ``what`` names the option in that line and in the error for an unknown name."""
+    ``PrecisionWarning``. ``what`` names the option in that line and in the error for an unknown name;
+    ``instead`` replaces the line's advice (default: ``<what>=auto or no``)."""
     name = alias(name)
     choose({"auto": None, **PRECISION}, name, what)
     cls = device_class(device)
     hardware = DEVICES[cls]
     if name == "bf16" and hardware.bf16_slowdown:
         message = (f"bf16 on this CPU ({cls.removeprefix('cpu ')}, no native bf16) is emulated and "
-                   f"{hardware.bf16_slowdown} than fp32; use {what}=auto or no")
+                   f"{hardware.bf16_slowdown} than fp32; use {instead or what + '=auto or no'}")
         if warn is None:
             warnings.warn(message, PrecisionWarning, stacklevel=2)
         else:
@@ -183,7 +184,8 @@ def training_precision(asked: str, device: torch.device | str, warn: Callable[[s
         raise ValueError(f"train.mixed_precision={name} but the launcher says mixed_precision={launcher} "
                          f"(accelerate launch --mixed_precision, or your accelerate config; 'no' where neither "
                          f"says): make them agree, or leave train.mixed_precision=auto to follow the launcher")
-    resolved = resolve_precision(launcher, device, what="the launcher's mixed_precision", warn=warn)
+    resolved = resolve_precision(launcher, device, what="the launcher's mixed_precision", warn=warn,
+                                 instead="accelerate launch --mixed_precision no")
     return resolved, (f"train.mixed_precision=auto: {resolved}, the launcher's (accelerate launch "
                       f"--mixed_precision, or accelerate config)" if name == "auto" else None)
 

@@ -141,6 +141,15 @@ def test_the_launchers_precision_rules_over_auto(monkeypatch, launcher, asked, w
         assert ("the launcher's" in said) == (launcher is not None)
 
 
+def test_emulated_bf16_from_the_launcher_is_advised_at_the_launcher(monkeypatch):
+    mock(monkeypatch, "AVX2", {}, False, False)
+    notes = []
+    assert fast.training_precision("auto", "cpu", warn=notes.append, environ={fast.LAUNCHER_PRECISION: "bf16"})[0] \
+        == "bf16"
+    assert notes == ["bf16 on this CPU (AVX2, no native bf16) is emulated and ~10-35x slower than fp32; use "
+                     "accelerate launch --mixed_precision no"]
+
+
 @pytest.mark.parametrize("launcher,asked", [("bf16", "no"), ("no", "bf16")])
 def test_an_explicit_precision_that_contradicts_the_launcher_is_one_line(monkeypatch, launcher, asked, tmp_path):
     from diffunet.config import ConfigError
