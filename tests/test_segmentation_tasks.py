@@ -218,7 +218,7 @@ def test_segmentation_rejects_an_ensemble_of_a_deterministic_model(tmp_path, cap
     assert "odd.png: height 15 does not fit" in err and "nearest valid heights: 14 or 16" in err and "--tile" in err
 
 
-def test_diffusion_segmentation_run_writes_masks_and_std_maps(tmp_path):
+def test_diffusion_segmentation_run_writes_masks_and_std_maps(tmp_path, capsys):
     cfg = cfg_of("cells-segdiff", tmp_path, "train.max_steps=6", "train.eval_every=6")
     pipeline = train(cfg)
     scores = [json.loads(line) for line in (Path(cfg.output_dir) / "eval.jsonl").read_text().splitlines()][-1]
@@ -230,10 +230,18 @@ def test_diffusion_segmentation_run_writes_masks_and_std_maps(tmp_path):
     mask = np.asarray(Image.open(out / "sub" / "cell0.png"))
     std = np.asarray(Image.open(out / "sub" / "cell0_std.png"))
     assert mask.shape == std.shape == truth["sub/cell0"].shape
-    first = mask.copy()
-    assert sample.main([str(pipeline), "--cond", str(tmp_path / "images"), "--out", str(out), "--num-per-cond", "3",
-                        "--steps", "2", "--tile", "16", "--no-progress"]) == 0     # resumes: nothing to redo
+    first, stamp = mask.copy(), (out / "sub" / "cell0.png").stat().st_mtime_ns
+    again = [str(pipeline), "--cond", str(tmp_path / "images"), "--out", str(out), "--num-per-cond", "3",
+             "--steps", "2", "--tile", "16", "--no-progress"]
+    capsys.readouterr()
+    assert sample.main(again) == 0                                      # resumes: nothing to redo, nothing rewritten
+    assert capsys.readouterr().out.splitlines()[-1].startswith("0 images segmented by 1 process(es), 1 already there")
+    assert (out / "sub" / "cell0.png").stat().st_mtime_ns == stamp
+    (out / "sub" / "cell0_std.png").unlink()                            # an output lost: that image is redone, alike
+    assert sample.main(again) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("1 images segmented by 1 process(es), 0 already there")
     assert np.array_equal(np.asarray(Image.open(out / "sub" / "cell0.png")), first)
+    assert np.array_equal(np.asarray(Image.open(out / "sub" / "cell0_std.png")), std)
     Image.fromarray(truth["sub/cell0"].astype(np.uint8)).save(tmp_path / "truth.png")    # 0/1: read as ids
     (tmp_path / "truth").mkdir()
     (tmp_path / "truth.png").rename(tmp_path / "truth" / "cell0.png")
