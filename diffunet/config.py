@@ -47,20 +47,20 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000             # ddpm: the chain's length; flow, edm: the scale of the time input
     beta_schedule: str = "squaredcos_cap_v2"    # ddpm: "linear" | "scaled_linear" | "squaredcos_cap_v2" (cosine)
                                                 # | "sigmoid" (Jabri et al. 2022, lucidrains' default)
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
+    beta_start: float = 0.0001                  # ddpm: the first beta of "linear" and "scaled_linear"
+    beta_end: float = 0.02                      # ddpm: their last beta
     prediction_type: str = "epsilon"            # ddpm: "epsilon" | "v_prediction" | "sample" (x0)
     loss_weighting: str = "mse"                 # ddpm: "mse" | "min_snr" (min-SNR-gamma, Hang et al. 2023)
-    snr_gamma: float = 5.0
+    snr_gamma: float = 5.0                      # ddpm: min_snr's cap gamma on the x0-terms weight
     time_sampling: str = "logit_normal"         # flow: the law of t, "logit_normal" (SD3) | "uniform"
     logit_mean: float = 0.0                     # flow: t = sigmoid(N(logit_mean, logit_std^2))
-    logit_std: float = 1.0
+    logit_std: float = 1.0                      # flow: the std of logit(t)
     flow_shift: float = 1.0                     # flow: the samplers' timestep shift t' = s t / (1 + (s - 1) t)
     p_mean: float = -1.2                        # edm: ln sigma ~ N(p_mean, p_std^2) in training
-    p_std: float = 1.2
+    p_std: float = 1.2                          # edm: the std of ln sigma in training
     sigma_data: float = 0.5                     # edm: the data's std, for the preconditioning
-    sigma_min: float = 0.002                    # edm: the samplers' noise range
-    sigma_max: float = 80.0
+    sigma_min: float = 0.002                    # edm: the samplers' lowest noise level
+    sigma_max: float = 80.0                     # edm: the samplers' highest noise level
 
 
 @dataclass
@@ -69,9 +69,9 @@ class DataConfig:
                                                 # path | "hf:<name or path>"
     image_column: str = "image"                 # HF datasets: column holding the images
     label_column: Optional[str] = "label"       # HF datasets / digits: column of class ids (None: unlabelled)
-    split: str = "train"
+    split: str = "train"                        # HF datasets: the split trained on
     hflip: bool = False                         # random horizontal flips
-    num_workers: int = 0
+    num_workers: int = 0                        # DataLoader worker processes (0: load in the training process)
     bad_images: str = "strict"                  # unreadable images in a folder: "strict" (stop) | "skip" (warn)
     holdout: int = 0                            # images held out of training (a fixed split, seed 0): the
                                                 # conditions of grids and evaluation for image-conditioned tasks
@@ -88,35 +88,35 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 2000
+    max_steps: int = 2000                       # optimizer updates in the run
     batch_size: int = 64                        # per process
-    lr: float = 2e-4
+    lr: float = 2e-4                            # AdamW's peak learning rate
     lr_scheduler: str = "constant_with_warmup"  # any name diffusers' get_scheduler takes
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    warmup_steps: int = 100                     # linear warm-up of the lr, in optimizer updates
+    weight_decay: float = 0.0                   # AdamW's decoupled weight decay
+    adam_beta1: float = 0.9                     # AdamW's first beta (the gradients' decay)
+    adam_beta2: float = 0.999                   # AdamW's second beta (the squared gradients' decay)
     grad_clip: float = 1.0                      # max gradient norm; 0 turns clipping off
-    grad_accum: int = 1
+    grad_accum: int = 1                         # micro-batches per update (accelerate's accumulation)
     mixed_precision: str = "auto"               # "auto" (by the device: diffunet/fast.py) | "no" | "fp16" | "bf16"
     channels_last: bool = False                 # NHWC activations (a win on GPUs; see diffunet/fast.py)
     compile: bool = False                       # torch.compile the model (falls back to eager with a warning)
     num_threads: int = 0                        # CPU threads per process (torch.set_num_threads); 0: torch's
                                                 # default, one per core. 1 where another job shares the cores
     gradient_checkpointing: bool = False        # recompute each level in backward: memory for time
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999                    # diffusers' EMAModel: samples, evaluation and the pipeline use it
     label_dropout: float = 0.1                  # class-conditional models: drop labels to "null" (for CFG)
     cond_dropout: float = 0.0                   # image-conditioned models: drop the condition (zeros + a flag),
                                                 # so that guidance_scale applies to it
     augment_p: float = 0.0                      # EDM's non-leaky augmentation (diffunet.augment), each op with this
                                                 # probability; needs model.augment_dim=9 (task=generate)
-    seed: int = 0
-    log_every: int = 25
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    sample_every: int = 500
+    seed: int = 0                               # initial weights, data order and noise: a run is reproducible
+    log_every: int = 25                         # loss, lr, grad norm and img/s to tensorboard every N updates
+    checkpoint_every: int = 500                 # a full checkpoint (resumable bitwise) every N updates
+    keep_checkpoints: int = 3                   # the newest N are kept
+    sample_every: int = 500                     # a grid of EMA samples every N updates (samples/step_*.png)
     eval_every: int = 0                         # FID/KID of EMA samples every N steps (0: off)
-    eval_num_images: int = 256
+    eval_num_images: int = 256                  # samples (or held-out images) each evaluation scores
     eval_extractor: str = "digits"              # "digits" (offline) | "inception" | a path to Inception weights
     eval_reference: Optional[str] = None        # folder | .npz | "digits"; None: the training data
     resume: Optional[str] = None                # "latest" or a checkpoint folder
@@ -147,10 +147,10 @@ class SampleConfig:
                                                 # "euler" | "heun" | "heun_karras" | "unipc"; flow: "flow_dpmpp" |
                                                 # "flow_euler" | "flow_heun"; edm: "edm_dpmpp" | "edm_euler";
                                                 # "auto": the objective's first (ddim, flow_dpmpp, edm_dpmpp)
-    steps: int = 50
-    num_images: int = 64
+    steps: int = 50                             # sampling steps of grids, evaluation and, saved, sample.py
+    num_images: int = 64                        # images in each sample grid
     guidance_scale: float = 1.0                 # 1: the conditional model, 0: unconditional, > 1: stronger guidance
-    seed: int = 0
+    seed: int = 0                               # the grids' noise (evaluation: seed + 1)
     eta: ClassVar[float] = 0.0                  # DDIM noise: 0 deterministic, 1 DDPM-like
     batch_size: ClassVar[int] = 64              # images per forward pass per process; does not change the images
     dtype: ClassVar[str] = "float32"            # the U-Net's precision while sampling (a name fast.PRECISION takes)
@@ -170,7 +170,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"            # where the run writes; refused over checkpoints without --resume
     task: str = "generate"                      # what a batch means: a name in diffunet.tasks.TASKS
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

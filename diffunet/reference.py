@@ -1,0 +1,107 @@
+"""The configuration reference page, generated from the schema: every key of every section with its type, default
+and the comment beside it in the source (``config.py``'s dataclasses; ``UNet.__init__`` for ``model``).
+
+    python -m diffunet.reference docs/configuration.md      # rewrite the page; tests/test_docs.py fails when stale
+
+A table written by hand goes stale; this one is the schema's own words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+import sys
+import typing
+from pathlib import Path
+
+from . import config
+from .unet import UNet
+
+FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^=]+=.*?\s#\s?(.*)$")      # name: type = default   # comment
+MORE = re.compile(r"^\s+#\s?(.*)$")                               # a comment line continuing the one above
+
+HEADER = """# Configuration reference
+
+Every key of a run's config, generated from the schema (`diffunet/config.py`; `model` is `UNet.__init__`'s
+signature) by `python -m diffunet.reference docs/configuration.md`: a test fails when this page and the schema
+differ. Set a key in a YAML file (`python train.py --config my.yaml`) or on the command line
+(`python train.py train.lr=1e-4 model.skip=add`); `python train.py --print-config` prints the resolved config. An
+unknown key is one error line naming the likely one.
+"""
+
+
+def comments(source: str) -> dict[str, str]:
+    """name -> its comment, from the source of a dataclass body or a signature written one field a line, with a
+    trailing comment and comment-only lines below it that continue it."""
+    found, last = {}, None
+    for line in source.splitlines():
+        field, more = FIELD.match(line), MORE.match(line)
+        if field:
+            last = field[1]
+            found[last] = field[2].strip()
+        elif more and last is not None:
+            found[last] += " " + more[1].strip()
+        else:
+            last = None
+    return found
+
+
+def type_name(t) -> str:
+    """A field's type as written: the annotation string, or a typing object without its module."""
+    if isinstance(t, str):
+        return t
+    return t.__name__ if isinstance(t, type) else str(t).replace("typing.", "")
+
+
+def shown(value) -> str:
+    """A default as YAML reads it back: JSON of plain values (tuples as lists)."""
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def rows(schema: type, source: str, prefix: str) -> list[str]:
+    notes = comments(source)
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(f.type) or f.name in SECTIONS:
+            continue                                    # a section: a table of its own
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        note = notes.get(f.name, "").replace("|", "\\|")
+        lines.append(f"| `{prefix}{f.name}` | `{type_name(f.type)}` | `{shown(default)}` | {note} |")
+    return lines
+
+
+# section -> (its dataclass, the source its comments are read from, what it is)
+SECTIONS = {
+    "model": (config.ModelConfig, inspect.getsource(UNet.__init__), "the network: `UNet(**model)`, every switch"),
+    "diffusion": (config.DiffusionConfig, inspect.getsource(config.DiffusionConfig),
+                  "the objective and its noise schedule"),
+    "data": (config.DataConfig, inspect.getsource(config.DataConfig), "what is read, and how"),
+    "train": (config.TrainConfig, inspect.getsource(config.TrainConfig), "the loop, precision, EMA, checkpoints"),
+    "sample": (config.SampleConfig, inspect.getsource(config.SampleConfig),
+               "the run's sample grids and evaluation samples; saved with its pipeline, sample.py's defaults"),
+    "segment": (config.SegmentConfig, inspect.getsource(config.SegmentConfig), "the segmentation tasks"),
+}
+
+
+def page() -> str:
+    """The whole reference page, as docs/configuration.md holds it."""
+    out = [HEADER, "## Top level", "", *rows(config.Config, inspect.getsource(config.Config), ""), ""]
+    for name, (schema, source, what) in SECTIONS.items():
+        out += [f"## `{name}`: {what}", "", *rows(schema, source, f"{name}."), ""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m diffunet.reference PAGE.md", file=sys.stderr)
+        return 2
+    Path(argv[0]).write_text(page())
+    print(f"wrote {argv[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The docs that are generated stay in step with the code: the configuration reference page is the schema's."""
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from diffunet import reference
+from diffunet.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flat_keys(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from flat_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_the_configuration_page_is_the_schemas():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page == reference.page(), "docs/configuration.md is stale: python -m diffunet.reference docs/configuration.md"
+    rows = {line.split("|")[1].strip().strip("`"): line for line in page.splitlines() if line.startswith("| `")}
+    keys = list(flat_keys(OmegaConf.to_container(load_config())))
+    assert sorted(rows) == sorted(keys)                                 # every key of a run's config, no other
+    assert all(not line.rstrip().endswith("|  |") for line in rows.values())    # each with what it means
+
+
+def test_comments_are_read_with_their_continuation_lines():
+    source = '''
+    a: int = 1          # first
+                        # and more
+    b: str = "x#y"      # second
+    c: float = 0.5
+    '''
+    assert reference.comments(source) == {"a": "first and more", "b": "second"}
