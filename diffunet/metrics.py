@@ -313,8 +313,8 @@ def evaluate(fake, reference="digits", extractor="digits", *, batch_size: int = 
         extractor: ``"digits"`` (offline classifier), ``"inception"`` (weights from $DIFFUNET_INCEPTION or
             ``CACHE_DIR/inception-2015-12-05.pt``), a path to Inception weights, or an ``nn.Module`` with
             ``features_and_logits``. Missing weights raise ``ExtractorUnavailable`` (a one-line message).
-        kid_subset_size, kid_subsets: KID averages the unbiased MMD^2 over ``kid_subsets`` random subsets of
-            min(kid_subset_size, N_real, N_fake) images.
+        kid_subset_size: KID's subsets hold min(kid_subset_size, N_real, N_fake) images ...
+        kid_subsets: ... and it averages the unbiased MMD^2 over this many random ones.
         is_splits: IS is averaged over this many splits of the fake set, fewer where a split would hold
             under 100 images (one split below 200 images).
         cache: reuse the reference's features from ``CACHE_DIR`` (arrays are never cached).
@@ -391,23 +391,23 @@ def paired_scores(outputs, truth, *, mask=None, labels=None, classifier: str | P
     """Scores of image-conditioned outputs (super-resolution, inpainting) against their truth, image by image.
 
     Args:
-        outputs, truth: uint8 images of one shape, numpy (N, H, W, C) or torch (N, C, H, W); scored in [0, 1].
+        outputs: uint8 images, numpy (N, H, W, C) or torch (N, C, H, W); scored in [0, 1].
+        truth: uint8 images of the outputs' shape, their truth.
         mask: (N, H, W[, 1]) numpy or (N, 1, H, W) torch, bool or 0/1 (or 0/255): 1 marks the filled region.
         labels: (N,) class ids: adds the fraction of outputs that ``classifier`` puts in their class.
         classifier: what ``load_extractor`` takes (default the digits classifier); used only with ``labels``.
         lpips: add LPIPS where it can be built offline (``lpips_metric``), else a line in ``notes``.
 
     Returns:
-        dict(psnr, ssim, [psnr_masked], [accuracy], [lpips], num_images, [notes]):
-        - psnr: mean over images of each image's PSNR (dB, all channels), capped at ``PSNR_CAP`` = 100 dB so that
-          identical images keep the mean finite (a one-level error on one pixel of a 256x256 RGB image is 101 dB);
-        - ssim: torchmetrics' SSIM, mean over images, with the window of ``ssim_kernel`` (11x11, sigma 1.5 for
-          images of 11 pixels or more a side);
-        - psnr_masked: mean over images of the PSNR of the masked pixels only (all channels), capped likewise;
-          images with an empty mask are left out (and counted in ``notes``);
-        - accuracy: fraction of outputs classified as their label;
-        - lpips: torchmetrics' LPIPS (AlexNet), mean over images, lower is closer; gray images are repeated to
-          RGB, images under 64 pixels a side are upsampled (bilinear, by an integer factor) to at least 64.
+        dict(psnr, ssim, [psnr_masked], [accuracy], [lpips], num_images, [notes]). psnr: mean over images of each
+        image's PSNR (dB, all channels), capped at ``PSNR_CAP`` = 100 dB so that identical images keep the mean
+        finite (a one-level error on one pixel of a 256x256 RGB image is 101 dB). ssim: torchmetrics' SSIM, mean
+        over images, with the window of ``ssim_kernel`` (11x11, sigma 1.5 for images of 11 pixels or more a side).
+        psnr_masked: mean over images of the PSNR of the masked pixels only (all channels), capped likewise;
+        images with an empty mask are left out (and counted in ``notes``). accuracy: fraction of outputs
+        classified as their label. lpips: torchmetrics' LPIPS (AlexNet), mean over images, lower is closer; gray
+        images are repeated to RGB, images under 64 pixels a side are upsampled (bilinear, by an integer factor)
+        to at least 64.
     """
     device = _device(device)
     outputs, truth = _as_nchw(outputs, "outputs"), _as_nchw(truth, "truth")

@@ -1,7 +1,11 @@
 """The docs that are generated stay in step with the code: the configuration reference page is the schema's."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from diffunet import reference
@@ -35,3 +39,19 @@ def test_comments_are_read_with_their_continuation_lines():
     c: float = 0.5
     '''
     assert reference.comments(source) == {"a": "first and more", "b": "second"}
+
+
+def test_the_site_builds_strictly(tmp_path):
+    """``mkdocs build --strict`` (the docs extra): every page, link and API docstring resolves; the home page is
+    the README, its links into docs/ made site links."""
+    pytest.importorskip("mkdocs", reason="the docs extra: pip install -e '.[docs]'")
+    pytest.importorskip("mkdocstrings", reason="the docs extra: pip install -e '.[docs]'")
+    site = tmp_path / "site"
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)], cwd=ROOT,
+                            capture_output=True, text=True, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    home = (site / "index.html").read_text()
+    assert "diffunet" in home and 'href="configuration/"' in home and "bench/README.md" in home
+    assert "DiffunetPipeline" in (site / "api" / "index.html").read_text()       # the docstrings made it in
+    for page in ("sampling", "configuration", "recipes/default", "report", "api"):
+        assert (site / page / "index.html").is_file(), page
