@@ -1,9 +1,10 @@
 """Sample images from a trained diffunet model.
 
-    python sample.py runs/digits/pipeline --out samples --num-images 100 [--scheduler ddim --steps 50 ...]
-    accelerate launch sample.py runs/digits/pipeline --out samples --num-images 10000    # indices split over processes
-    python sample.py runs/digits-sr/pipeline --cond lowres/ --out sharp [--mask masks/] [--num-per-cond 4]
-    python sample.py runs/cells-seg/pipeline --cond images/ --out masks [--tile 128] [--num-per-cond 8]
+    python sample.py runs/digits/pipeline --out runs/digits/samples --num-images 100 [--scheduler flow_euler ...]
+    accelerate launch sample.py runs/digits/pipeline --out runs/digits/samples --num-images 10000   # split
+    python sample.py runs/digits-sr/pipeline --cond lowres/ --out runs/digits-sr/sharp [--num-per-cond 4]
+    python sample.py runs/cells-seg/pipeline --cond images/ --out runs/cells-seg/masks [--tile 128]
+    python sample.py runs/cells-segdiff/pipeline --cond images/ --out runs/cells-segdiff/masks --num-per-cond 8
 
 Every option is a keyword of ``diffunet.sampling.sample_to_folder`` or, with --cond,
 ``diffunet.sampling.sample_conditioned`` (``diffunet.segment_sample.segment_to_folder`` for a segmentation
@@ -14,18 +15,18 @@ import argparse
 import inspect
 import sys
 
-from diffunet.checkpoint import CheckpointError, is_segmentation
+from diffunet.checkpoint import CheckpointError, is_deterministic, is_segmentation
 from diffunet.cli import ArgumentParser
 from diffunet.config import SampleConfig
 from diffunet.fast import ALIASES, PRECISION
 from diffunet.objectives import OBJECTIVES, TARGETS
 from diffunet.sampling import INPAINTING_SCHEDULERS, SCHEDULERS, sample_conditioned, sample_to_folder
-from diffunet.segment_sample import segment_to_folder
+from diffunet.segment_sample import DIFFUSION_ONLY, segment_to_folder
 
 DEFAULTS = SampleConfig()
 GIVEN = argparse.SUPPRESS       # every option reaches the function only when given: its own default applies
                                 # (None: as the run sampled), and an option a mode has no use for is refused
-RUN = "default: as the run sampled (its pipeline folder says), else {}"
+AS_THE_RUN = "default: as the run sampled (its pipeline folder says), else {}"
 
 
 def runner(args: dict):
@@ -40,7 +41,7 @@ def runner(args: dict):
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python sample.py", description=__doc__.splitlines()[0])
     p.add_argument("model", help="pipeline folder written by train.py, or a UNet.save_pretrained folder")
     p.add_argument("--out", required=True, help="output folder: 000000.png, ..., grid.png (with --cond: the "
                                                 "conditions' relative paths and stems)")
@@ -57,8 +58,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--overlap", type=int, default=GIVEN, metavar="P",
                    help="with --tile, 'same'-padding models: blended overlap of neighbouring tiles (default T/4)")
     p.add_argument("--scheduler", choices=[*SCHEDULERS, *INPAINTING_SCHEDULERS], default=GIVEN,
-                   help="repaint: training-free inpainting (with --cond and --mask); " + RUN.format("auto"))
-    p.add_argument("--steps", type=int, default=GIVEN, help=RUN.format(50))
+                   help="repaint: training-free inpainting (with --cond and --mask); " + AS_THE_RUN.format("auto"))
+    p.add_argument("--steps", type=int, default=GIVEN, help=AS_THE_RUN.format(50))
     p.add_argument("--eta", type=float, default=GIVEN, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--batch-size", type=int, default=GIVEN, help=f"default {DEFAULTS.batch_size}")
     p.add_argument("--seed", type=int, default=GIVEN, help=f"default {DEFAULTS.seed}")
@@ -68,7 +69,8 @@ def parse(argv=None) -> argparse.Namespace:
     labels.add_argument("--classes", choices=["all"], default=GIVEN,
                         help="a balanced set (the default for conditional models)")
     p.add_argument("--guidance-scale", type=float, default=GIVEN,
-                   help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger; " + RUN.format(1))
+                   help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger; "
+                        + AS_THE_RUN.format(1))
     p.add_argument("--dtype", choices=["auto", *PRECISION, *ALIASES], default=GIVEN,
                    help=f"the U-Net's precision (default {DEFAULTS.dtype})")
     p.add_argument("--device", default=GIVEN, help="default: the process's accelerator, else the CPU")
@@ -81,17 +83,27 @@ def parse(argv=None) -> argparse.Namespace:
                    help="also write the images as uint8 in an .npz (default name samples.npz, in --out)")
     p.add_argument("--no-grid", dest="grid", action="store_false", default=GIVEN)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=GIVEN)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     try:
         run = runner(vars(args))
+        deterministic = run is segment_to_folder and is_deterministic(args.model)
     except (CheckpointError, ValueError) as e:
         p.error(str(e))
-    wrong = sorted(set(vars(args)) - set(inspect.signature(run).parameters))
-    if wrong:                                   # one rule: an option given that this mode has no use for
-        where = ("not for a segmentation model" if run is segment_to_folder else
+    takes = set(inspect.signature(run).parameters) - set(DIFFUSION_ONLY if deterministic else ())
+    wrong = [name for name in vars(args) if name not in takes]
+    if wrong:                                   # one rule: every option given that this mode has no use for
+        where = ("not for a deterministic segmentation model (one forward pass, no scheduler)" if deterministic else
+                 "not for a segmentation model" if run is segment_to_folder else
                  "not with --cond" if "cond" in vars(args) else "only with --cond")
-        p.error(f"{', '.join('--' + name.replace('_', '-') for name in wrong)}: {where}")
+        p.error(f"{', '.join(typed(p, name, argv) for name in wrong)}: {where}")
     return args
+
+
+def typed(parser: argparse.ArgumentParser, dest: str, argv: list[str]) -> str:
+    """The option string the user typed for ``dest`` (``--no-grid`` for grid, ``--class-label`` for classes)."""
+    options = [o for a in parser._actions if a.dest == dest for o in a.option_strings]
+    return next((o for o in options if any(arg == o or arg.startswith(o + "=") for arg in argv)), options[0])
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 
     python train.py                                     # the default: digits, offline, minutes on a CPU
     python train.py --config configs/small.yaml train.lr=1e-4 model.skip=concat_1x1
-    accelerate launch --multi_gpu --num_processes 2 train.py --config ... --resume latest
+    accelerate launch --multi_gpu --num_processes 2 --mixed_precision bf16 train.py --config ... --resume latest
 """
 
 import sys

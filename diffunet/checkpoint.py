@@ -466,9 +466,9 @@ def _segmentation_index(index: dict) -> bool:
 def is_segmentation(path) -> bool:
     """Whether ``path`` is a segmentation pipeline folder (``DiffunetSegmentationPipeline``) or its ``unet/``, or a
     model folder on its own of a U-Net without time (deterministic: it segments)."""
-    index = pipeline_index(path)
-    if index is not None:
-        return _segmentation_index(_read_json(index))
+    record = pipeline_record(path)
+    if record:
+        return _segmentation_index(record)
     return (Path(path) / "config.json").is_file() and is_deterministic(path)
 
 
@@ -480,18 +480,28 @@ def is_deterministic(path) -> bool:
 
 
 def pipeline_options(path) -> dict:
-    """``{"task": ..., "sr_factor": ...}`` of a pipeline folder (its ``model_index.json``), the keywords of
-    ``DiffunetPipeline`` beside the unet and scheduler; ``PIPELINE_OPTIONS`` where it names none, or where
-    ``path`` is a bare model folder. Values no pipeline takes are one CheckpointError line naming the file."""
-    index = pipeline_index(path)
-    saved = _read_json(index) if index is not None else {}
+    """``{"task": ..., "sr_factor": ...}`` of a pipeline folder, or of a model folder that records its pipeline
+    (``pipeline_record``), the keywords of ``DiffunetPipeline`` beside the unet and scheduler; ``PIPELINE_OPTIONS``
+    where it names none. A model that takes an image condition but records no task, and values no pipeline
+    takes, are one CheckpointError line naming the folder or file."""
+    saved = pipeline_record(path)
+    where = pipeline_index(path) or Path(path) / "config.json"
+    if not saved and is_conditioned(path):
+        raise CheckpointError(f"{path} takes an image condition (model.cond_channels) but does not say for which "
+                              f"task (super-resolution, inpainting, ...): sample the pipeline folder it came from")
     options = {key: saved.get(key, default) for key, default in PIPELINE_OPTIONS.items()}
     task, factor = options["task"], options["sr_factor"]
     if task != "generate" and task not in IMAGE_TASKS:
-        raise CheckpointError(f"{index} names task {task!r}; this diffunet knows generate, {', '.join(IMAGE_TASKS)}")
+        raise CheckpointError(f"{where} names task {task!r}; this diffunet knows generate, {', '.join(IMAGE_TASKS)}")
     if type(factor) is not int or factor < 1:
-        raise CheckpointError(f"{index} has sr_factor {factor!r}; it must be a positive integer")
+        raise CheckpointError(f"{where} has sr_factor {factor!r}; it must be a positive integer")
     return options
+
+
+def is_conditioned(path) -> bool:
+    """Whether the model of folder ``path`` takes an image condition (``cond_channels`` > 0)."""
+    config = model_folder(path) / "config.json"
+    return config.is_file() and bool(_read_json(config).get("cond_channels"))
 
 
 def pipeline_index(path) -> Path | None:
@@ -504,19 +514,40 @@ def pipeline_index(path) -> Path | None:
     return None
 
 
-def sample_settings(path) -> dict:
-    """``{"scheduler": ..., "steps": ..., "guidance_scale": ...}``: how the run that wrote pipeline folder ``path``
-    (or its ``unet/``) sampled: its ``sample.*``, saved in ``model_index.json``; ``SAMPLE_SETTINGS`` for what a
-    folder does not say (a folder from before they were saved, a model folder on its own)."""
+def pipeline_record(path) -> dict:
+    """What speaks for folder ``path`` as a pipeline: its ``model_index.json`` (``pipeline_index``), else the record
+    its U-Net's config.json carries (``record_pipeline``: a ``unet/`` copied out of its pipeline folder); {} for a
+    model folder with neither."""
     index = pipeline_index(path)
-    saved = _read_json(index) if index is not None else {}
-    return {key: saved.get(SAMPLE_PREFIX + key, default) for key, default in SAMPLE_SETTINGS.items()}
+    if index is not None:
+        return _read_json(index)
+    config = Path(path) / "config.json"
+    record = _read_json(config).get(PIPELINE_KEY) if config.is_file() else None
+    return dict(record) if isinstance(record, dict) else {}
+
+
+def sample_settings(path) -> dict:
+    """How the run that wrote folder ``path`` sampled, as far as the folder says (``pipeline_record``): some of
+    ``{"scheduler": ..., "steps": ..., "guidance_scale": ...}`` (its ``sample.*``); {} for a folder from before
+    they were saved, or a model folder on its own. ``SAMPLE_SETTINGS`` are the defaults of what it leaves out."""
+    saved = pipeline_record(path)
+    return {key: saved[SAMPLE_PREFIX + key] for key in SAMPLE_SETTINGS if SAMPLE_PREFIX + key in saved}
 
 
 # A model folder records its training scheduler's config in its config.json under this private key (diffusers
 # keeps "_" keys through save and load and passes none to __init__): a bare model folder then says what its model
 # predicts, and nothing has to be guessed.
 SCHEDULER_KEY = "_diffunet_training_scheduler"
+
+
+# ... and the pipeline's class and keywords (task, sr_factor, sample_*) under this one.
+PIPELINE_KEY = "_diffunet_pipeline"
+
+
+def record_pipeline(pipeline) -> None:
+    """Write ``pipeline``'s class and keywords into its U-Net's config, to be saved with it."""
+    options = {k: v for k, v in pipeline.config.items() if not k.startswith("_") and k not in ("unet", "scheduler")}
+    pipeline.unet.register_to_config(**{PIPELINE_KEY: {"_class_name": type(pipeline).__name__, **options}})
 
 
 def record_scheduler(unet, scheduler) -> None:
@@ -544,9 +575,11 @@ def load_model_folder(path: Path, dtype: torch.dtype = torch.float32) -> tuple[U
     path = Path(path)
     if (path / "model_index.json").is_file():
         index = _check_pipeline_index(path / "model_index.json")
+        unet = load_unet(path, dtype, classes=(index["unet"][1],)).eval()
+        if unet.config.get(SCHEDULER_KEY):             # scheduler/ is then the run's sampler
+            return unet, dict(unet.config[SCHEDULER_KEY])
         has_scheduler = index.get("scheduler") != [None, None]
-        scheduler = _read_json(path / "scheduler" / "scheduler_config.json") if has_scheduler else None
-        return load_unet(path, dtype, classes=(index["unet"][1],)).eval(), scheduler
+        return unet, _read_json(path / "scheduler" / "scheduler_config.json") if has_scheduler else None
     if (path / "config.json").is_file():
         unet = load_unet(path, dtype).eval()
         return unet, recorded_scheduler(path, unet)
@@ -554,9 +587,10 @@ def load_model_folder(path: Path, dtype: torch.dtype = torch.float32) -> tuple[U
                           "(config.json); pass the <output_dir>/pipeline folder that train.py writes")
 
 
-# Keywords of DiffusionPipeline.from_pretrained that mean nothing for a local folder read by load_pipeline
+# Keywords of DiffusionPipeline.from_pretrained that mean nothing for a local folder read by load_pipeline (a
+# folder holds one set of weights: a variant, or a dtype per component, is refused rather than ignored)
 LOCAL_NOOPS = {"trust_remote_code", "local_files_only", "use_safetensors", "low_cpu_mem_usage", "cache_dir",
-               "revision", "variant"}
+               "revision"}
 
 
 def load_pipeline(cls, path, torch_dtype: torch.dtype | None = None, **kwargs):
@@ -571,6 +605,8 @@ def load_pipeline(cls, path, torch_dtype: torch.dtype | None = None, **kwargs):
     if unknown:
         raise TypeError(f"{cls.__name__}.from_pretrained of a local folder takes torch_dtype, unet= and "
                         f"scheduler=, not {', '.join(unknown)}")
+    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise TypeError(f"torch_dtype={torch_dtype!r}: a diffunet folder takes one torch.dtype (its U-Net's)")
     path = Path(path)
     index = _check_pipeline_index(path / "model_index.json") if (path / "model_index.json").is_file() else None
     if index is None:
@@ -580,12 +616,12 @@ def load_pipeline(cls, path, torch_dtype: torch.dtype | None = None, **kwargs):
     if segmentation != issubclass(cls, DiffunetSegmentationPipeline):
         right = "DiffunetSegmentationPipeline" if segmentation else "DiffunetPipeline"
         raise CheckpointError(f"{path} holds a {right}; load it with {right}.from_pretrained")
-    if "unet" not in given or "scheduler" not in given:
-        unet, scheduler_config = load_model_folder(path, torch_dtype or torch.float32)
-        given.setdefault("unet", unet)
-        if "scheduler" not in given:
-            name = index["scheduler"][1]
-            given["scheduler"] = None if name is None else getattr(diffusers, name).from_config(scheduler_config)
+    if "unet" not in given:
+        given["unet"] = load_model_folder(path, torch_dtype or torch.float32)[0]
+    if "scheduler" not in given:                        # scheduler/ as saved: the run's sampler (older: training's)
+        name = index["scheduler"][1]
+        given["scheduler"] = None if name is None else getattr(diffusers, name).from_config(
+            _read_json(path / "scheduler" / "scheduler_config.json"))
     takes = set(inspect.signature(cls.__init__).parameters) - {"self", "unet", "scheduler"}
     options = {k: v for k, v in index.items() if k in takes}
     if not segmentation:

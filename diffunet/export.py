@@ -16,7 +16,6 @@ with different code apart in one process, where diffusers puts every local folde
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
@@ -30,8 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
+from .cli import ArgumentParser
 from .config import ConfigError, build_model, load_config
 from .objectives import OBJECTIVES, make_noise_scheduler, sampler_name
+from .sampling import make_scheduler
 from .tasks import task_of
 
 PACKAGE = Path(__file__).resolve().parent
@@ -192,10 +193,15 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
 def write_folder(folder: Path, pipeline: DiffusionPipeline, cfg: DictConfig, run: Path, step: int,
                  grid: Path | None) -> Path:
     """The portable pipeline folder: ``save_pretrained``, the code (``make_portable``), the sample grid and the
-    model card. ``folder`` must not exist yet (see ``checkpoint.replace_folder``). The U-Net's config records the
-    training scheduler (``checkpoint.record_scheduler``), so that its ``unet/`` alone still says what it predicts."""
+    model card. ``folder`` must not exist yet (see ``checkpoint.replace_folder``). ``pipeline`` holds the training
+    scheduler: the U-Net's config records it (``checkpoint.record_scheduler``: what the model predicts, from which
+    any sampler is made), and ``scheduler/`` becomes the run's sampler (``sample.scheduler``), so that a plain
+    ``pipe()`` samples as the run did. The pipeline's class and keywords are recorded in the U-Net's config too
+    (``checkpoint.record_pipeline``), so that a ``unet/`` copied out alone still says which job it does."""
     if pipeline.scheduler is not None:
         ckpt.record_scheduler(pipeline.unet, pipeline.scheduler)
+        pipeline.scheduler = make_scheduler(cfg.sample.scheduler, pipeline.scheduler.config)
+    ckpt.record_pipeline(pipeline)
     pipeline.save_pretrained(folder)
     modules = make_portable(folder, type(pipeline))
     if grid is not None:
@@ -239,7 +245,7 @@ def export(run: Path, out: Path, checkpoint: str | None = None, force: bool = Fa
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write a run's model as a pipeline folder that loads without diffunet "
+    p = ArgumentParser(prog="python -m diffunet.export", description="Write a run's model as a pipeline folder that loads without diffunet "
                                             "(trust_remote_code=True), with a model card.")
     p.add_argument("run", help="the run's output_dir (holds config.yaml, pipeline/, checkpoints/)")
     p.add_argument("out", help="the folder to write")

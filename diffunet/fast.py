@@ -172,7 +172,8 @@ def training_precision(asked: str, device: torch.device | str, warn: Callable[[s
     The launcher's word rules over "auto", as accelerate's users and diffusers' training scripts expect; where no
     launcher spoke, "auto" picks by the device (``resolve_precision``). An explicit ``train.mixed_precision``
     that differs from the launcher's is a ValueError: one line naming both, since either silently winning trains
-    in a precision somebody did not ask for."""
+    in a precision somebody did not ask for. A bare ``accelerate launch`` (no flag, no config) says "no": fp32,
+    also where "auto" would pick bf16, as accelerate itself does."""
     launcher = (os.environ if environ is None else environ).get(LAUNCHER_PRECISION)
     name = alias(asked)
     if launcher is None:
@@ -182,8 +183,9 @@ def training_precision(asked: str, device: torch.device | str, warn: Callable[[s
     launcher = alias(launcher.lower())
     if name not in ("auto", launcher):
         raise ValueError(f"train.mixed_precision={name} but the launcher says mixed_precision={launcher} "
-                         f"(accelerate launch --mixed_precision, or your accelerate config; 'no' where neither "
-                         f"says): make them agree, or leave train.mixed_precision=auto to follow the launcher")
+                         f"({LAUNCHER_PRECISION}: accelerate launch's --mixed_precision, or your accelerate config, "
+                         f"'no' where neither says): make them agree, or leave train.mixed_precision=auto to follow "
+                         f"the launcher")
     resolved = resolve_precision(launcher, device, what="the launcher's mixed_precision", warn=warn,
                                  instead="accelerate launch --mixed_precision no")
     return resolved, (f"train.mixed_precision=auto: {resolved}, the launcher's (accelerate launch "

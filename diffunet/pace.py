@@ -50,20 +50,22 @@ def busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
     return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total > 0 else None
 
 
-def busy_at_start(threads: int, load: float | None = None, cores: int | None = None, now=busy_cores) -> str | None:
+def busy_at_start(threads: int, load: float | None = None, cores: int | None = None, now=None) -> str | None:
     """A warning line where other work already uses the CPU this run's ``threads`` will want, else None. ``load``
     (default: the 1-minute load average), ``cores`` and ``now`` (``busy_cores``) are there for tests."""
     cores = cores or os.cpu_count() or 1
     if load is None:
         try:
             load = os.getloadavg()[0]
-        except OSError:                                  # not on this platform
+        except (OSError, AttributeError):                # not on this platform (Windows)
             return None
     if load + threads <= cores + 0.5:
         return None
-    running = now()
+    running = (now or busy_cores)()
     if running is not None and running + threads <= cores + 0.5:
         return None                                      # the load average remembers work that has ended
+    if running is None and load < cores:                 # no /proc/stat (macOS idles above 1): the load alone,
+        return None                                      # only where it fills every core
     seen = f"{running:.1f} cores busy now" if running is not None else f"load average {load:.1f}"
     return (f"WARNING: other work is using this CPU ({seen}, {cores} cores, this run wants {threads} threads): "
             f"training will crawl while it runs; wait for it, or set train.num_threads="

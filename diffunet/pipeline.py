@@ -29,6 +29,10 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, RePaintScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+class ResizeWarning(UserWarning):
+    """A condition of another size than the model's, resized to it (``sample.py --cond`` counts them)."""
+
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")   # "latent": the raw final sample, model space (~[-1, 1]), float32
 
 
@@ -163,8 +167,9 @@ class DiffunetPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, batch_size: int | None = None, class_labels=None, guidance_scale: float | None = None,
-                 num_inference_steps: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
-                 eta: float = 0.0, image=None, mask_image=None, output_type: str = "pil", return_dict: bool = True):
+                 num_inference_steps: int | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
+                 image=None, mask_image=None, output_type: str = "pil", return_dict: bool = True):
         """Sample images.
 
         Args:
@@ -298,7 +303,7 @@ class DiffunetPipeline(DiffusionPipeline):
         if h * size[1] != w * size[0]:
             raise ValueError(f"{name} is {h}x{w}, but this model takes {size[0]}x{size[1]} (another aspect "
                              f"ratio): crop it to {size[0]}:{size[1]}")
-        warnings.warn(f"{name} is {h}x{w}; resized to the model's {size[0]}x{size[1]}", stacklevel=3)
+        warnings.warn(f"{name} is {h}x{w}; resized to the model's {size[0]}x{size[1]}", ResizeWarning, stacklevel=3)
         if mode == "nearest":
             return F.interpolate(x, size=size, mode="nearest")
         return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False).clamp(-1, 1)

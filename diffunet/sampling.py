@@ -21,13 +21,14 @@ import torch
 from diffusers import RePaintScheduler
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_model_folder, pipeline_index, pipeline_options, sample_settings
+from .checkpoint import (SAMPLE_SETTINGS, CheckpointError, is_segmentation, load_model_folder, pipeline_index,
+                         pipeline_options, sample_settings)
 from .config import DiffusionConfig, SampleConfig
 from .data import (PIL_MODES, DataError, image_path, load_image, match_channels, no_images, pair_files, read_image,
                    read_mask, save_grid, to_uint8, write_image)
 from .fast import describe_device, precision, resolve_precision
 from .objectives import SAMPLERS, make_noise_scheduler, make_sampler, objective_of, sampler_name
-from .pipeline import DiffunetPipeline, upsample_condition
+from .pipeline import DiffunetPipeline, ResizeWarning, upsample_condition
 
 SCHEDULERS = {"auto": None, **SAMPLERS}  # "auto": the model's objective's default (objectives.OBJECTIVES)
 # Schedulers that need an image and a mask (``sample.py --cond --mask``): training-free inpainting with any
@@ -197,25 +198,27 @@ def load_for_processes(model: str | Path, dtype: str, device: str | None, *, sch
         print(f"--dtype {dtype}: {name} on {describe_device(where)}")
     given = dict(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale)
     saved = sample_settings(model)
-    settings = {key: saved[key] if value is None else value for key, value in given.items()}
+    settings = {key: saved.get(key, SAMPLE_SETTINGS[key]) if value is None else value for key, value in given.items()}
     unet, sched = load_model(model, settings["scheduler"], prediction_type, precision(name, "dtype")[1], objective)
     if sched is not None and state.is_main_process:
-        print(describe_settings(model, sched, settings, [key for key, value in given.items() if value is None]))
+        print(describe_settings(model, sched, settings, given, saved, guided=not is_segmentation(model)))
     return state, unet.to(where), sched, settings
 
 
-def describe_settings(model, sched, settings: dict, from_run: list[str]) -> str:
-    """One line: the scheduler (by name and class), steps and guidance a sampling run uses, and which of them
-    come from the run that wrote ``model`` rather than from the command line."""
+def describe_settings(model, sched, settings: dict, given: dict, saved: dict, guided: bool = True) -> str:
+    """One line: the scheduler (by name and class), steps and (where the model takes it) guidance a sampling run
+    uses, and where each that was not ``given`` comes from: the run that wrote ``model`` (``saved``), or the
+    defaults where the folder records none."""
     name = sampler_name(settings["scheduler"], sched.config) if settings["scheduler"] != "repaint" else "repaint"
-    line = (f"sampling with {name} ({type(sched).__name__}), {settings['steps']} steps, guidance "
-            f"{settings['guidance_scale']:g}")
-    if not from_run:
-        return line
-    index = pipeline_index(model)
-    where = f"the run's sample.* in {index}" if index is not None else "defaults: the folder records no settings"
-    flags = ", ".join(f"--{key.replace('_', '-')}" for key in from_run)
-    return f"{line} ({flags}: {where})"
+    shown = ["scheduler", "steps"] + (["guidance_scale"] if guided else [])
+    line = (f"sampling with {name} ({type(sched).__name__}), {settings['steps']} steps"
+            + (f", guidance {settings['guidance_scale']:g}" if guided else ""))
+    sources = {"the run's sample.* in " + str(pipeline_index(model) or Path(model) / "config.json"):
+               [key for key in shown if given[key] is None and key in saved],
+               "defaults, the folder records none": [key for key in shown if given[key] is None and key not in saved]}
+    said = [f"{', '.join('--' + key.replace('_', '-') for key in keys)}: {where}" for where, keys in sources.items()
+            if keys]
+    return f"{line} ({'; '.join(said)})" if said else line
 
 
 def sample_to_folder(model: str | Path, out: str | Path, num_images: int = SampleConfig.num_images, *,
@@ -399,7 +402,7 @@ def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, 
         for _, path, mask_path in items:
             read_condition(pipe, path, mask_path)
     if caught and state.is_main_process:                    # files of another size: said once, with the count
-        resized = [w for w in caught if "resized" in str(w.message)]
+        resized = [w for w in caught if issubclass(w.category, ResizeWarning)]
         for w in [w for w in caught if w not in resized] + resized[:1]:
             more = f" ({len(resized) - 1} more of the {len(items)} files too)" if w in resized[:1] and \
                 len(resized) > 1 else ""

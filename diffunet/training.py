@@ -155,13 +155,16 @@ class Trainer:
         try:        # the launcher's word, else "auto" by what the device does; the saved config records what ran
             t.mixed_precision, said = training_precision(t.mixed_precision, "cpu" if no_accelerator() else "cuda",
                                                          warn=notes.append)
-            threads = set_threads(t.num_threads)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.accelerator = acc = Accelerator(
             cpu=no_accelerator(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        try:            # after the Accelerator: several CPU processes have it set the threads, then ours rule
+            threads = set_threads(t.num_threads)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if said:
             acc.print(said)
         for note in notes:

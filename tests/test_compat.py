@@ -31,12 +31,16 @@ def run(tmp_path) -> Path:
 def test_an_old_pipeline_folder_loads_samples_and_exports(run, tmp_path, capsys):
     pipeline = run / "pipeline"
     assert "sample_steps" not in json.loads((pipeline / "model_index.json").read_text())   # from before #30
-    assert sample_settings(pipeline) == {"scheduler": "auto", "steps": 50, "guidance_scale": 1.0}
+    assert sample_settings(pipeline) == {}                                # it records none: the defaults apply
     pipe = DiffunetPipeline.from_pretrained(pipeline)
     unet, sampler = load_model(pipeline / "unet")                       # the unet/ alone: its pipeline's scheduler
     assert objective_of(sampler.config) == "flow" and torch.equal(unet.conv_in.weight, pipe.unet.conv_in.weight)
+    capsys.readouterr()
     assert sample.main([str(pipeline), "--out", str(tmp_path / "s"), "--num-images", "3", "--steps", "2",
                         "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("sampling with flow_dpmpp (DPMSolverMultistepScheduler), 2 "
+                                                       "steps, guidance 1 (--scheduler, --guidance-scale: defaults, "
+                                                       "the folder records none)")
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["000000.png", "000001.png", "000002.png",
                                                                    "grid.png"]
     assert export.main([str(run), str(tmp_path / "out"), "--checkpoint", "latest"]) == 0

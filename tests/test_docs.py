@@ -24,7 +24,7 @@ def flat_keys(node, prefix=""):
 
 def test_the_configuration_page_is_the_schemas():
     page = (ROOT / "docs" / "configuration.md").read_text()
-    assert page == reference.page(), "docs/configuration.md is stale: python -m diffunet.reference docs/configuration.md"
+    assert page == reference.page(), "stale: python -m diffunet.reference docs/configuration.md"
     rows = {line.split("|")[1].strip().strip("`"): line for line in page.splitlines() if line.startswith("| `")}
     keys = list(flat_keys(OmegaConf.to_container(load_config())))
     assert sorted(rows) == sorted(keys)                                 # every key of a run's config, no other

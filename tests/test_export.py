@@ -256,7 +256,8 @@ def test_the_installed_class_loads_a_folder_without_running_its_code(folder, tmp
     pipe = diffunet.DiffunetPipeline.from_pretrained(folder)
     assert type(pipe) is diffunet.DiffunetPipeline                      # the installed class, not the copy
     assert not [m for m in set(sys.modules) - before if m.split(".")[0].startswith(("diffunet_", "diffusers_modules"))]
-    assert type(pipe.unet) is diffunet.UNet and type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(pipe.unet) is diffunet.UNet and type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.use_flow_sigmas                        # the run's sampler: flow_dpmpp
     weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(weights[k], v) for k, v in pipe.unet.state_dict().items())
     assert pipe.unet.dtype == torch.float32 and not pipe.unet.training
@@ -264,8 +265,10 @@ def test_the_installed_class_loads_a_folder_without_running_its_code(folder, tmp
     assert half.unet.dtype == torch.bfloat16
     with pytest.raises(export.CheckpointError, match="load it with DiffunetPipeline.from_pretrained"):
         DiffunetSegmentationPipeline.from_pretrained(folder)
-    with pytest.raises(TypeError, match="not device_map"):
-        diffunet.DiffunetPipeline.from_pretrained(folder, device_map="auto")
+    for wrong, message in ((dict(device_map="auto"), "not device_map"), (dict(variant="fp16"), "not variant"),
+                           (dict(torch_dtype={"unet": torch.float16}), "one torch.dtype")):
+        with pytest.raises(TypeError, match=message):
+            diffunet.DiffunetPipeline.from_pretrained(folder, **wrong)
     probe(folder)
     result = python(COMPARE.format(folder=folder, probe=folder.parent / "probe.safetensors"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]               # without diffunet: the folder's own code
@@ -311,3 +314,24 @@ def test_a_model_folder_records_what_it_predicts(folder, tmp_path, capsys):
     assert sample.main([str(bare), "--out", str(tmp_path / "s"), "--num-images", "1", "--objective", "flow",
                         "--steps", "2", "--no-progress"]) == 0
     assert "sampling with flow_dpmpp" in capsys.readouterr().out
+
+
+def test_a_unet_copied_out_of_an_image_conditioned_run_says_its_task(tmp_path, capsys):
+    """The unet/ of a super-resolution run, copied anywhere, still samples as super-resolution (its pipeline's
+    class and keywords travel in its config.json); without that record it is refused, never run as a generator."""
+    from diffunet.checkpoint import PIPELINE_KEY, pipeline_options
+
+    cfg = fast_cfg(tmp_path, "task=super_resolution", "model.cond_channels=1", "data.sr_factor=2",
+                   "sample.steps=2")
+    pipeline = task_of(cfg).pipeline(build_model(cfg).eval(), make_noise_scheduler(cfg.diffusion), cfg)
+    export.write_folder(tmp_path / "folder", pipeline, cfg, tmp_path, 0, None)
+    unet = (tmp_path / "folder" / "unet").rename(tmp_path / "unet")
+    assert pipeline_options(unet) == {"task": "super_resolution", "sr_factor": 2}
+    config = json.loads((unet / "config.json").read_text())
+    assert config[PIPELINE_KEY]["sample_steps"] == 2
+    del config[PIPELINE_KEY]
+    (unet / "config.json").write_text(json.dumps(config))
+    assert sample.main([str(unet), "--out", str(tmp_path / "s"), "--num-images", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {unet} takes an image condition (model.cond_channels) but does not say for which task "
+        f"(super-resolution, inpainting, ...): sample the pipeline folder it came from")

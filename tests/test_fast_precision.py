@@ -160,6 +160,7 @@ def test_an_explicit_precision_that_contradicts_the_launcher_is_one_line(monkeyp
     with pytest.raises(ConfigError) as e:
         train(fast_cfg(tmp_path, f"train.mixed_precision={asked}"))
     assert str(e.value) == (f"train.mixed_precision={asked} but the launcher says mixed_precision={launcher} "
-                            f"(accelerate launch --mixed_precision, or your accelerate config; 'no' where neither "
-                            f"says): make them agree, or leave train.mixed_precision=auto to follow the launcher")
+                            f"(ACCELERATE_MIXED_PRECISION: accelerate launch's --mixed_precision, or your accelerate "
+                            f"config, 'no' where neither says): make them agree, or leave train.mixed_precision=auto "
+                            f"to follow the launcher")
     assert not (tmp_path / "run").exists()                              # refused before anything was written

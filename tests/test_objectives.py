@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (DiffusionPipeline, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler,
+                       EDMEulerScheduler, FlowMatchEulerDiscreteScheduler)
 from types import SimpleNamespace
 
 import diffunet.data
@@ -190,13 +191,19 @@ def test_objective_config_errors(tmp_path, overrides, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("objective, scheduler_class", [("flow", FlowMatchEulerDiscreteScheduler),
-                                                        ("edm", EDMEulerScheduler)])
-def test_a_trained_run_saves_its_objective_for_stock_diffusers(tmp_path, objective, scheduler_class):
+@pytest.mark.parametrize("objective, scheduler_class, training_class", [
+    ("flow", DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler),
+    ("edm", EDMDPMSolverMultistepScheduler, EDMEulerScheduler)])
+def test_a_trained_run_saves_its_objective_for_stock_diffusers(tmp_path, objective, scheduler_class, training_class):
+    """scheduler/ is the run's sampler (sample.scheduler=auto: the objective's DPM-Solver++), so that stock
+    diffusers samples as the run did; the training scheduler is recorded in unet/config.json."""
     path = train(fast_cfg(tmp_path, f"diffusion.objective={objective}", "train.max_steps=2",
                           "train.checkpoint_every=2"))
     pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
     assert type(pipe.scheduler) is scheduler_class                      # diffusers' own class, from the folder
+    assert objectives.objective_of(pipe.scheduler.config) == objective
+    record = json.loads((path / "unet" / "config.json").read_text())["_diffunet_training_scheduler"]
+    assert record["_class_name"] == training_class.__name__
     images = pipe(class_labels=[1, 2], num_inference_steps=3, output_type="np").images
     assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
     _, sampler = load_model(path)                                       # sample.py's default: auto

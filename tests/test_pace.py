@@ -18,11 +18,14 @@ def test_a_busy_cpu_at_the_start_is_one_line_with_the_setting_to_change():
     assert pace.busy_at_start(threads=2, load=1.8, cores=2, now=lambda: 0.1) is None
     assert pace.busy_at_start(threads=1, load=1.0, cores=2, now=lambda: 1.0) is None      # room for one thread
     assert "load average 3.0" in pace.busy_at_start(threads=2, load=3.0, cores=2, now=lambda: None)
+    assert pace.busy_at_start(threads=2, load=1.5, cores=2, now=lambda: None) is None   # no /proc/stat: load alone
 
 
 def test_busy_cores_reads_the_machine():
+    import os
+
     busy = pace.busy_cores(0.05)
-    assert busy is None or 0 <= busy <= torch.get_num_threads() + 64
+    assert busy is not None and 0 <= busy <= os.cpu_count()             # Linux: /proc/stat is there
 
 
 def test_pace_warns_once_when_a_window_falls_far_below_the_best():
@@ -53,3 +56,21 @@ def test_num_threads_is_a_setting_of_the_run(tmp_path):
             Trainer(fast_cfg(tmp_path, "train.num_threads=-1"))
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_trainer_says_a_busy_cpu_at_the_start(tmp_path, monkeypatch, capsys):
+    import os
+
+    from test_training import fast_cfg
+    from diffunet.training import Trainer
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.0, 1.0))
+    monkeypatch.setattr(pace, "busy_cores", lambda seconds=0.2: 1.8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    try:
+        Trainer(fast_cfg(tmp_path, "train.num_threads=2"))
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "WARNING: other work is using this CPU (1.8 cores busy now, 2 cores, this run wants 2 threads)" in out

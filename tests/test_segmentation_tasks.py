@@ -17,6 +17,7 @@ from diffunet.cells import make_cells
 from diffunet.config import ConfigError, load_config
 from diffunet.data import DataError
 from diffunet.segment_pipeline import mask_to_sample, sample_to_onehot
+from diffunet.segment_sample import segment_to_folder
 from diffunet.tasks import TASKS
 from diffunet.training import train, validate
 
@@ -200,13 +201,17 @@ def test_segmentation_rejects_an_ensemble_of_a_deterministic_model(tmp_path, cap
     with pytest.raises(SystemExit):
         sample.main([str(tmp_path / "model"), "--cond", str(tmp_path / "images"), "--out", str(tmp_path / "o"),
                      "--guidance-scale", "3"])
-    assert "--guidance-scale: not for a segmentation model" in capsys.readouterr().err
+    assert "--guidance-scale: not for a deterministic segmentation model" in capsys.readouterr().err
     # one rule for every option a mode has no use for: a deterministic model has no steps, scheduler or eta
-    for option, value in (("--steps", "20"), ("--scheduler", "ddim"), ("--eta", "1")):
-        assert sample.main([str(tmp_path / "model"), "--cond", str(tmp_path / "images"), "--out",
-                            str(tmp_path / "o"), option, value]) == 2
-        assert capsys.readouterr().err.strip() == (f"error: {option}: not for a deterministic segmentation model "
-                                                   f"(one forward pass, no scheduler, one mask per image)")
+    with pytest.raises(SystemExit):             # every one given is named as typed, in the order typed
+        sample.main([str(tmp_path / "model"), "--cond", str(tmp_path / "images"), "--out", str(tmp_path / "o"),
+                     "--steps", "20", "--scheduler", "ddim", "--eta", "1", "--seed", "3", "--no-grid"])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("python sample.py: error: --steps, --scheduler, --eta, --seed, --no-grid: "
+                                              "not for a deterministic segmentation model (one forward pass, no "
+                                              "scheduler)")
+    with pytest.raises(ValueError, match="--steps: not for a deterministic segmentation model"):   # the API too
+        segment_to_folder(tmp_path / "model", tmp_path / "images", tmp_path / "o", steps=20)
     with pytest.raises(SystemExit):                                     # nothing to segment: say what to pass
         sample.main([str(tmp_path / "model"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
