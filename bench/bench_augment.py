@@ -3,7 +3,7 @@
 samples.
 
     python bench/bench_augment.py                                       # a quick look: 300 steps, 256 samples
-    python bench/bench_augment.py --steps 1500 --num-images 512 --seeds 2 # the README's measurement: the preset's steps
+    python bench/bench_augment.py --steps 1500 --num-images 512 --seeds 2 # docs/generation.md's measurement: the preset's steps
 
 FID is ``metrics.evaluate`` against the full embedded digits (1,797) with the offline digits extractor; beside it
 the floors: the FID of the 200 training images themselves and of 512 real digits (a fixed draw), each against the

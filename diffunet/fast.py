@@ -73,7 +73,7 @@ class DeviceClass:
 # Device class -> what "auto" picks, and why bf16 is slow there. bf16 autocast pays off only where the hardware
 # multiplies bf16 natively; on other CPUs oneDNN emulates it (AVX-512: converts to fp32 per tile; AVX2: reference
 # kernels) and a training step runs slower than in fp32. Slowdowns are training steps measured by
-# bench/bench_unet.py and the issue-17 report (README "Performance"); the AVX2 one also with the emulation
+# bench/bench_unet.py and the issue-17 report (docs/performance.md); the AVX2 one also with the emulation
 # ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 machine.
 DEVICES = {
     "cuda bf16":       DeviceClass("bf16"),    # Ampere and later, ROCm: bf16 tensor cores, fp32's range, no scaler

@@ -1,5 +1,5 @@
 """MkDocs hook: the site's home page is the README, so the two never drift apart. Its links into docs/ become
-site links; links to other files of the repository (bench/README.md, experiments/report/) become the path in
+site links; links to other files of the repository (bench/README.md) become the path in
 code, since the site holds only docs/."""
 
 import re

@@ -1,4 +1,5 @@
-"""The docs that are generated stay in step with the code: the configuration reference page is the schema's."""
+"""The docs stay in step with the code: the configuration reference page is the schema's, the README stays a few
+screens that map every module, and every page of docs/ is on the site's nav."""
 
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from diffunet import reference
@@ -53,5 +55,54 @@ def test_the_site_builds_strictly(tmp_path):
     home = (site / "index.html").read_text()
     assert "diffunet" in home and 'href="configuration/"' in home and "bench/README.md" in home
     assert "DiffunetPipeline" in (site / "api" / "index.html").read_text()       # the docstrings made it in
-    for page in ("sampling", "configuration", "recipes/default", "report", "api"):
+    for page in ("quickstart", "generation", "image-conditioned", "segmentation", "sampling", "training",
+                 "configuration", "performance", "reliability", "architecture", "recipes/default", "report", "api"):
         assert (site / page / "index.html").is_file(), page
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_the_readme_is_a_few_screens():
+    """What it is, the two commands, the model, the jobs and the map; everything else lives in docs/."""
+    assert len((ROOT / "README.md").read_bytes()) <= 10 * 1024
+
+
+def test_every_module_is_on_the_readmes_map():
+    """"Where things are" names every module of diffunet/: a new module without a line there fails here."""
+    section = readme_section("Where things are")
+    modules = sorted(p.name for p in (ROOT / "diffunet").glob("*.py") if p.name != "__init__.py")
+    assert modules
+    assert [m for m in modules if f"`{m}`" not in section] == []
+
+
+def nav_pages(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, list):
+        for item in node:
+            yield from nav_pages(item)
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from nav_pages(value)
+
+
+def test_every_docs_page_is_on_the_nav_and_every_nav_entry_is_a_page():
+    """No page of docs/ is orphaned (the generated configuration reference included); index.md is the README,
+    made by the hook scripts/mkdocs_readme.py."""
+    nav = list(nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]))
+    pages = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md"))
+    assert [p for p in pages if p not in nav] == []
+    assert [p for p in nav if p != "index.md" and p not in pages] == []
+    assert len(nav) == len(set(nav))
+
+
+def test_the_readme_links_every_docs_page():
+    """The README's "Documentation" list is the way in from GitHub, where the nav is not shown."""
+    section = readme_section("Documentation")
+    pages = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md"))
+    assert [p for p in pages if f"]({p})" not in section] == []

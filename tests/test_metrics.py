@@ -117,7 +117,7 @@ def test_cli_on_a_folder_and_an_npz(digits, tmp_path, capsys):
 
 def test_the_fid_floor_is_real_images_against_their_reference(digits, capsys):
     """An FID is printed beside its floor: N real images of the reference against all of it, which the same N
-    samples are to be read against (the README's 0.158 for 512 digits over 4 draws); smaller sets have higher
+    samples are to be read against (the docs' 0.158 for 512 digits over 4 draws); smaller sets have higher
     floors, and a reference no larger than the samples has none."""
     real = metrics.reference_features("digits", "digits")
     assert metrics.fid_floor(real, 512) == pytest.approx(0.158, abs=0.001)
