@@ -15,8 +15,6 @@ This file travels inside exported pipeline folders, which load without diffunet 
 diffusers only.
 """
 
-from __future__ import annotations
-
 import inspect
 import os
 import warnings
@@ -142,6 +140,8 @@ class DiffunetPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
+    # The keywords' annotations are real classes, not strings (no `from __future__ import annotations` here):
+    # diffusers >= 0.33 looks each one up to type-check what model_index.json gives.
     def __init__(self, unet, scheduler, task: str = "generate", sr_factor: int = 1, sample_scheduler: str = "auto",
                  sample_steps: int = 50, sample_guidance_scale: float = 1.0):
         super().__init__()

@@ -16,8 +16,6 @@ agree and 0.5 where they split evenly.
 This file travels inside exported pipeline folders, with the modules it imports.
 """
 
-from __future__ import annotations
-
 import functools
 from dataclasses import dataclass
 
