@@ -472,11 +472,17 @@ def is_segmentation(path) -> bool:
     return (Path(path) / "config.json").is_file() and is_deterministic(path)
 
 
+def model_config(path) -> dict:
+    """The config.json of the model of folder ``path`` (``model_folder``), read alone, before any weights; {}
+    where there is none."""
+    config = model_folder(path) / "config.json"
+    return _read_json(config) if config.is_file() else {}
+
+
 def is_deterministic(path) -> bool:
     """Whether the model of folder ``path`` (a pipeline's ``unet/``, or a bare model folder) has no time input: a
-    deterministic network, which takes no scheduler. Read from its config.json alone, before any weights."""
-    config = model_folder(path) / "config.json"
-    return config.is_file() and _read_json(config).get("time_condition") == "none"
+    deterministic network, which takes no scheduler."""
+    return model_config(path).get("time_condition") == "none"
 
 
 def pipeline_options(path) -> dict:
@@ -500,8 +506,7 @@ def pipeline_options(path) -> dict:
 
 def is_conditioned(path) -> bool:
     """Whether the model of folder ``path`` takes an image condition (``cond_channels`` > 0)."""
-    config = model_folder(path) / "config.json"
-    return config.is_file() and bool(_read_json(config).get("cond_channels"))
+    return bool(model_config(path).get("cond_channels"))
 
 
 def pipeline_index(path) -> Path | None:
@@ -557,8 +562,9 @@ def record_scheduler(unet, scheduler) -> None:
 
 
 def recorded_scheduler(folder: Path, unet) -> dict | None:
-    """The training scheduler's config of bare model folder ``folder``: recorded in its config.json, or, for the
-    ``unet/`` of a pipeline folder from before the record, that pipeline's ``scheduler/``; None if neither says."""
+    """The training scheduler's config of model folder ``folder``: recorded in its config.json (then a pipeline's
+    ``scheduler/`` is the run's sampler), or, for the ``unet/`` of a pipeline folder from before the record, that
+    pipeline's ``scheduler/``; None if neither says (or the pipeline has no scheduler)."""
     if unet.config.get(SCHEDULER_KEY):
         return dict(unet.config[SCHEDULER_KEY])
     index = pipeline_index(folder)
@@ -576,10 +582,7 @@ def load_model_folder(path: Path, dtype: torch.dtype = torch.float32) -> tuple[U
     if (path / "model_index.json").is_file():
         index = _check_pipeline_index(path / "model_index.json")
         unet = load_unet(path, dtype, classes=(index["unet"][1],)).eval()
-        if unet.config.get(SCHEDULER_KEY):             # scheduler/ is then the run's sampler
-            return unet, dict(unet.config[SCHEDULER_KEY])
-        has_scheduler = index.get("scheduler") != [None, None]
-        return unet, _read_json(path / "scheduler" / "scheduler_config.json") if has_scheduler else None
+        return unet, recorded_scheduler(path / "unet", unet)
     if (path / "config.json").is_file():
         unet = load_unet(path, dtype).eval()
         return unet, recorded_scheduler(path, unet)

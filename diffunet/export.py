@@ -153,7 +153,7 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
         "",
         f"With diffunet installed, `{pipeline_class}.from_pretrained(\"path/to/this/folder\")` (from `diffunet`) "
         f"loads it without running any code from the folder, and `python sample.py path/to/this/folder "
-        f"{task.sample_arguments(unet)}` {'segments' if task.segments else 'samples'} with it"
+        f"{task.sample_arguments}` {'segments' if task.segments else 'samples'} with it"
         f"{'' if deterministic else ' as the run did (' + how + '; --scheduler, --steps change it)'}.",
         "",
         "## Samples",
@@ -245,8 +245,9 @@ def export(run: Path, out: Path, checkpoint: str | None = None, force: bool = Fa
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m diffunet.export", description="Write a run's model as a pipeline folder that loads without diffunet "
-                                            "(trust_remote_code=True), with a model card.")
+    p = ArgumentParser(prog="python -m diffunet.export",
+                       description="Write a run's model as a pipeline folder that loads without diffunet "
+                                   "(trust_remote_code=True), with a model card.")
     p.add_argument("run", help="the run's output_dir (holds config.yaml, pipeline/, checkpoints/)")
     p.add_argument("out", help="the folder to write")
     p.add_argument("--checkpoint", help="'latest' or a checkpoint folder (default: the run's pipeline/)")

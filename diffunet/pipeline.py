@@ -85,12 +85,8 @@ def from_folder(cls, diffusers_loader, path, kwargs: dict):
     a local folder, where ``cls`` is diffunet's own class; ``diffusers_loader`` otherwise: a Hub id, or this file
     running as the copy inside an exported folder (diffunet not installed, or not this class)."""
     if cls.__module__.split(".")[0] == "diffunet" and os.path.isdir(path):
-        try:
-            from diffunet.checkpoint import load_pipeline
-        except ImportError:                         # a copy of this file whose module happens to be named diffunet
-            load_pipeline = None
-        if load_pipeline is not None:
-            return load_pipeline(cls, path, **kwargs)
+        from diffunet.checkpoint import load_pipeline   # the class is the installed package's, so it is there
+        return load_pipeline(cls, path, **kwargs)
     return diffusers_loader(path, **kwargs)
 
 

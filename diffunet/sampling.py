@@ -403,10 +403,12 @@ def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, 
             read_condition(pipe, path, mask_path)
     if caught and state.is_main_process:                    # files of another size: said once, with the count
         resized = [w for w in caught if issubclass(w.category, ResizeWarning)]
-        for w in [w for w in caught if w not in resized] + resized[:1]:
-            more = f" ({len(resized) - 1} more of the {len(items)} files too)" if w in resized[:1] and \
-                len(resized) > 1 else ""
-            warnings.warn(f"{w.message}{more}", w.category, stacklevel=2)
+        for w in caught:
+            if w not in resized:
+                warnings.warn(str(w.message), w.category, stacklevel=2)
+        if resized:
+            more = f" ({len(resized) - 1} more of the {len(items)} files too)" if len(resized) > 1 else ""
+            warnings.warn(f"{resized[0].message}{more}", ResizeWarning, stacklevel=2)
 
     todo = [(i, k) for i, (key, _, _) in enumerate(items) for k in range(num_per_cond)
             if not (out / names[key][k]).exists()]

@@ -42,10 +42,7 @@ class Generate:
     name = "generate"                   # the pipeline's ``task``
     augments = True                     # takes train.augment_p: its x0 is the image alone, free to transform
     segments = False                    # its pipeline is DiffunetSegmentationPipeline (masks of images)
-
-    def sample_arguments(self, unet) -> str:
-        """What ``python sample.py FOLDER`` needs beside the folder, for the model card."""
-        return "--out samples"
+    sample_arguments = "--out samples"  # what ``python sample.py FOLDER`` needs beside it (the model card's)
 
     def check(self, cfg, model, dataset) -> None:
         """What this task needs of the config, the model and the data; ConfigError (one line) otherwise."""
@@ -80,8 +77,8 @@ class Generate:
 
     def pipeline(self, unet, scheduler, cfg):
         """The pipeline a run of this task saves: its EMA U-Net, the training noise scheduler, and how the run
-        samples (``sample_settings``)."""
-        return DiffunetPipeline(unet=unet, scheduler=scheduler, **self.pipeline_options(cfg), **sample_settings(cfg))
+        samples (``sample_keywords``)."""
+        return DiffunetPipeline(unet=unet, scheduler=scheduler, **self.pipeline_options(cfg), **sample_keywords(cfg))
 
     def card(self, cfg, unet) -> tuple[str, str]:
         """(what the model is, a line of Python that uses its pipeline ``pipe``), for the model card."""
@@ -111,7 +108,7 @@ class Generate:
         return evaluate(to_uint8(images), eval_reference(cfg), cfg.train.eval_extractor, seed=cfg.sample.seed)
 
 
-def sample_settings(cfg, keys=("scheduler", "steps", "guidance_scale")) -> dict:
+def sample_keywords(cfg, keys=("scheduler", "steps", "guidance_scale")) -> dict:
     """The run's ``sample.*`` as the pipelines' ``sample_*`` keywords: saved in its folder, so that sample.py
     and a call without steps or guidance sample as the run did."""
     return {f"sample_{key}": cfg.sample[key] for key in keys}
@@ -179,9 +176,7 @@ class ImageConditioned(Generate):
     rows = ("input", "output", "truth")
     augments = False                    # a geometric augmentation would have to move the condition as well
     paired = ""                         # the paired data this task can take: "conds" or "masks"
-
-    def sample_arguments(self, unet) -> str:
-        return "--cond inputs/ --out outputs" + (" --mask masks/" if IMAGE_TASKS[self.name].takes_mask else "")
+    sample_arguments = "--cond inputs/ --out outputs"
 
     def check(self, cfg, model, dataset) -> None:
         needs_time(cfg, model)
@@ -284,6 +279,7 @@ class Inpainting(ImageConditioned):
 
     name = "inpainting"
     rows = ("input", "mask", "output", "truth")
+    sample_arguments = "--cond inputs/ --mask masks/ --out outputs"
     paired = "masks"
 
     def check(self, cfg, model, dataset) -> None:
@@ -322,9 +318,7 @@ class Segmentation:
     rows = ("image", "truth", "output")
     augments = False                    # the mask would have to move with the image
     segments = True
-
-    def sample_arguments(self, unet) -> str:
-        return "--cond images/ --out masks --tile 128"
+    sample_arguments = "--cond images/ --out masks --tile 128"
 
     def classes(self, model) -> int:
         return mask_classes(model)
@@ -428,9 +422,7 @@ class SegmentationDiffusion(Segmentation, Generate):
     name = "segmentation_diffusion"
     rows = ("image", "truth", "output", "std")
     loss = Generate.loss
-
-    def sample_arguments(self, unet) -> str:
-        return "--cond images/ --out masks --num-per-cond 8"
+    sample_arguments = "--cond images/ --out masks --num-per-cond 8"
 
     def check_model(self, cfg, model) -> None:
         needs_time(cfg, model)
@@ -456,7 +448,7 @@ class SegmentationDiffusion(Segmentation, Generate):
 
     def pipeline(self, unet, scheduler, cfg):
         return DiffunetSegmentationPipeline(unet=unet, scheduler=scheduler,
-                                            **sample_settings(cfg, ("scheduler", "steps")))
+                                            **sample_keywords(cfg, ("scheduler", "steps")))
 
     def card(self, cfg, unet) -> tuple[str, str]:
         return (f"A diffusion segmentation model ({self.classes(unet)} classes) of "

@@ -151,14 +151,14 @@ class Trainer:
         t = cfg.train
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        notes = []
+        notes, cpu = [], no_accelerator()
         try:        # the launcher's word, else "auto" by what the device does; the saved config records what ran
-            t.mixed_precision, said = training_precision(t.mixed_precision, "cpu" if no_accelerator() else "cuda",
+            t.mixed_precision, said = training_precision(t.mixed_precision, "cpu" if cpu else "cuda",
                                                          warn=notes.append)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.accelerator = acc = Accelerator(
-            cpu=no_accelerator(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+            cpu=cpu, mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         try:            # after the Accelerator: several CPU processes have it set the threads, then ours rule
@@ -169,10 +169,10 @@ class Trainer:
             acc.print(said)
         for note in notes:
             acc.print(f"WARNING: {note}")
-        busy = busy_at_start(threads * acc.num_processes) if no_accelerator() and acc.is_main_process else None
+        busy = busy_at_start(threads * acc.num_processes) if cpu and acc.is_main_process else None
         if busy:
             acc.print(busy)
-        self.pace = Pace(threads, cpu=no_accelerator())
+        self.pace = Pace(threads, cpu=cpu)
         set_seed(t.seed)                                # the same initial weights on every process, every run
         model, dataset = validate(cfg)
         if hasattr(dataset, "preflight"):               # decode every file (or paired row) once, on the main process
