@@ -6,22 +6,23 @@
     python sample.py runs/cells-seg/pipeline --cond images/ --out runs/cells-seg/masks [--tile 128]
     python sample.py runs/cells-segdiff/pipeline --cond images/ --out runs/cells-segdiff/masks --num-per-cond 8
 
-Every option is a keyword of ``diffunet.sampling.sample_to_folder`` or, with --cond,
-``diffunet.sampling.sample_conditioned`` (``diffunet.segment_sample.segment_to_folder`` for a segmentation
-pipeline); see docs/sampling.md.
+Every option is a keyword of ``diffunet.sample_folders.sample_to_folder`` or, with --cond,
+``diffunet.sample_folders.sample_conditioned`` (``segment_to_folder`` for a segmentation pipeline): the one
+``RUNNERS`` names for the folder; see docs/sampling.md.
 """
 
 import argparse
 import inspect
 import sys
 
-from diffunet.checkpoint import CheckpointError, is_deterministic, is_segmentation
 from diffunet.cli import ArgumentParser
 from diffunet.config import SampleConfig
-from diffunet.fast import ALIASES, PRECISION
+from diffunet.errors import CheckpointError
 from diffunet.objectives import OBJECTIVES, TARGETS
-from diffunet.sampling import INPAINTING_SCHEDULERS, SCHEDULERS, sample_conditioned, sample_to_folder
-from diffunet.segment_sample import DIFFUSION_ONLY, segment_to_folder
+from diffunet.pretrained import is_deterministic, pipeline_class
+from diffunet.training.precision import ALIASES, PRECISION
+from diffunet.sample_folders import DIFFUSION_ONLY, RUNNERS, segment_to_folder
+from diffunet.sampling import SCHEDULERS
 
 DEFAULTS = SampleConfig()
 GIVEN = argparse.SUPPRESS       # every option reaches the function only when given: its own default applies
@@ -30,14 +31,13 @@ AS_THE_RUN = "default: as the run sampled (its pipeline folder says), else {}"
 
 
 def runner(args: dict):
-    """The function of this model folder and these options: a segmentation pipeline's, a conditioned run's
-    (``--cond``) or plain sampling's. A segmentation model without ``--cond`` has nothing to segment: one line."""
-    if is_segmentation(args["model"]):
-        if "cond" not in args:
-            raise ValueError(f"{args['model']} is a segmentation model: pass --cond DIR, the images to segment "
-                             f"(python -m diffunet.cells DIR makes test images)")
-        return segment_to_folder
-    return sample_conditioned if "cond" in args else sample_to_folder
+    """The function of this model folder and these options (``RUNNERS``: by the folder's pipeline class and
+    ``--cond``). A segmentation model without ``--cond`` has nothing to segment: one line."""
+    run = RUNNERS.get((pipeline_class(args["model"]), "cond" in args))
+    if run is None:
+        raise ValueError(f"{args['model']} is a segmentation model: pass --cond DIR, the images to segment "
+                         f"(python -m diffunet.data.cells DIR makes test images)")
+    return run
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -57,7 +57,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="segmentation: by tiles of T x T output pixels (images of any size, memory bounded by T)")
     p.add_argument("--overlap", type=int, default=GIVEN, metavar="P",
                    help="with --tile, 'same'-padding models: blended overlap of neighbouring tiles (default T/4)")
-    p.add_argument("--scheduler", choices=[*SCHEDULERS, *INPAINTING_SCHEDULERS], default=GIVEN,
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=GIVEN,
                    help="repaint: training-free inpainting (with --cond and --mask); " + AS_THE_RUN.format("auto"))
     p.add_argument("--steps", type=int, default=GIVEN, help=AS_THE_RUN.format(50))
     p.add_argument("--eta", type=float, default=GIVEN, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")

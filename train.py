@@ -9,11 +9,10 @@ import sys
 
 from omegaconf import OmegaConf
 
-from diffunet.checkpoint import CheckpointError
 from diffunet.cli import ArgumentParser
-from diffunet.config import ConfigError, load_config
-from diffunet.data import DataError
-from diffunet.training import Interrupted, TrainingError, train
+from diffunet.config import load_config
+from diffunet.errors import CheckpointError, ConfigError, DataError, TrainingError
+from diffunet.training.loop import Interrupted, train
 
 
 def main(argv=None) -> int:

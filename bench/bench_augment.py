@@ -8,11 +8,12 @@ samples.
 FID is ``metrics.evaluate`` against the full embedded digits (1,797) with the offline digits extractor; beside it
 the floors: the FID of the 200 training images themselves and of 512 real digits (a fixed draw), each against the
 full set. A model that replays its 200 images reaches the first floor, and FID alone would call that good; the
-memorization column (``diffunet.memorization``, against the 200 training images) tells a replay from a model:
-the fraction of samples nearer a training image than 95 % of the training images are to their nearest other.
+memorization column (``diffunet.metrics.memorization``, against the 200 training images) tells a replay from a
+model: the fraction of samples nearer a training image than 95 % of the training images are to their nearest
+other.
 Both arms build the model with ``model.augment_dim=9``, so they start from the same weights (the map starts at
 zero and stays there without augmentation): they differ in ``train.augment_p`` alone. Sampling passes no labels.
-Each run trains in-process through ``diffunet.training.train`` (the default: about 3 minutes on 2 CPU cores).
+Each run trains in-process through ``diffunet.training.loop.train`` (the default: about 3 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ import torch                                                            # noqa: 
 
 from diffunet.config import load_config                                 # noqa: E402
 from diffunet.data import build_dataset, take_subset, to_uint8          # noqa: E402
-from diffunet.memorization import memorization                          # noqa: E402
+from diffunet.metrics.memorization import memorization  # noqa: E402
 from diffunet.metrics import evaluate                                   # noqa: E402
 from diffunet.sampling import generate, load_model                      # noqa: E402
-from diffunet.training import train                                     # noqa: E402
+from diffunet.training.loop import train  # noqa: E402
 
 PRESET = "digits-200-aug"
 REAL_FLOOR = 512                                                        # real digits in the second floor

@@ -6,7 +6,7 @@
     python bench/bench_cells.py [--crops 64] [--diffusion-crops 16] [--panel docs/images/segmentation.png]
 
 Scored on two held-out sets that no run trained on: the runs' own ``data.holdout`` crops (64 x 64, the split is
-fixed: ``data.split_holdout``) and ``cells.test_images`` (512 x 512, seeds never used for training), segmented
+fixed: ``data.split_holdout``) and ``data.cells.test_images`` (512 x 512, seeds never used for training), segmented
 by overlap-tile (``--tile``). Printed: Dice / IoU / HD95 of each model, the objects (4-connected components)
 per image against the truth's, and the diffusion ensemble's mean std on wrong and on right pixels. Targets:
 Dice >= 0.90 (deterministic), the border-weighted loss nearer the truth's object count than plain CE, diffusion
@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))            # run fr
 import numpy as np                                                      # noqa: E402
 import torch                                                            # noqa: E402
 
-from diffunet import DiffunetSegmentationPipeline, cells                # noqa: E402
-from diffunet.checkpoint import load_model_folder                       # noqa: E402
+from diffunet import DiffunetSegmentationPipeline                       # noqa: E402
+from diffunet.pretrained import load_model_folder  # noqa: E402
 from diffunet.config import build_model, load_config                    # noqa: E402
-from diffunet.data import build_dataset, save_grid, split_holdout       # noqa: E402
+from diffunet.data import build_dataset, cells, save_grid, seg_masks, split_holdout  # noqa: E402
 from diffunet.sampling import image_generator, make_scheduler           # noqa: E402
-from diffunet.segmentation import segmentation_scores                   # noqa: E402
+from diffunet.tasks.segmentation import segmentation_scores  # noqa: E402
 from diffunet.tasks import task_of                                      # noqa: E402
 
 
@@ -64,8 +64,8 @@ def segment(pipe, images: list[np.ndarray], args, tile=None):
 
 def scores(masks, truths, stds) -> dict:
     row = segmentation_scores(torch.stack(masks), torch.stack(truths))
-    row["objects"] = np.mean([cells.count_objects(m.numpy()) for m in masks])
-    row["objects_truth"] = np.mean([cells.count_objects(t.numpy()) for t in truths])
+    row["objects"] = np.mean([seg_masks.count_objects(m.numpy()) for m in masks])
+    row["objects_truth"] = np.mean([seg_masks.count_objects(t.numpy()) for t in truths])
     if stds[0] is not None:
         wrong = torch.stack([m != t for m, t in zip(masks, truths)])
         std = torch.stack(stds)

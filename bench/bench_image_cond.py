@@ -9,7 +9,7 @@ inpainting of a half-image box against RePaint (diffusers' RePaintScheduler) wit
 
 Every run must hold out the same digits (``data.holdout``: a fixed split, ``data.split_holdout``), so the
 unconditional model never saw the digits it completes. The held-out digits, their conditions and the masks are
-exactly those of the runs' own evaluation (``tasks.ImageConditioned.outputs``); scores are
+exactly those of the runs' own evaluation (``tasks.image.ImageConditioned.outputs``); scores are
 ``metrics.paired_scores``: PSNR, SSIM, PSNR inside the mask, and the class accuracy under the digits classifier.
 The default (100 of the 297 held-out digits) takes about 1.5 minutes on 2 CPU cores, RePaint's ~8 network
 calls per step most of it; ``--num 297`` scores all of them (about 4 minutes).
@@ -79,7 +79,7 @@ def super_resolution(run: Path, num: int, steps: int | None, guidance: float | N
     ok = {"accuracy >= 0.90": rows["ours"]["accuracy"] >= 0.90,
           "accuracy above bicubic": rows["ours"]["accuracy"] > rows["bicubic"]["accuracy"],
           "PSNR at least bicubic's": rows["ours"]["psnr"] >= rows["bicubic"]["psnr"]}
-    return {"task": "super_resolution x%d" % cfg.data.sr_factor, "held_out": num, "rows": rows, "targets": ok}
+    return {"task": "super_resolution x%d" % cfg.super_resolution.factor, "held_out": num, "rows": rows, "targets": ok}
 
 
 def inpainting(run: Path, repaint_run: Path | None, num: int, steps: int | None, guidance: float | None,
@@ -111,7 +111,7 @@ def inpainting(run: Path, repaint_run: Path | None, num: int, steps: int | None,
     if "repaint" in rows:
         ok["PSNR in the mask above RePaint's"] = rows["ours"]["psnr_masked"] > rows["repaint"]["psnr_masked"]
         ok["accuracy above RePaint's"] = rows["ours"]["accuracy"] > rows["repaint"]["accuracy"]
-    return {"task": f"inpainting ({cfg.data.eval_mask} masks)", "held_out": num, "rows": rows, "targets": ok}
+    return {"task": f"inpainting ({cfg.inpainting.eval_mask} masks)", "held_out": num, "rows": rows, "targets": ok}
 
 
 def big(images: torch.Tensor, factor: int = 4) -> "torch.Tensor":

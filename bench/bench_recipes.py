@@ -9,8 +9,8 @@ soonest, and at how few sampling steps; with the peer, lucidrains' denoising-dif
 Each recipe is a list of config overrides on the default preset (configs/digits.yaml) after ``TABLE``, the
 training settings the committed table (docs/recipes) was measured with, so that it stays reproducible when the
 preset changes; ``--set`` overrides both (``--set train.lr=2e-3 train.lr_scheduler=cosine train.ema_decay=0.99``
-is today's default run). Each is trained in this process by ``diffunet.training.train``; the EMA weights of
-each checkpoint are sampled with the objective's default sampler (``sample.scheduler=auto``: DPM-Solver++(2M) on
+is today's default run). Each is trained in this process by ``diffunet.training.loop.train``; the EMA weights
+of each checkpoint are sampled with the objective's default sampler (``sample.scheduler=auto``: DPM-Solver++(2M) on
 its noise levels, one network evaluation per step) at
 each ``--sampling-steps``, ``--num-images`` images per class-balanced set, and scored by FID with the project's
 own extractor (the offline digits classifier, ``diffunet.metrics``). The floor printed beside them is the FID of
@@ -39,13 +39,13 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from diffunet import checkpoint as ckpt                                            # noqa: E402
+from diffunet.training import state as ckpt                                            # noqa: E402
 from diffunet.config import build_model, load_config                               # noqa: E402
 from diffunet.data import digits_arrays, to_uint8                                  # noqa: E402
 from diffunet.metrics import evaluate                                              # noqa: E402
 from diffunet.objectives import make_noise_scheduler, sampler_name                 # noqa: E402
 from diffunet.sampling import generate, make_scheduler                             # noqa: E402
-from diffunet.training import train                                                # noqa: E402
+from diffunet.training.loop import train  # noqa: E402
 
 UNCOND = ["model.num_classes=null", "train.label_dropout=0"]
 EPS, V = "diffusion.prediction_type=epsilon", "diffusion.prediction_type=v_prediction"

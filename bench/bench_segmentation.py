@@ -4,12 +4,13 @@
     python bench/bench_segmentation.py                      # ~2 minutes on 2 busy cores
     python bench/bench_segmentation.py --quick              # a ~20 s smoke run (what tests/test_bench_seg.py runs)
 
-One process trains both networks in one hand-written loop: the same batches of ``cells.cells_dataset`` crops in
-the same order, AdamW at the same learning rate, the same number of steps, the loss
+One process trains both networks in one hand-written loop: the same batches of ``data.cells.cells_dataset``
+crops in the same order, AdamW at the same learning rate, the same number of steps, the loss
 ``segmentation_loss("dice_ce", ...)``; the two models take turns at every step, so a load burst on a shared
-machine slows both alike. Each then predicts the held-out ``cells.test_images`` (512 x 512, never a training
-image) whole, by tiles: ours by ``tiles.predict_tiled``, MONAI's by ``monai.inferers.sliding_window_inference``
-at the same tile, overlap and tiles per call, scored by ``segmentation.segmentation_scores`` (Dice, IoU, HD95).
+machine slows both alike. Each then predicts the held-out ``data.cells.test_images`` (512 x 512, never a
+training image) whole, by tiles: ours by ``model.tiles.predict_tiled``, MONAI's by
+``monai.inferers.sliding_window_inference`` at the same tile, overlap and tiles per call, scored by
+``tasks.segmentation.segmentation_scores`` (Dice, IoU, HD95).
 Then both inferers run on the *same* network (ours), interleaved, for tiled MPix/s. Targets of the issue:
 Dice ours >= MONAI's, and predict_tiled's MPix/s >= sliding_window_inference's; PASS / FAIL, exit 1 on a FAIL.
 
@@ -33,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))            # run fr
 import einops                                                           # noqa: E402
 import torch                                                            # noqa: E402
 
-from diffunet import UNet, cells                                        # noqa: E402
-from diffunet.segmentation import segmentation_loss, segmentation_scores   # noqa: E402
-from diffunet.tiles import predict_tiled                                # noqa: E402
+from diffunet import UNet                                               # noqa: E402
+from diffunet.data import cells                                        # noqa: E402
+from diffunet.tasks.segmentation import segmentation_loss, segmentation_scores  # noqa: E402
+from diffunet.model.tiles import predict_tiled  # noqa: E402
 
 try:
     import monai

@@ -6,19 +6,19 @@
     python bench/bench_unet.py --device cuda --dtype fp16 --batch 128 --compile
 
 Both models are built from one config (same levels, channels, blocks, attention placement and head width) and
-measured through the same switches (``diffunet.fast.apply_fast_paths`` and ``autocast``), one setting per row:
-fp32 eager, the mixed precision ``--dtype`` resolves to on this device (``fast.resolve_precision``: "auto" is
-bf16 only where the hardware has it natively), torch.compile (``--compile``), gradient checkpointing, and
-``--also`` combinations; ``--full`` (and CUDA) adds channels_last, and bf16 where "auto" picked fp32, so the table
-shows what that choice avoids. Each model's fastest setting is the row it measured fastest, not a name. Per row:
-training img/s (forward + backward + AdamW step, median of repeats after warm-up; the rows take turns, so a load
-burst on a shared machine hits them all), forward-only img/s, the wall time of one DDIM-50 pipeline call, the peak
-memory of a training step (CUDA: max allocated; CPU: RSS above the pre-step level, in a child process run with
-``--memory-only``: see ``return_freed_memory_to_os``), and achieved FLOP/s and MFU against a conv3x3 / matmul peak
-measured in the same run, same device and dtype.
+measured through the same switches (``diffunet.training.precision.apply_fast_paths`` and ``autocast``), one setting
+per row: fp32 eager, the mixed precision ``--dtype`` resolves to on this device
+(``training.precision.resolve_precision``: "auto" is bf16 only where the hardware has it natively), torch.compile
+(``--compile``), gradient checkpointing, and ``--also`` combinations; ``--full`` (and CUDA) adds channels_last, and
+bf16 where "auto" picked fp32, so the table shows what that choice avoids. Each model's fastest setting is the row
+it measured fastest, not a name. Per row: training img/s (forward + backward + AdamW step, median of repeats after
+warm-up; the rows take turns, so a load burst on a shared machine hits them all), forward-only img/s, the wall time
+of one DDIM-50 pipeline call, the peak memory of a training step (CUDA: max allocated; CPU: RSS above the pre-step
+level, in a child process run with ``--memory-only``: see ``return_freed_memory_to_os``), and achieved FLOP/s and
+MFU against a conv3x3 / matmul peak measured in the same run, same device and dtype.
 Then the ratios ours / diffusers and the four targets of the performance issue, PASS or FAIL, each naming the
-settings it compares. The header names the device (``fast.describe_device``: CPU kernels or GPU, and what "auto"
-picks there). The default run takes about 1-2 minutes on a 2-core CPU; ``--full`` several times that.
+settings it compares. The header names the device (``training.precision.describe_device``: CPU kernels or GPU, and
+what "auto" picks there). The default run takes about 1-2 minutes on a 2-core CPU; ``--full`` several times that.
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel          # noqa: 
 from torch.utils.flop_counter import FlopCounterMode                    # noqa: E402
 
 from diffunet.config import model_from_preset                           # noqa: E402
-from diffunet.nn import Attention, InterpolateConv                      # noqa: E402
-from diffunet.fast import (PRECISION, apply_fast_paths, autocast,  # noqa: E402
-                           describe_device, precision, resolve_precision)
-from diffunet.unet import as_size                                        # noqa: E402
+from diffunet.model.nn import Attention, InterpolateConv  # noqa: E402
+from diffunet.training.precision import PRECISION, apply_fast_paths, autocast, describe_device, precision, resolve_precision  # noqa: E402
+from diffunet.model.unet import as_size  # noqa: E402
 
 # Keyword overrides that make a preset expressible in diffusers: UNet2DModel takes one head width for every
 # attention layer, ours takes a head count; "small" has 4 heads of 32 at 16x16, so head_dim=32 keeps that.
@@ -231,8 +230,8 @@ def count_flops(model, x, t, backward: bool, nominal: bool = True) -> int:
     """FLOPs of one forward (and backward) pass, counted by torch's FlopCounterMode (convs, matmuls, attention).
 
     ``nominal``: the architecture's FLOPs, the same for both models and the basis of MFU. Ours executes fewer: its
-    nearest upsampler convolves at the low resolution (``diffunet.nn.nearest_up_conv``), which ``nominal=False``
-    counts."""
+    nearest upsampler convolves at the low resolution (``diffunet.model.kernels.nearest_up_conv``), which
+    ``nominal=False`` counts."""
     ups = [(m, m.four_phase) for m in model.modules() if isinstance(m, InterpolateConv)]
     try:
         for m, _ in ups:

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import inspect
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -19,13 +20,10 @@ from typing import ClassVar, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .unet import UNet
+from .errors import ConfigError
+from .model.unet import UNet
 
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; its message is one line that says what to change."""
 
 
 def _model_schema() -> type:
@@ -77,13 +75,10 @@ class DataConfig:
                                                 # conditions of grids and evaluation for image-conditioned tasks
     subset: int = 0                             # train on a fixed random N of the images (seed 0, taken before
                                                 # the holdout); 0: all
-    sr_factor: int = 4                          # super_resolution: the condition is x0 area-downsampled by this
-    mask: str = "mixed"                         # inpainting masks drawn per batch: a name in masks.MASKS
-    eval_mask: str = "half"                     # inpainting masks of grids and evaluation (seeded by sample.seed)
     cond_column: Optional[str] = None           # HF datasets: column of conditioning images (low-res inputs)
     mask_column: Optional[str] = None           # HF datasets: column of inpainting masks (white/1: to fill), or of
                                                 # segmentation masks (class ids; 0/255 read as 0/1)
-    num_crops: int = 1000                       # data.source=cells: training crops of sample_size (diffunet.cells)
+    num_crops: int = 1000                       # data.source=cells: training crops of sample_size (diffunet.data.cells)
 
 
 @dataclass
@@ -98,8 +93,9 @@ class TrainConfig:
     adam_beta2: float = 0.999                   # AdamW's second beta (the squared gradients' decay)
     grad_clip: float = 1.0                      # max gradient norm; 0 turns clipping off
     grad_accum: int = 1                         # micro-batches per update (accelerate's accumulation)
-    mixed_precision: str = "auto"               # "auto" (by the device: diffunet/fast.py) | "no" | "fp16" | "bf16"
-    channels_last: bool = False                 # NHWC activations (a win on GPUs; see diffunet/fast.py)
+    mixed_precision: str = "auto"               # "auto" (by the device: diffunet/training/precision.py) | "no" |
+                                                # "fp16" | "bf16"
+    channels_last: bool = False                 # NHWC activations (a win on GPUs; see diffunet/training/precision.py)
     compile: bool = False                       # torch.compile the model (falls back to eager with a warning)
     num_threads: int = 0                        # CPU threads per process (torch.set_num_threads); 0: torch's
                                                 # default, one per core. 1 where another job shares the cores
@@ -108,8 +104,8 @@ class TrainConfig:
     label_dropout: float = 0.1                  # class-conditional models: drop labels to "null" (for CFG)
     cond_dropout: float = 0.0                   # image-conditioned models: drop the condition (zeros + a flag),
                                                 # so that guidance_scale applies to it
-    augment_p: float = 0.0                      # EDM's non-leaky augmentation (diffunet.augment), each op with this
-                                                # probability; needs model.augment_dim=9 (task=generate)
+    augment_p: float = 0.0                      # EDM's non-leaky augmentation (diffunet.data.augment), each op with
+                                                # this probability; needs model.augment_dim=9 (task=generate)
     seed: int = 0                               # initial weights, data order and noise: a run is reproducible
     log_every: int = 25                         # loss, lr, grad norm and img/s to tensorboard every N updates
     checkpoint_every: int = 500                 # a full checkpoint (resumable bitwise) every N updates
@@ -125,15 +121,38 @@ class TrainConfig:
     allow_inexact_resume: bool = False          # resume even if world size / batch size / data changed
     max_bad_steps: int = 10                     # stop after this many non-finite losses/gradients in a row
     phema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])   # post-hoc EMA: the profiles
-                                                # tracked (EDM2's pair); [] turns it off (diffunet/posthoc_ema.py)
+                                                # tracked (EDM2's pair); [] turns it off
+                                                # (diffunet/training/power_ema.py)
     phema_snapshots: int = 8                    # ... snapshots per run, evenly spaced, the last at max_steps; 0: off
+
+
+@dataclass
+class SuperResolutionConfig:
+    """the super_resolution task: how much smaller its inputs are."""
+    factor: int = 4                             # the condition is x0 area-downsampled by this (2 or more, dividing
+                                                # the model's size); paired data's conds/ are this much smaller
+
+
+@dataclass
+class InpaintingConfig:
+    """the inpainting task: the masks drawn where the data pairs none."""
+    mask: str = "mixed"                         # masks drawn per training batch: a name in data.inpaint_masks.MASKS
+    eval_mask: str = "half"                     # masks of grids and evaluation (seeded by sample.seed)
+
+
+@dataclass
+class DenoiseConfig:
+    """the denoise task: the noise made where the data pairs no noisy images."""
+    sigma: float = 0.4                          # std of the Gaussian noise added to x0 in [-1, 1] (then clipped) to
+                                                # make the condition, where the data pairs no noisy images
 
 
 @dataclass
 class SegmentConfig:
     """The segmentation tasks' section: the deterministic U-Net's loss, its weight map, and the diffusion
     model's ensemble."""
-    loss: str = "dice_ce"                       # a name in segmentation.LOSSES: "ce" | "dice_ce" | "unet_weighted_ce"
+    loss: str = "dice_ce"                       # a name in tasks.segmentation.LOSSES: "ce" | "dice_ce" |
+                                                # "unet_weighted_ce"
     w0: float = 10.0                            # unet_weighted_ce: the border weight w0 exp(-(d1 + d2)^2 / 2 sigma^2)
     sigma: float = 5.0                          # ... and its width, px
     ensemble: int = 4                           # diffusion: samples per image in evaluation (mean mask and std map)
@@ -153,7 +172,8 @@ class SampleConfig:
     seed: int = 0                               # the grids' noise (evaluation: seed + 1)
     eta: ClassVar[float] = 0.0                  # DDIM noise: 0 deterministic, 1 DDPM-like
     batch_size: ClassVar[int] = 64              # images per forward pass per process; does not change the images
-    dtype: ClassVar[str] = "float32"            # the U-Net's precision while sampling (a name fast.PRECISION takes)
+    dtype: ClassVar[str] = "float32"            # the U-Net's precision while sampling (a name
+                                                # training.precision.PRECISION takes)
 
 
 @dataclass
@@ -177,7 +197,16 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    super_resolution: SuperResolutionConfig = field(default_factory=SuperResolutionConfig)
+    inpainting: InpaintingConfig = field(default_factory=InpaintingConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+
+# Keys that moved into their task's section, still read at the old place for a release, so that an old run's
+# config.yaml and an old command line load. A value other than the default says the new name, once per source.
+MOVED = {"data.sr_factor": "super_resolution.factor", "data.mask": "inpainting.mask",
+         "data.eval_mask": "inpainting.eval_mask"}
 
 
 def presets() -> list[str]:
@@ -243,8 +272,28 @@ def _shape_mismatch(base, layer, prefix: str = "") -> str | None:
     return None
 
 
+def _forward_moved(layer: dict, origin: str) -> dict:
+    """``layer`` with the keys of ``MOVED`` at their new place (a key given at both places keeps the new one)."""
+    said = []
+    for old, new in MOVED.items():
+        (section, key), (new_section, new_key) = old.split("."), new.split(".")
+        if not (isinstance(layer.get(section), dict) and key in layer[section]):
+            continue
+        value = layer[section].pop(key)
+        target = layer.setdefault(new_section, {})
+        if isinstance(target, dict):
+            target.setdefault(new_key, value)
+        if value != OmegaConf.select(OmegaConf.structured(Config), new):
+            said.append(f"{old} is now {new}")
+    if said:
+        warnings.warn(f"{origin}: {', '.join(said)} (read as such; rename it)", FutureWarning, stacklevel=4)
+    return layer
+
+
 def _merge(base: DictConfig, layer: DictConfig | dict, origin: str) -> DictConfig:
     as_dict = OmegaConf.to_container(layer) if isinstance(layer, DictConfig) else layer
+    if isinstance(as_dict, dict) and _is_schema(base) and OmegaConf.get_type(base) is Config:
+        as_dict = layer = _forward_moved(as_dict, origin)
     unknown = _unknown_keys(base, as_dict) if isinstance(as_dict, dict) and _is_schema(base) else []
     if unknown:
         raise ConfigError(f"{origin}: {_unknown_keys_message(unknown)}")
@@ -293,3 +342,10 @@ def build_model(cfg: DictConfig) -> UNet:
 def model_from_preset(name: str, **overrides) -> UNet:
     """The UNet of a preset, with keyword overrides: ``model_from_preset("ddpm-cifar10", dropout=0.0)``."""
     return build_model(_merge(load_config(name), {"model": overrides}, "model_from_preset"))
+
+
+def run_config(run: Path) -> DictConfig:
+    """The config a run was trained with: ``<run>/config.yaml``, the folder ``train.py`` wrote."""
+    if not (Path(run) / "config.yaml").is_file():
+        raise ConfigError(f"{Path(run) / 'config.yaml'} is missing: pass a run's output_dir, the folder train.py wrote")
+    return load_config(Path(run) / "config.yaml")

@@ -6,7 +6,7 @@ time features. The conversion is two tables: ``config_from_unet2d`` maps each UN
 switches (or refuses it, naming it), and ``KEY_MAP`` renames each of our state-dict keys to diffusers'. The
 outputs are equal to float rounding (tests/test_convert.py measures it per config).
 
-Folders are read by ``checkpoint.load_unet`` (ours, or a UNet2DModel converted here), for ``train.init_from``,
+Folders are read by ``pretrained.load_unet`` (ours, or a UNet2DModel converted here), for ``train.init_from``,
 ``sample.py`` and the export alike: every way a folder can be wrong is one CheckpointError line naming the file,
 and no file's code ever runs.
 """
@@ -14,16 +14,13 @@ and no file's code ever runs.
 from __future__ import annotations
 
 import inspect
-import json
 import re
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
 
-from .checkpoint import load_unet
-from .config import ConfigError
-from .unet import UNet, as_size
+from .model.tables import as_size
+from .model.unet import UNet
 
 # Per level: UNet2DModel's block type -> whether the level has attention. Up blocks run deepest level first.
 DOWN_BLOCKS = {"DownBlock2D": False, "AttnDownBlock2D": True}
@@ -147,43 +144,13 @@ def state_dict_from_unet2d(theirs: dict[str, torch.Tensor], model: UNet) -> dict
     return out
 
 
-def from_unet2d(source) -> UNet:
-    """Our UNet with the architecture and weights of a UNet2DModel, or of a folder holding one (its
-    ``save_pretrained`` folder, or a pipeline folder with a ``unet/``); same dtype, outputs equal to float
-    rounding. Errors are one line: CheckpointError for a folder, ValueError for a model that cannot be mapped."""
-    if not isinstance(source, UNet2DModel):
-        if not isinstance(source, (str, Path)):
-            raise TypeError(f"from_unet2d takes a UNet2DModel or a folder, got {type(source).__name__}")
-        return load_unet(source, classes=("UNet2DModel",))     # checked file by file, then back here
-    model = UNet(**config_from_unet2d(source.config))
-    model.load_state_dict(state_dict_from_unet2d(source.state_dict(), model))
-    return model.to(source.dtype).train(source.training)
-
-
-# Switches that do not change what the weights compute at inference: a fine-tuning run may set its own.
-TRAINING_ONLY = ("dropout", "zero_init")
-
-
-def architecture(config) -> dict:
-    """A model config's architecture switches in one spelling (lists, (H, W), out_channels resolved)."""
-    arch = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()
-            if not k.startswith("_") and k not in TRAINING_ONLY}
-    arch["sample_size"] = as_size(config["sample_size"])
-    arch["out_channels"] = config["out_channels"] or config["in_channels"]
-    return arch
-
-
-def _override(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-
-
-def init_from(model: UNet, path) -> None:
-    """Load the weights of folder ``path`` (``load_unet``) into ``model``. Its architecture must be the folder's:
-    a ConfigError otherwise, one line giving the ``model.*`` overrides that make it so."""
-    loaded = load_unet(path)
-    want, have = architecture(loaded.config), architecture(model.config)
-    differ = {k: loaded.config[k] for k in want if want[k] != have.get(k)}
-    if differ:
-        raise ConfigError(f"train.init_from={path} holds a different architecture than the config's model; "
-                          f"set {' '.join(f'model.{k}={_override(v)}' for k, v in differ.items())}")
-    model.load_state_dict(loaded.state_dict())
+def from_unet2d(model: UNet2DModel) -> UNet:
+    """Our UNet with the architecture and weights of a UNet2DModel: same dtype, outputs equal to float rounding;
+    ValueError (one line) for a model that cannot be mapped. A folder holding one is read by
+    ``diffunet.from_unet2d`` (``pretrained.load_unet``)."""
+    if not isinstance(model, UNet2DModel):
+        raise TypeError(f"convert.from_unet2d takes a UNet2DModel, got {type(model).__name__}: read a folder with "
+                        f"diffunet.from_unet2d")
+    unet = UNet(**config_from_unet2d(model.config))
+    unet.load_state_dict(state_dict_from_unet2d(model.state_dict(), unet))
+    return unet.to(model.dtype).train(model.training)

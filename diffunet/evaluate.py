@@ -26,10 +26,10 @@ import torch
 
 from .cli import ArgumentParser
 from .config import EvalConfig
-from .cells import count_objects
-from .data import DataError, files_by_stem, read_class_mask, read_image, read_mask
+from .data import DataError, files_by_stem, read_class_mask, read_image, read_mask, source_of
+from .data.seg_masks import count_objects
 from .metrics import EXTRACTORS, IMAGE_SUFFIXES, ExtractorUnavailable, classify, evaluate, paired_scores
-from .segmentation import segmentation_scores
+from .tasks.segmentation import segmentation_scores
 
 SAMPLE_K = re.compile(r"(.+)_\d+")                  # stem_k: the k-th output for the condition `stem`
 SAMPLE_STAT = re.compile(r"(.+)_(mean|std)")        # stem_mean, stem_std: per-pixel statistics, not outputs
@@ -229,8 +229,9 @@ def main(argv=None) -> dict:
                                      skip_unpaired=args.skip_unpaired, lpips=args.lpips, batch_size=args.batch_size,
                                      device=args.device)
         else:
+            named = source_of(args.reference)      # a named reference is scored by its own classifier's features
             extractor = args.inception_weights or args.extractor or (
-                "digits" if args.reference == "digits" else "inception")
+                named.classifier if named is not None and named.classifier else "inception")
             result = evaluate(args.samples, args.reference, extractor, batch_size=args.batch_size,
                               device=args.device, kid_subset_size=args.kid_subset_size,
                               kid_subsets=args.kid_subsets, cache=args.cache, seed=args.seed,

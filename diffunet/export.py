@@ -8,15 +8,15 @@ How the code travels. diffusers (0.42) loads a component whose ``model_index.jso
 "<Class>"]`` from ``<component>/<module>.py``, and a pipeline whose ``_class_name`` is such a pair from
 ``<folder>/<module>.py``, when asked with ``trust_remote_code=True``. It copies that file into its module cache
 with the files it names in relative imports, but not the files those import in turn. So beside each such entry
-the folder gets the diffunet modules its class needs (the closure of their relative imports), copied byte for
-byte into a sub-package ``diffunet_<hash>/``, and a generated entry file that names every one of them. The copies
+the folder gets ``diffunet/model/`` (the network and the pipelines, which import only torch, diffusers, einops
+and each other), copied byte for byte into a sub-package ``diffunet_<hash>/``, and a generated entry file that
+names every module of it. The copies
 are the package's own files (nothing to keep in step by hand); the content hash in the name keeps two folders
 with different code apart in one process, where diffusers puts every local folder's modules under one name.
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import shutil
@@ -27,15 +27,17 @@ from diffusers import DiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
-from . import checkpoint as ckpt
-from .checkpoint import CheckpointError
+from . import pretrained
+from .training import state
 from .cli import ArgumentParser
-from .config import ConfigError, build_model, load_config
+from .config import build_model, run_config
+from .errors import CheckpointError, ConfigError
 from .objectives import OBJECTIVES, make_noise_scheduler, sampler_name
 from .sampling import make_scheduler
 from .tasks import task_of
 
-PACKAGE = Path(__file__).resolve().parent
+MODEL = Path(__file__).resolve().parent / "model"
+MODEL_PACKAGE = "diffunet.model."
 CARD, GRID = "README.md", "samples.png"
 
 ENTRY = '''"""{what} of diffunet {version}, for diffusers' custom-code loader (``trust_remote_code=True``); written by
@@ -49,30 +51,20 @@ so every module the class needs is named here: diffunet's own modules, unchanged
 
 # ------------------------------------------------------------------------------------------ the code
 
-def needed(module: str) -> list[str]:
-    """``module`` and every diffunet module it imports at module level through relative imports, directly or
-    not, sorted. An import inside a function (``UNet.from_unet2d``'s ``.convert``, which brings the config and
-    checkpoint layers and omegaconf with them) is what that function needs when called, not what loading the class
-    needs: it does not travel, and the folder's copy of such a function raises ImportError."""
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for node in ast.parse((PACKAGE / f"{name}.py").read_text(), f"{name}.py").body:
-            if isinstance(node, ast.ImportFrom) and node.level == 1:   # from .nn import ... / from . import nn
-                todo += [node.module] if node.module else [alias.name for alias in node.names]
-    return sorted(seen)
+def model_modules() -> list[str]:
+    """The modules of ``diffunet/model/``, the code an exported folder carries (it imports only torch, diffusers,
+    einops and itself: tests/test_imports.py), sorted."""
+    return sorted(path.stem for path in MODEL.glob("*.py") if path.stem != "__init__")
 
 
 def _write_code(folder: Path, package: str, module: str, class_name: str) -> str:
-    """``diffunet.<module>`` and what it needs as ``folder/<package>/``, plus the entry file; returns the entry's
-    module name, the first half of the ``model_index.json`` pair."""
+    """``diffunet/model/`` as ``folder/<package>/``, plus the entry file that names every module of it and imports
+    ``class_name`` from ``module``; returns the entry's module name, the first half of the ``model_index.json``
+    pair."""
     (folder / package).mkdir(parents=True, exist_ok=True)
-    names = needed(module)
+    names = model_modules()
     for name in names:
-        shutil.copyfile(PACKAGE / f"{name}.py", folder / package / f"{name}.py")
+        shutil.copyfile(MODEL / f"{name}.py", folder / package / f"{name}.py")
     imports = [f"from .{package}.{name} import __name__ as _" for name in names if name != module]
     imports.append(f"from .{package}.{module} import {class_name}")
     entry = f"diffunet_{module}"
@@ -82,20 +74,21 @@ def _write_code(folder: Path, package: str, module: str, class_name: str) -> str
 
 
 def make_portable(folder: Path, pipeline_class: type) -> list[str]:
-    """Put the code of every diffunet class in saved pipeline ``folder`` into it and point ``model_index.json`` at
-    those copies; returns the modules copied. Classes from diffusers stay as they are."""
+    """Put the code of every diffunet class in saved pipeline ``folder`` into it (``diffunet/model/``, whose
+    classes they all are) and point ``model_index.json`` at those copies; returns the modules copied. Classes from
+    diffusers stay as they are."""
     index_file = Path(folder) / "model_index.json"
     index = json.loads(index_file.read_text())
     places = {key: value for key, value in index.items()       # component folder -> [module, class]
-              if isinstance(value, list) and str(value[0]).startswith("diffunet.")}
-    if pipeline_class.__module__.startswith("diffunet."):
+              if isinstance(value, list) and str(value[0]).startswith(MODEL_PACKAGE)}
+    if pipeline_class.__module__.startswith(MODEL_PACKAGE):
         places["_class_name"] = [pipeline_class.__module__, pipeline_class.__name__]
-    modules = sorted(set().union(*(needed(module.removeprefix("diffunet.")) for module, _ in places.values())))
-    digest = hashlib.sha256(b"".join(m.encode() + b"\0" + (PACKAGE / f"{m}.py").read_bytes() for m in modules))
+    modules = model_modules()
+    digest = hashlib.sha256(b"".join(m.encode() + b"\0" + (MODEL / f"{m}.py").read_bytes() for m in modules))
     package = f"diffunet_{digest.hexdigest()[:10]}"         # one name for all: the pipeline sees the unet's classes
     for key, (module, class_name) in places.items():
         where = Path(folder) if key == "_class_name" else Path(folder) / key
-        index[key] = [_write_code(where, package, module.removeprefix("diffunet."), class_name), class_name]
+        index[key] = [_write_code(where, package, module.removeprefix(MODEL_PACKAGE), class_name), class_name]
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return modules
 
@@ -124,7 +117,7 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
     h, w = unet.image_size
     task = task_of(cfg)
     what, usage = task.card(cfg, unet)
-    deterministic = c.time_condition == "none"
+    deterministic = not unet.timed
     schedule = "" if deterministic else f", with its training noise schedule ({OBJECTIVES[d.objective].describe(d)})"
     pipeline_class = "DiffunetSegmentationPipeline" if task.segments else "DiffunetPipeline"
     how = (f"`{sampler_name(s.scheduler, make_noise_scheduler(d).config)}` with {s.steps} steps"
@@ -193,15 +186,15 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
 def write_folder(folder: Path, pipeline: DiffusionPipeline, cfg: DictConfig, run: Path, step: int,
                  grid: Path | None) -> Path:
     """The portable pipeline folder: ``save_pretrained``, the code (``make_portable``), the sample grid and the
-    model card. ``folder`` must not exist yet (see ``checkpoint.replace_folder``). ``pipeline`` holds the training
-    scheduler: the U-Net's config records it (``checkpoint.record_scheduler``: what the model predicts, from which
-    any sampler is made), and ``scheduler/`` becomes the run's sampler (``sample.scheduler``), so that a plain
-    ``pipe()`` samples as the run did. The pipeline's class and keywords are recorded in the U-Net's config too
-    (``checkpoint.record_pipeline``), so that a ``unet/`` copied out alone still says which job it does."""
+    model card. ``folder`` must not exist yet (see ``training.state.replace_folder``). ``pipeline`` holds the
+    training scheduler: the U-Net's config records it (``pretrained.record_scheduler``: what the model predicts,
+    from which any sampler is made), and ``scheduler/`` becomes the run's sampler (``sample.scheduler``), so that a
+    plain ``pipe()`` samples as the run did. The pipeline's class and keywords are recorded in the U-Net's config
+    too (``pretrained.record_pipeline``), so that a ``unet/`` copied out alone still says which job it does."""
     if pipeline.scheduler is not None:
-        ckpt.record_scheduler(pipeline.unet, pipeline.scheduler)
+        pretrained.record_scheduler(pipeline.unet, pipeline.scheduler)
         pipeline.scheduler = make_scheduler(cfg.sample.scheduler, pipeline.scheduler.config)
-    ckpt.record_pipeline(pipeline)
+    pretrained.record_pipeline(pipeline)
     pipeline.save_pretrained(folder)
     modules = make_portable(folder, type(pipeline))
     if grid is not None:
@@ -214,34 +207,28 @@ def write_folder(folder: Path, pipeline: DiffusionPipeline, cfg: DictConfig, run
 
 # ------------------------------------------------------------------------------------------ a run's folder
 
-def _run_config(run: Path) -> DictConfig:
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run / 'config.yaml'} is missing: pass a run's output_dir, the folder train.py wrote")
-    return load_config(run / "config.yaml")
-
-
 def export(run: Path, out: Path, checkpoint: str | None = None, force: bool = False) -> Path:
     """Write the portable folder of run ``run`` to ``out``: from its ``pipeline/`` or, with ``checkpoint``
     ("latest" or a folder), from that checkpoint's EMA weights. Refuses a non-empty ``out`` unless ``force``."""
     run, out = Path(run), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConfigError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
-    cfg = _run_config(run)
+    cfg = run_config(run)
     if checkpoint is None and (run / "pipeline").is_dir():
-        unet, _ = ckpt.load_model_folder(run / "pipeline")
+        unet, _ = pretrained.load_model_folder(run / "pipeline")
         step = cfg.train.max_steps                          # the pipeline is written when the loop reaches it
     else:
-        path = ckpt.find_resume(checkpoint or "latest", run / "checkpoints")
+        path = state.find_resume(checkpoint or "latest", run / "checkpoints")
         if path is None:
             raise CheckpointError(f"{run} has neither a pipeline/ folder nor a checkpoint")
         unet = build_model(cfg)
-        step = ckpt.load_ema_weights(path, unet)
+        step = state.load_ema_weights(path, unet)
         unet.eval()
     grids = [run / "samples" / f"step_{step:06d}.png"] + ([run / "samples" / "final.png"]
                                                           if step == cfg.train.max_steps else [])
     grid = next((g for g in grids if g.is_file()), None)
     pipeline = task_of(cfg).pipeline(unet, make_noise_scheduler(cfg.diffusion), cfg)
-    return ckpt.replace_folder(out, lambda tmp: write_folder(tmp, pipeline, cfg, run, step, grid))
+    return state.replace_folder(out, lambda tmp: write_folder(tmp, pipeline, cfg, run, step, grid))
 
 
 def main(argv=None) -> int:

@@ -23,10 +23,11 @@ from typing import Callable
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler,
                        EDMEulerScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
+                       FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler, RePaintScheduler,
+                       UniPCMultistepScheduler)
 from diffusers.training_utils import compute_snr
 
-from .tables import choose
+from .model.tables import choose
 
 
 def sigmoid_betas(steps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0) -> list[float]:
@@ -151,6 +152,8 @@ class Sampler:
     """A diffusers scheduler that samples an objective's models, made from the training scheduler's config."""
     cls: type
     options: Callable = lambda config: {}       # training config -> keywords that ``from_config`` overrides
+    needs_mask: bool = False                    # inpaints: takes an image and a mask (sample.py --cond --mask)
+    keeps: tuple = ()                           # training config keys kept in its config though ``cls`` takes none
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ class Objective:
     owns: Callable | None = None                # scheduler config -> whether it is this objective's; None: the
                                                 # objective of the configs no other one owns (the DDPM family)
     weightings: tuple = ("mse",)                # the diffusion.loss_weighting values its loss reads
+    preset: str = ""                            # a preset that trains such a model (errors name it)
 
 
 def _ddpm_scheduler(cfg) -> DDPMScheduler:
@@ -184,11 +188,15 @@ OBJECTIVES = {
             "heun": Sampler(HeunDiscreteScheduler),             # two model calls per step
             "heun_karras": Sampler(HeunDiscreteScheduler, lambda c: {"use_karras_sigmas": True}),
             "unipc": Sampler(UniPCMultistepScheduler),
+            # training-free inpainting with any epsilon-predicting model, unconditional or class-conditional
+            # (Lugmayr et al. 2022); the pipeline reads the kept target to refuse other models
+            "repaint": Sampler(RePaintScheduler, needs_mask=True, keeps=("prediction_type",)),
         },
         default_sampler="ddim",
         describe=lambda cfg: (f"DDPM, {cfg.num_train_timesteps} steps, `{cfg.beta_schedule}` betas, predicting "
                               f"`{cfg.prediction_type}`"),
-        weightings=tuple(WEIGHTINGS)),
+        weightings=tuple(WEIGHTINGS),
+        preset="digits-ddpm"),
     "flow": Objective(
         scheduler=lambda cfg: FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps,
                                                               shift=cfg.flow_shift),
@@ -202,7 +210,8 @@ OBJECTIVES = {
         },
         default_sampler="flow_dpmpp",
         describe=lambda cfg: f"rectified flow, t ~ `{cfg.time_sampling}`, predicting the velocity eps - x0",
-        owns=lambda config: "shift" in config or bool(config.get("use_flow_sigmas"))),   # DPM-Solver on flow sigmas
+        owns=lambda config: "shift" in config or bool(config.get("use_flow_sigmas")),    # DPM-Solver on flow sigmas
+        preset="digits"),
     "edm": Objective(
         scheduler=lambda cfg: EDMEulerScheduler(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
                                                 sigma_data=cfg.sigma_data,
@@ -268,15 +277,23 @@ def sampler_name(name: str, config) -> str:
 
 def make_sampler(name: str, config):
     """Sampler ``name`` (a name in ``SAMPLERS``, or "auto": the objective's default) made from the training
-    scheduler's ``config``; a sampler of another objective is one ValueError line naming the ones that fit."""
+    scheduler's ``config``. A sampler of another objective is one ValueError line naming the ones that fit (those
+    that inpaint, or not, as it does), or, where none does (RePaint for a flow model), the objective that has it."""
     objective = objective_of(config)
     fits, name = OBJECTIVES[objective].samplers, sampler_name(name, config)
     if name in SAMPLERS and name not in fits:
-        raise ValueError(f"scheduler {name} does not sample {objective} models; choose one of "
-                         f"{', '.join(fits)} (or auto)")
+        alike = [n for n, s in fits.items() if s.needs_mask == SAMPLERS[name].needs_mask]
+        if alike:
+            raise ValueError(f"scheduler {name} does not sample {objective} models; choose one of "
+                             f"{', '.join(alike)} (or auto)")
+        owner = next(o for o, entry in OBJECTIVES.items() if name in entry.samplers)
+        example = f", e.g. --config {OBJECTIVES[owner].preset}" if OBJECTIVES[owner].preset else ""
+        raise ValueError(f"scheduler {name} samples {owner} models only; this one is {objective} "
+                         f"(train one with diffusion.objective={owner}{example})")
     sampler = choose(fits, name, "scheduler")
-    # only the keys this class takes: from_config warns about each other one (flow's "shift" for DPM-Solver)
-    takes = inspect.signature(sampler.cls.__init__).parameters
+    # only the keys this class takes (and keeps): from_config warns about each other one (flow's "shift" for
+    # DPM-Solver)
+    takes = set(inspect.signature(sampler.cls.__init__).parameters) | set(sampler.keeps)
     return sampler.cls.from_config({k: v for k, v in config.items() if k in takes or k.startswith("_")},
                                    **sampler.options(config))
 

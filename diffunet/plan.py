@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 
 from .cli import ArgumentParser
-from .config import ConfigError, build_model, load_config
-from .unet import UNet
+from .config import build_model, load_config
+from .errors import ConfigError
+from .model.unet import UNet
 
 
 def _params(n: int) -> str:

@@ -1,246 +1,46 @@
-"""Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", sec. 3
-and appendix C): choose the EMA length after training instead of before.
-
-During training ``PowerEMA`` tracks the weights under a few power-function EMA profiles (``train.phema_sigma_rels``,
-EDM2's 0.05 and 0.10 by default) and writes them at ``train.phema_snapshots`` evenly spaced steps to
-``<run>/phema_snapshots/phema-<step>.safetensors``. Afterwards any length is a linear combination of those
-snapshots: the one whose profile is nearest, in least squares over the profiles as functions of training time,
-to the profile asked for (``solve_coefficients``).
+"""Post-hoc EMA of a finished run, from the command line: a pipeline folder per EMA length, or which length is
+best (``training.power_ema`` holds the maths and the snapshots training writes).
 
     python -m diffunet.posthoc_ema runs/digits --sigma-rel 0.05 0.08 0.12      # runs/digits/phema/sigma_rel_0.080/ ...
     python -m diffunet.posthoc_ema runs/digits --sweep --draws 4   # FID of each length: phema_sweep.json/.png
 
-The length is ``sigma_rel``, the profile's standard deviation relative to its age. A power-function profile at step
-t weighs the weights of step tau by tau^gamma (tau <= t); sigma_rel and gamma are one number in two units
-(``std_to_exp``, ``exp_to_std``). Its per-step update ``beta_t = (1 - 1/t)^(gamma + 1)`` gives step tau the
-weight (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1): the continuous profile integrated over that step, so the
-snapshots are the profiles the least squares assumes. The maths is ours, written after EDM2's ``training/phema.py``.
+The sweep scores a generation run's post-hoc EMA at each length beside its ordinary EMA (``train.ema_decay``), as
+``<run>/phema_sweep.json`` and ``<run>/phema_sweep.png``. Every length is scored on the same terms: ``num_images``
+samples (every class equally often, for a class-conditional model) from the same seeds, with the run's sampler
+unless told otherwise, against the run's evaluation reference with ``train.eval_extractor``. ``draws`` > 1 scores
+that many independent sets (sampling seeds ``sample.seed``, ``sample.seed + 1``, ...) and keeps the mean: one set
+of 512 digits moves FID by up to +-30 % (docs/recipes/default.md), more than the gaps between neighbouring lengths.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
+import math
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, _fsync_dir, replace_folder
+from . import config, pretrained
 from .cli import ArgumentParser
-from .config import ConfigError, build_model
-from .export import CARD, _run_config, write_folder
+from .config import build_model
+from .data import to_uint8
+from .errors import CheckpointError, ConfigError, PosthocEMAError
+from .export import CARD, write_folder
+from .metrics import ExtractorUnavailable, evaluate
 from .objectives import make_noise_scheduler
-from .tasks import task_of
-
-SNAPSHOT_DIR = "phema_snapshots"                       # under the run's output_dir
-SNAPSHOT = re.compile(r"^phema-(\d+)\.safetensors$")
-MAX_SIGMA_REL = float(np.sqrt(1 / 12))                  # gamma = 0, a flat profile: the longest whose weights never fall
-DEFAULT_SIGMA_RELS = (0.05, 0.10)                       # EDM2's tracked pair
-SWEEP_SIGMA_RELS = (0.02, 0.03, 0.045, 0.065, 0.09, 0.13, 0.18, 0.25)
-
-
-class PosthocEMAError(ValueError):
-    """Post-hoc EMA asked of something that cannot give it; the message is one line that says why."""
-
-
-# ------------------------------------------------------------------------------------------ the maths (float64)
-
-def check_sigma_rel(sigma_rel: float) -> float:
-    """``sigma_rel`` as a float if a power-function profile has that length (gamma >= 0); PosthocEMAError if not."""
-    if not 0 < sigma_rel <= MAX_SIGMA_REL:
-        raise PosthocEMAError(f"sigma_rel {sigma_rel:g} is outside (0, {MAX_SIGMA_REL:.4f}]: longer profiles would "
-                              f"weigh early weights more than late ones")
-    return float(sigma_rel)
-
-
-def exp_to_std(gamma) -> np.ndarray:
-    """sigma_rel of the profile tau^gamma on [0, t], relative to t (EDM2 eq. 123)."""
-    gamma = np.float64(gamma)
-    return np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
-
-
-def std_to_exp(sigma_rel) -> np.ndarray:
-    """The exponent gamma of relative width ``sigma_rel``: the largest real root of
-    gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2), which is eq. 123 solved for gamma (EDM2 eq. 126)."""
-    s = np.asarray(sigma_rel, dtype=np.float64)
-    roots = [np.roots([1, 7, 16 - v ** -2, 12 - v ** -2]) for v in s.ravel()]
-    return np.array([r[np.abs(r.imag) < 1e-9].real.max() for r in roots]).reshape(s.shape)
-
-
-def beta(t: int, gamma: float) -> float:
-    """The decay of step ``t`` (1-based) of a power-function EMA: (1 - 1/t)^(gamma + 1); 0 at t = 1."""
-    return (1 - 1 / t) ** (gamma + 1)
-
-
-def power_function_correlation(a_step, a_sigma_rel, b_step, b_sigma_rel) -> np.ndarray:
-    """<p_a, p_b> of two normalised profiles (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t] (EDM2 eq. 151),
-    broadcast: the integral over the shorter's support is (ga+1)(gb+1) (t_short/t_long)^g_long /
-    ((ga + gb + 1) t_long), g_long the exponent of the longer one."""
-    ga, gb = std_to_exp(a_sigma_rel), std_to_exp(b_sigma_rel)
-    a_step, b_step = np.float64(a_step), np.float64(b_step)
-    g_long = np.where(a_step < b_step, gb, -ga)           # -ga: (ta/tb)^-ga = (tb/ta)^ga when a is the longer
-    return (ga + 1) * (gb + 1) * (a_step / b_step) ** g_long / ((ga + gb + 1) * np.maximum(a_step, b_step))
-
-
-def solve_coefficients(in_steps: Sequence[int], in_sigma_rels: Sequence[float], out_step: int,
-                       out_sigma_rel: float) -> np.ndarray:
-    """x (one per input profile) minimising ||sum_i x_i p_i - p_out||^2: A x = b with A_ij = <p_i, p_j>,
-    b_i = <p_i, p_out>, then normalised to sum 1 (EDM2 algorithm 3). Inputs: the snapshot profiles' steps and
-    sigma_rels, paired."""
-    steps, sigmas = np.float64(in_steps).reshape(-1, 1), np.float64(in_sigma_rels).reshape(-1, 1)
-    A = power_function_correlation(steps, sigmas, steps.T, sigmas.T)
-    b = power_function_correlation(steps[:, 0], sigmas[:, 0], np.float64(out_step), np.float64(out_sigma_rel))
-    x = np.linalg.solve(A, b)
-    return x / x.sum()
-
-
-# ------------------------------------------------------------------------------------------ tracking in training
-
-class PowerEMA:
-    """The model's parameters under K power-function EMA profiles, fp32, one multi-tensor lerp per profile per
-    step. Parameters only: buffers come from the live model (as diffusers' EMAModel does).
-
-    Written here because diffusers has no post-hoc EMA, and ema-pytorch's ``PostHocEMA`` (not a dependency) keeps
-    its profiles as whole model copies, written by ``torch.save`` (pickles) at a fixed interval without an atomic
-    rename, outside accelerate's checkpoint; these snapshots are safetensors, atomic, and resumed exactly."""
-
-    def __init__(self, named_parameters: Iterable[tuple[str, torch.Tensor]],
-                 sigma_rels: Sequence[float] = DEFAULT_SIGMA_RELS):
-        named = list(named_parameters)
-        self.names = [n for n, _ in named]
-        self.sigma_rels = [check_sigma_rel(s) for s in sigma_rels]
-        self.gammas = [float(g) for g in std_to_exp(self.sigma_rels)]
-        self.profiles = [[p.detach().float().clone() for _, p in named] for _ in self.sigma_rels]
-        self.step = 0                                    # updates made; the next is step + 1 (1-based)
-
-    @torch.no_grad()
-    def update(self, parameters: Iterable[torch.Tensor]) -> None:
-        """One optimizer step's update: profile k <- lerp(profile k, weights, 1 - beta_k(t))."""
-        self.step += 1
-        weights = [p.detach().float() for p in parameters]   # .float() of an fp32 tensor is the tensor itself
-        for gamma, profile in zip(self.gammas, self.profiles):
-            torch._foreach_lerp_(profile, weights, 1 - beta(self.step, gamma))
-
-    def to(self, device) -> "PowerEMA":
-        self.profiles = [[p.to(device) for p in profile] for profile in self.profiles]
-        return self
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every profile's tensors, keyed "<k>.<parameter name>" (k: index in ``sigma_rels``), on the CPU."""
-        return {f"{k}.{name}": p.detach().cpu().contiguous()
-                for k, profile in enumerate(self.profiles) for name, p in zip(self.names, profile)}
-
-    def meta(self) -> dict:
-        return {"step": self.step, "sigma_rels": self.sigma_rels, "names": self.names}
-
-    def state_dict(self) -> dict:
-        return dict(self.meta(), tensors=self.tensors())
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore ``state_dict()``; refused (PosthocEMAError) for other lengths or other parameters."""
-        if [float(s) for s in state["sigma_rels"]] != self.sigma_rels or list(state["names"]) != self.names:
-            raise PosthocEMAError(f"the saved post-hoc EMA tracks sigma_rels {list(state['sigma_rels'])} of "
-                                  f"{len(state['names'])} parameters, this run {self.sigma_rels} of {len(self.names)}")
-        tensors = state["tensors"]
-        with torch.no_grad():
-            for k, profile in enumerate(self.profiles):
-                for name, p in zip(self.names, profile):
-                    p.copy_(tensors[f"{k}.{name}"])
-        self.step = int(state["step"])
-
-    # checkpoint folders: safetensors + JSON, nothing a load could execute (see checkpoint.save)
-    def save_to(self, folder: Path) -> dict:
-        save_file(self.tensors(), Path(folder) / "phema.safetensors")
-        return self.meta()
-
-    def load_from(self, folder: Path, meta: dict) -> None:
-        with safe_open(Path(folder) / "phema.safetensors", "pt") as f:
-            self.load_state_dict(dict(meta, tensors={k: f.get_tensor(k) for k in f.keys()}))
-
-    def snapshot(self, folder: Path, step: int | None = None) -> Path:
-        """Write ``folder/phema-<step>.safetensors`` atomically (temporary name, fsync, rename, fsync the
-        folder): every profile, with the step, the sigma_rels and the parameter names as metadata."""
-        step = self.step if step is None else step
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        final, tmp = folder / f"phema-{step:06d}.safetensors", folder / f".phema-{step:06d}.safetensors.tmp"
-        try:
-            save_file(self.tensors(), tmp, metadata={"step": str(step), "sigma_rels": json.dumps(self.sigma_rels),
-                                                    "names": json.dumps(self.names)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(folder)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return final
-
-
-def snapshot_steps(max_steps: int, count: int) -> set[int]:
-    """``count`` evenly spaced steps of a run, the last at ``max_steps`` (every step where count >= max_steps)."""
-    return {round(k * max_steps / count) for k in range(1, count + 1)} - {0} if count > 0 else set()
-
-
-# ------------------------------------------------------------------------------------------ reconstruction
-
-def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, file) of every snapshot of run ``run_dir``, oldest first."""
-    folder = Path(run_dir) / SNAPSHOT_DIR
-    found = sorted((int(m[1]), p) for p in folder.glob("phema-*.safetensors") if (m := SNAPSHOT.match(p.name)))
-    if not found:
-        raise PosthocEMAError(f"{folder} holds no post-hoc EMA snapshots: train with train.phema_snapshots > 0 "
-                              f"and train.phema_sigma_rels set")
-    return found
-
-
-@contextmanager
-def readable(path: Path):
-    """Reading snapshot ``path`` inside: a file that is not one (truncated, damaged) is one PosthocEMAError line."""
-    try:
-        yield
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise PosthocEMAError(f"post-hoc EMA snapshot {path} cannot be read ({type(e).__name__}: {e}); move it "
-                              f"out of {Path(path).parent} to reconstruct from the others") from None
-
-
-def reconstruct(run_dir: Path, sigma_rel: float, step: int | None = None) -> dict[str, torch.Tensor]:
-    """The parameters (name -> fp32 tensor) of an EMA of length ``sigma_rel`` at snapshot ``step`` (default: the
-    last), combined from every snapshot up to it."""
-    sigma_rel = check_sigma_rel(sigma_rel)
-    found = snapshots(run_dir)
-    step = found[-1][0] if step is None else step
-    if step not in {s for s, _ in found}:
-        raise PosthocEMAError(f"{Path(run_dir) / SNAPSHOT_DIR} has no snapshot at step {step}; it has steps "
-                              f"{', '.join(str(s) for s, _ in found)}")
-    used = [(s, p) for s, p in found if s <= step]
-    in_steps, in_sigmas, keys = [], [], []
-    for s, path in used:
-        with readable(path), safe_open(path, "pt") as f:
-            meta = f.metadata()
-            for k, sigma in enumerate(json.loads(meta["sigma_rels"])):
-                in_steps.append(s), in_sigmas.append(sigma), keys.append((path, k))
-            names = json.loads(meta["names"])
-    x = solve_coefficients(in_steps, in_sigmas, step, sigma_rel)
-    out = {name: torch.zeros(()) for name in names}
-    for (path, k), weight in zip(keys, x):
-        with readable(path), safe_open(path, "pt") as f:
-            for name in names:
-                out[name] = out[name] + float(weight) * f.get_tensor(f"{k}.{name}").double()
-    return {name: t.float() for name, t in out.items()}
-
+from .sampling import generate, make_scheduler
+from .tasks import TASKS, eval_reference, task_of
+from .training import state
+from .training.power_ema import MAX_SIGMA_REL, SWEEP_SIGMA_RELS, check_sigma_rel, reconstruct, snapshots
+from .training.state import replace_folder
 
 # ------------------------------------------------------------------------------------------ a run's lengths
 
 def run_config(run_dir: Path):
     """(config, task) of a run folder: its config.yaml."""
-    cfg = _run_config(Path(run_dir))
+    cfg = config.run_config(Path(run_dir))
     return cfg, task_of(cfg)
 
 
@@ -284,6 +84,126 @@ def write_pipelines(run_dir: Path, sigma_rels: Sequence[float], step: int | None
     return written
 
 
+# ------------------------------------------------------------------------------------------ the sweep
+
+def default_ema(run: Path, cfg, step: int):
+    """(the run's ordinary EMA model at ``step``, where it came from), or None where the run kept none there:
+    its ``pipeline/`` at ``max_steps``, else the checkpoint of that step."""
+    if step == cfg.train.max_steps and (run / "pipeline").is_dir():
+        return pretrained.load_model_folder(run / "pipeline")[0], "pipeline"
+    folder = state.step_dir(run / "checkpoints", step)
+    if folder.is_dir():
+        unet = build_model(cfg)
+        state.load_ema_weights(folder, unet)
+        return unet.eval(), folder.name
+    return None
+
+
+def sweep(run, sigma_rels: Sequence[float], step: int | None = None, num_images: int = 512,
+          steps: int | None = None, scheduler: str | None = None, device=None, draws: int = 1) -> dict:
+    """Score each length in ``sigma_rels`` and the run's own EMA by FID, the mean over ``draws`` sets; writes and
+    returns the table (rows ``{"sigma_rel", "fid", "fids"}``, ``fids`` one per set, the ordinary EMA's row with
+    ``sigma_rel`` None), the best length, and the settings."""
+    run = Path(run)
+    cfg, task = run_config(run)
+    if not task.scored_by_fid:                  # FID scores samples from noise; an image-conditioned task has its own
+        scored = ", ".join(name for name, entry in TASKS.items() if entry.scored_by_fid)
+        raise PosthocEMAError(f"the sweep scores generation by FID (task {scored}); this run is "
+                              f"task={cfg.task}: write its lengths' pipelines with --sigma-rel and score them there")
+    if num_images < 2:
+        raise PosthocEMAError(f"--num-images must be at least 2 for an FID (got {num_images})")
+    if draws < 1:
+        raise PosthocEMAError(f"--draws must be at least 1 (got {draws})")
+    reference = eval_reference(cfg)
+    if reference is None:
+        raise PosthocEMAError(f"the run has no evaluation reference: set train.eval_reference in "
+                              f"{run / 'config.yaml'} (data.source={cfg.data.source} is not a folder)")
+    sigma_rels = [check_sigma_rel(s) for s in sigma_rels]
+    step = snapshots(run)[-1][0] if step is None else step
+    steps, scheduler = steps or cfg.sample.steps, scheduler or cfg.sample.scheduler
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        sampler = make_scheduler(scheduler, make_noise_scheduler(cfg.diffusion).config)
+    except ValueError as e:
+        raise PosthocEMAError(str(e)) from None
+
+    def fid(unet, seed: int) -> float:
+        images = generate(unet.to(device), sampler, num_images, steps=steps, seed=seed,
+                          class_labels="all" if unet.config.num_classes else None,
+                          guidance_scale=cfg.sample.guidance_scale, device=device)
+        try:
+            return float(evaluate(to_uint8(images), reference, cfg.train.eval_extractor, device=device,
+                                  seed=cfg.sample.seed)["fid"])
+        except ExtractorUnavailable as e:
+            raise PosthocEMAError(f"train.eval_extractor: {e}") from None
+
+    def score(unet, **row) -> dict:
+        fids = [fid(unet, cfg.sample.seed + k) for k in range(draws)]
+        return dict(row, fid=sum(fids) / draws, fids=fids)
+
+    rows = [score(model_with(cfg, reconstruct(run, s, step)), sigma_rel=s) for s in sigma_rels]
+    ordinary = default_ema(run, cfg, step)
+    if ordinary is not None:
+        rows.append(score(ordinary[0], sigma_rel=None, ema_decay=cfg.train.ema_decay, **{"from": ordinary[1]}))
+    scored = [r for r in rows if r["sigma_rel"] is not None and math.isfinite(r["fid"])]
+    best = min(scored, key=lambda r: r["fid"]) if scored else None
+    table = {"run": str(run), "step": step, "num_images": num_images, "draws": draws, "scheduler": scheduler,
+             "steps": steps, "extractor": str(cfg.train.eval_extractor), "reference": str(reference), "rows": rows,
+             "best_sigma_rel": best["sigma_rel"] if best else None}
+    (run / "phema_sweep.json").write_text(json.dumps(table, indent=1) + "\n")
+    table["plot"] = str(plot(table, run / "phema_sweep.png"))
+    return table
+
+
+def plot(table: dict, path: Path) -> Path:
+    """FID against sigma_rel (log axis), the ordinary EMA as a dashed line, the best length marked."""
+    import matplotlib                       # the report / dev extras
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [r for r in table["rows"] if r["sigma_rel"] is not None]
+    sets = table.get("draws", 1) > 1                # the sets' min..max: how much of a gap is the sample set's
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot([r["sigma_rel"] for r in lengths], [r["fid"] for r in lengths], "o-", label="post-hoc EMA")
+    if sets:
+        ax.fill_between([r["sigma_rel"] for r in lengths], [min(r["fids"]) for r in lengths],
+                        [max(r["fids"]) for r in lengths], alpha=0.15, label="min..max over the sets")
+    for r in table["rows"]:
+        if r["sigma_rel"] is None:
+            ax.axhline(r["fid"], ls="--", color="gray", label=f"EMA decay {r['ema_decay']}")
+            if sets:
+                ax.axhspan(min(r["fids"]), max(r["fids"]), color="gray", alpha=0.08)
+    best = next((r for r in lengths if r["sigma_rel"] == table["best_sigma_rel"]), None)
+    if best is not None:
+        ax.plot(best["sigma_rel"], best["fid"], "*", ms=14, color="C3",
+                label=f"best: sigma_rel {best['sigma_rel']:g}")
+    ax.set_xscale("log")
+    ax.set_xticks([r["sigma_rel"] for r in lengths], [f"{r['sigma_rel']:g}" for r in lengths])   # the swept ones
+    ax.minorticks_off()
+    ax.set_xlabel("sigma_rel (EMA length)")
+    ax.set_ylabel("FID")
+    mean = f" (mean of {table['draws']} sets)" if sets else ""
+    ax.set_title(f"step {table['step']}, {table['num_images']} images{mean}, {table['scheduler']} x {table['steps']}",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def print_table(table: dict) -> None:
+    sets = f"  (mean of {table['draws']} sets: min..max)" if table["draws"] > 1 else ""
+    print(f"{'sigma_rel':>12}  {'FID':>9}{sets}")
+    for r in table["rows"]:
+        name = f"{r['sigma_rel']:.3f}" if r["sigma_rel"] is not None else f"EMA {r['ema_decay']}"
+        spread = f"  ({min(r['fids']):.3f}..{max(r['fids']):.3f})" if table["draws"] > 1 else ""
+        print(f"{name:>12}  {r['fid']:9.3f}{spread}")
+    if table["best_sigma_rel"] is not None:
+        print(f"best: sigma_rel {table['best_sigma_rel']:g}")
+    print(f"written: {Path(table['run']) / 'phema_sweep.json'}, {table['plot']}")
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m diffunet.posthoc_ema",
                        description="Post-hoc EMA of a run: a pipeline folder per EMA length, or an FID sweep.")
@@ -303,7 +223,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.sweep:
-            from .phema_sweep import print_table, sweep     # here: phema_sweep builds on this module
             print_table(sweep(args.run, args.sigma_rels or SWEEP_SIGMA_RELS, step=args.step,
                               num_images=args.num_images, steps=args.steps, scheduler=args.scheduler,
                               device=args.device, draws=args.draws))

@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 
 from . import config
-from .unet import UNet
+from .model.unet import UNet
 
 FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^=]+=.*?\s#\s?(.*)$")      # name: type = default   # comment
 MORE = re.compile(r"^\s+#\s?(.*)$")                               # a comment line continuing the one above
@@ -64,7 +64,7 @@ def rows(schema: type, source: str, prefix: str) -> list[str]:
     notes = comments(source)
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(schema):
-        if dataclasses.is_dataclass(f.type) or f.name in SECTIONS:
+        if f.name in sections():
             continue                                    # a section: a table of its own
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         note = notes.get(f.name, "").replace("|", "\\|")
@@ -72,24 +72,33 @@ def rows(schema: type, source: str, prefix: str) -> list[str]:
     return lines
 
 
-# section -> (its dataclass, the source its comments are read from, what it is)
-SECTIONS = {
-    "model": (config.ModelConfig, inspect.getsource(UNet.__init__), "the network: `UNet(**model)`, every switch"),
-    "diffusion": (config.DiffusionConfig, inspect.getsource(config.DiffusionConfig),
-                  "the objective and its noise schedule"),
-    "data": (config.DataConfig, inspect.getsource(config.DataConfig), "what is read, and how"),
-    "train": (config.TrainConfig, inspect.getsource(config.TrainConfig), "the loop, precision, EMA, checkpoints"),
-    "sample": (config.SampleConfig, inspect.getsource(config.SampleConfig),
-               "the run's sample grids and evaluation samples; saved with its pipeline, sample.py's defaults"),
-    "segment": (config.SegmentConfig, inspect.getsource(config.SegmentConfig), "the segmentation tasks"),
-}
+# What the sections without a docstring of their own are; any other section (a task's) says it in its docstring
+WHAT = {"model": "the network: `UNet(**model)`, every switch", "diffusion": "the objective and its noise schedule",
+        "data": "what is read, and how", "train": "the loop, precision, EMA, checkpoints",
+        "sample": "the run's sample grids and evaluation samples; saved with its pipeline, sample.py's defaults",
+        "segment": "the segmentation tasks"}
+
+
+def sections() -> dict[str, tuple[type, str, str]]:
+    """section -> (its dataclass, the source its comments are read from, what it is): every section of
+    ``config.Config``, in its order, so that a new one (a task's) needs no line here."""
+    found = {}
+    for name, schema in typing.get_type_hints(config.Config).items():
+        if not dataclasses.is_dataclass(schema):
+            continue
+        source = inspect.getsource(UNet.__init__) if name == "model" else inspect.getsource(schema)
+        found[name] = (schema, source, WHAT.get(name) or (schema.__doc__ or name).strip().split("\n")[0].rstrip("."))
+    return found
 
 
 def page() -> str:
     """The whole reference page, as docs/configuration.md holds it."""
     out = [HEADER, "## Top level", "", *rows(config.Config, inspect.getsource(config.Config), ""), ""]
-    for name, (schema, source, what) in SECTIONS.items():
+    for name, (schema, source, what) in sections().items():
         out += [f"## `{name}`: {what}", "", *rows(schema, source, f"{name}."), ""]
+    out += ["## Keys that moved", "", "Still read at their old place for a release (a value other than the default "
+            "says the new name once):", "", "| old key | now |", "|---|---|",
+            *(f"| `{old}` | `{new}` |" for old, new in config.MOVED.items()), ""]
     return "\n".join(out)
 
 

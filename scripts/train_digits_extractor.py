@@ -1,8 +1,8 @@
 """Train the offline feature extractor for FID / KID / IS on the embedded digits; about a minute on a CPU.
 
-    python scripts/train_digits_extractor.py [--out diffunet/assets/digits_classifier.safetensors]
+    python scripts/train_digits_extractor.py [--out diffunet/metrics/assets/digits_classifier.safetensors]
 
-A small CNN (``diffunet.metrics.DigitsClassifier``) on a stratified 80 % of scikit-learn's 1,797 digits at
+A small CNN (``diffunet.metrics.fid.DigitsClassifier``) on a stratified 80 % of scikit-learn's 1,797 digits at
 16x16, with +-1 pixel shifts and half the batches seen through a 32x32 round trip (the extractor resizes its
 input, so it must not care at which size a sample was made). The features are then scaled to unit standard
 deviation on the training images. Prints the accuracy on the held-out 20 %.
@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from sklearn.model_selection import train_test_split
 
 from diffunet.data import digits_arrays
-from diffunet.metrics import DIGITS_WEIGHTS, DigitsClassifier
+from diffunet.metrics import DIGITS_WEIGHTS
+from diffunet.metrics.fid import DigitsClassifier
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

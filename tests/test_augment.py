@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from conftest import tiny
-from diffunet.augment import AUGMENT_DIM, COLUMNS, OPS, augment, transform
+from diffunet.data.augment import AUGMENT_DIM, COLUMNS, OPS, augment, transform
 from diffunet.config import ConfigError, load_config
 from diffunet.data import build_dataset, take_subset, DataError
-from diffunet.memorization import memorization
+from diffunet.metrics.memorization import memorization
 from diffunet.sampling import generate, load_model
 from diffunet.tasks import TASKS
-from diffunet.training import train, validate
+from diffunet.training.loop import train, validate
 
 FAST = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.norm_groups=4", "train.batch_size=8",
         "train.log_every=2", "train.warmup_steps=2", "sample.num_images=4", "sample.steps=2",
@@ -218,7 +218,7 @@ def test_subset_picks_a_fixed_n_images():
 
 def test_a_run_trains_on_the_subset(tmp_path, one_thread):
     cfg = cfg_of(tmp_path, "train.max_steps=1", "data.holdout=20")
-    from diffunet.training import Trainer
+    from diffunet.training.loop import Trainer
     trainer = Trainer(cfg)
     assert len(trainer.dataset) == 180 and len(trainer.held) == 20
 

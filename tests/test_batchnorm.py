@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from conftest import tiny
 from torch import nn
 
-from diffunet.batchnorm import GlobalBatchNorm2d, sync_batch_norm
+from diffunet.training.batchnorm import GlobalBatchNorm2d, sync_batch_norm
 from diffunet.config import load_config
-from diffunet.training import train
+from diffunet.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def _inert(cfg) -> set[str]:
     running means that follow them with them. The test leaves them out."""
     from torch.utils.data import default_collate
     from diffunet.tasks import TASKS
-    from diffunet.training import validate
+    from diffunet.training.loop import validate
     model, dataset = validate(cfg)
     batch = default_collate([dataset[i] for i in range(8)])
     target, inputs = TASKS["segmentation"].training_batch(batch, model, cfg)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from diffunet import cells
+from diffunet.data import cells, seg_masks
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_weight_map_peaks_in_the_gap_between_two_close_cells():
     instances = np.zeros(shape, np.int32)
     instances[disc(shape, 20, 20, 8)] = 1
     instances[disc(shape, 20, 39, 8)] = 2                  # edges at x = 28 and x = 31: a 2 px gap
-    w = cells.weight_map(instances, w0=w0, sigma=5.0)
+    w = seg_masks.weight_map(instances, w0=w0, sigma=5.0)
     gap, far = w[20, 29], w[2, 78]
     assert instances[20, 29] == 0 and gap > w0 / 2 and gap > far + w0 / 2
     background = instances == 0
@@ -80,35 +80,35 @@ def test_weight_map_matches_the_formula_with_full_distance_transforms():
     fg = instances > 0
     w_c = np.where(fg, 0.5 / fg.mean(), 0.5 / (1 - fg.mean()))
     expected = w_c + np.where(fg, 0, 10 * np.exp(-(d[0] + d[1]) ** 2 / 50))
-    assert np.abs(cells.weight_map(instances) - expected).max() < 1e-3
+    assert np.abs(seg_masks.weight_map(instances) - expected).max() < 1e-3
 
 
 def test_weight_map_class_balance_and_no_border_term_for_one_cell():
     shape = (32, 32)
     instances = disc(shape, 16, 16, 6).astype(np.int32)
-    w = cells.weight_map(instances)
+    w = seg_masks.weight_map(instances)
     assert w.mean() == pytest.approx(1.0, abs=1e-5)       # one cell: only w_c, whose mean is 1
     f = instances.mean()
     assert w[16, 16] == pytest.approx(1 / (2 * f)) and w[0, 0] == pytest.approx(1 / (2 * (1 - f)))
-    assert np.allclose(cells.weight_map(np.zeros(shape, np.int32)), 1.0)
+    assert np.allclose(seg_masks.weight_map(np.zeros(shape, np.int32)), 1.0)
 
 
 def test_weight_map_w_c_mean_is_one_on_cells(sample):
     _, instances = sample
-    w = cells.weight_map(instances, w0=0.0)
+    w = seg_masks.weight_map(instances, w0=0.0)
     assert w.mean() == pytest.approx(1.0, abs=1e-5)
-    assert cells.weight_map(instances).max() > 5
+    assert seg_masks.weight_map(instances).max() > 5
 
 
 def test_count_objects_on_hand_made_masks():
     shape = (30, 60)
-    assert cells.count_objects(np.zeros(shape)) == 0
+    assert seg_masks.count_objects(np.zeros(shape)) == 0
     two = disc(shape, 15, 15, 6) | disc(shape, 15, 40, 6)
-    assert cells.count_objects(two) == 2
-    assert cells.count_objects(disc(shape, 15, 15, 8) | disc(shape, 15, 28, 8)) == 1     # overlapping: one blob
+    assert seg_masks.count_objects(two) == 2
+    assert seg_masks.count_objects(disc(shape, 15, 15, 8) | disc(shape, 15, 28, 8)) == 1     # overlapping: one blob
     corner = np.zeros((4, 4), bool)
     corner[0, 0] = corner[1, 1] = True
-    assert cells.count_objects(corner) == 2                                                # 4-connectivity
+    assert seg_masks.count_objects(corner) == 2                                                # 4-connectivity
 
 
 def test_count_objects_counts_the_instances_when_separated(sample):
@@ -116,8 +116,8 @@ def test_count_objects_counts_the_instances_when_separated(sample):
     eroded = np.zeros(instances.shape, bool)
     for i in range(1, instances.max() + 1):       # each cell shrunk by a pixel: touching cells come apart
         eroded |= ndimage.binary_erosion(instances == i)
-    assert cells.count_objects(instances > 0) < instances.max() - 5
-    assert cells.count_objects(eroded) >= instances.max() - 2     # a thin cell may erode away or in two
+    assert seg_masks.count_objects(instances > 0) < instances.max() - 5
+    assert seg_masks.count_objects(eroded) >= instances.max() - 2     # a thin cell may erode away or in two
 
 
 def test_arrays_and_dataset():
@@ -137,10 +137,10 @@ def test_arrays_and_dataset():
 
 def test_masks_equal_carved_instances_in_crops():
     image, instances = cells.make_cells(64, seed=(5, 1, 0))
-    instances = cells.carve_borders(instances)                 # touching cells parted, as the crops' masks are
+    instances = seg_masks.carve_borders(instances)                 # touching cells parted, as the crops' masks are
     images, masks, weights = cells.cells_arrays(4, crop=32, seed=5, source=64, stride=32)
     assert np.array_equal(images[3, 0], image[32:, 32:]) and np.array_equal(masks[3, 0], instances[32:, 32:] > 0)
-    assert np.array_equal(weights[3, 0], cells.weight_map(instances[32:, 32:]))
+    assert np.array_equal(weights[3, 0], seg_masks.weight_map(instances[32:, 32:]))
     images, masks, _ = cells.cells_arrays(10, crop=32, seed=5, source=64)      # stride 16: 3 x 3 crops an image
     assert np.array_equal(images[5, 0], image[16:48, 32:]) and np.array_equal(masks[8, 0], instances[32:, 32:] > 0)
     assert not np.array_equal(images[9, 0], image[:32, :32])                   # the next image, seeded (5, 1, 1)
@@ -158,7 +158,7 @@ def test_test_images_are_held_out():
 
 def test_carved_borders_part_touching_cells_by_one_pixel(sample):
     _, instances = sample
-    carved = cells.carve_borders(instances)
+    carved = seg_masks.carve_borders(instances)
     for a, b in ((carved[:, :-1], carved[:, 1:]), (carved[:-1], carved[1:])):
         assert not ((a > 0) & (b > 0) & (a != b)).any()              # no two cells touch any more
     lost = (instances > 0) & (carved == 0)
@@ -169,7 +169,7 @@ def test_carved_borders_part_touching_cells_by_one_pixel(sample):
     r, c = np.nonzero(lost)
     neighbours = np.stack([padded[r, c + 1], padded[r + 2, c + 1], padded[r + 1, c], padded[r + 1, c + 2]])
     assert (((neighbours > 0) & (neighbours < instances[r, c])).any(0)).all()
-    assert cells.count_objects(carved > 0) >= instances.max() - 2 > cells.count_objects(instances > 0)
+    assert seg_masks.count_objects(carved > 0) >= instances.max() - 2 > seg_masks.count_objects(instances > 0)
 
 
 def test_the_cells_command_writes_the_test_images_as_paired_data(tmp_path, capsys):
@@ -193,4 +193,4 @@ def test_the_cells_command_writes_the_test_images_as_paired_data(tmp_path, capsy
     assert len(ds) == 2 and ds.preflight() == []                            # what segmentation training reads
     with pytest.raises(SystemExit):
         cells.main([str(tmp_path / "small"), "--size", "8"])
-    assert capsys.readouterr().err.startswith("python -m diffunet.cells: error: --size 8: give at least 28")
+    assert capsys.readouterr().err.startswith("python -m diffunet.data.cells: error: --size 8: give at least 28")

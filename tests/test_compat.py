@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 import sample
 from diffunet import DiffunetPipeline, export
-from diffunet.checkpoint import sample_settings
+from diffunet.pretrained import sample_settings
 from diffunet.config import load_config
 from diffunet.objectives import objective_of
 from diffunet.sampling import load_model
-from diffunet.training import train
+from diffunet.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURE = Path(__file__).parent / "fixtures" / "run-703f466"

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, RePaintScheduler
 from PIL import Image
 
 from diffunet import UNet
-from diffunet.pipeline import DiffunetPipeline, inpainting_condition, upsample_condition
+from diffunet.model.pipeline import DiffunetPipeline, inpainting_condition, upsample_condition
 from diffunet.plan import format_plan
 
 TINY = dict(sample_size=16, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4,

@@ -12,12 +12,12 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from conftest import tiny
 from diffunet import UNet
-from diffunet.checkpoint import CheckpointError
+from diffunet.errors import CheckpointError
 from diffunet.config import ConfigError, build_model, load_config, to_dict
-from diffunet.checkpoint import load_unet
-from diffunet.convert import architecture, config_from_unet2d, init_from
+from diffunet.pretrained import architecture, from_unet2d, init_from, load_unet
+from diffunet.convert import config_from_unet2d
 from diffunet.sampling import load_model
-from diffunet.training import Trainer
+from diffunet.training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def outputs(model, dtype, x, t):
 @pytest.mark.parametrize("dtype", TOLERANCE)
 def test_converted_model_gives_the_same_outputs(name, dtype):
     theirs = unet2d(name)
-    ours = UNet.from_unet2d(theirs).eval()
+    ours = from_unet2d(theirs).eval()
     assert isinstance(ours, UNet) and ours.dtype == theirs.dtype
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     cfg = theirs.config
@@ -82,7 +82,7 @@ def test_converted_model_gives_the_same_outputs(name, dtype):
 
 
 def test_ddpm_options_map_to_our_switches():
-    cfg = UNet.from_unet2d(unet2d("ddpm-cifar10")).config
+    cfg = from_unet2d(unet2d("ddpm-cifar10")).config
     assert (cfg.flip_sin_to_cos, cfg.freq_shift, cfg.norm_eps, cfg.downsample) == (False, 1, 1e-6, "conv_tf")
     assert (cfg.time_condition, cfg.num_heads, cfg.head_dim) == ("add", 1, None)
     assert list(cfg.channel_mult) == [1, 2, 2, 2] and list(cfg.attention_resolutions) == [8]
@@ -107,7 +107,7 @@ def test_what_cannot_be_mapped_fails_with_one_line_naming_it(options, message):
                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     theirs = UNet2DModel(**dict(base, **options))
     with pytest.raises(ValueError, match=message) as e:
-        UNet.from_unet2d(theirs)
+        from_unet2d(theirs)
     assert "\n" not in str(e.value)
 
 
@@ -123,7 +123,7 @@ def test_a_unet2d_folder_converts_and_loads(tmp_path, layout):
     x = torch.randn(2, 3, 16, 16)
     want = outputs(theirs, torch.float32, x, 10)
     ddpm = {"objective": "ddpm"} if layout == "model" else {}          # a bare folder does not say (sample.py)
-    for ours in (UNet.from_unet2d(tmp_path), load_unet(tmp_path), load_model(tmp_path, **ddpm)[0]):
+    for ours in (from_unet2d(tmp_path), load_unet(tmp_path), load_model(tmp_path, **ddpm)[0]):
         assert (outputs(ours.eval(), torch.float32, x, 10) - want).abs().max() < TOLERANCE[torch.float32]
 
 
@@ -174,7 +174,7 @@ def test_bad_folders_fail_with_one_line_naming_the_file_and_run_no_code(tmp_path
         os.remove(MARKER)
     for name, (folder, message) in _bad_folders(tmp_path).items():
         sampling = [load_model] if (folder / "config.json").is_file() else []   # else its own "neither ... nor"
-        for load in (load_unet, UNet.from_unet2d, *sampling):
+        for load in (load_unet, from_unet2d, *sampling):
             with pytest.raises(CheckpointError, match=message) as e:
                 load(folder)
             assert "\n" not in str(e.value), name
@@ -184,9 +184,9 @@ def test_bad_folders_fail_with_one_line_naming_the_file_and_run_no_code(tmp_path
 def test_from_unet2d_refuses_our_own_folder_and_other_objects(tmp_path):
     tiny().save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="describes a UNet, not a diffusers UNet2DModel"):
-        UNet.from_unet2d(tmp_path)
+        from_unet2d(tmp_path)
     with pytest.raises(TypeError, match="takes a UNet2DModel or a folder"):
-        UNet.from_unet2d(tiny())
+        from_unet2d(tiny())
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning
@@ -212,7 +212,7 @@ def test_init_from_starts_training_from_a_converted_unet2d(tmp_path):
     cfg = load_config("digits", FAST + MATCHING + [f"output_dir={tmp_path / 'run'}",
                                                    f"train.init_from={tmp_path / 'ddpm'}"])
     trainer = Trainer(cfg)
-    want = UNet.from_unet2d(theirs).state_dict()
+    want = from_unet2d(theirs).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in trainer.unet.state_dict().items())
     assert all(torch.equal(s, p) for s, p in zip(trainer.ema.shadow_params, trainer.unet.parameters()))
     trainer.train()

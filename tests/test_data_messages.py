@@ -7,7 +7,7 @@ from PIL import Image
 
 from diffunet.config import load_config
 from diffunet.data import SOURCES, DataError, apply_bad_image_policy, build_dataset
-from diffunet.training import Trainer
+from diffunet.training.loop import Trainer
 
 READ = ".bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp"
 

@@ -10,7 +10,7 @@ from PIL import Image
 from diffunet.config import load_config
 from diffunet.data import (DataError, ImageFolder, PairedFolder, apply_bad_image_policy, build_dataset, pair_files,
                            split_holdout)
-from diffunet.masks import MASKS, draw_masks
+from diffunet.data.inpaint_masks import MASKS, draw_masks
 
 
 # ------------------------------------------------------------------------------------------ masks
@@ -50,7 +50,7 @@ def test_mask_coverage_is_in_range():
 
 def test_masks_move_to_the_device_and_unknown_names_list_the_valid_ones():
     assert draw_masks("box", 2, 8, device="meta").device.type == "meta"
-    with pytest.raises(ValueError, match=r"unknown data.mask 'boxes'; choose one of 'box', 'stroke', 'half', 'mixed'"):
+    with pytest.raises(ValueError, match=r"unknown inpainting.mask 'boxes'; choose one of 'box', 'stroke', 'half', 'mixed'"):
         draw_masks("boxes", 2, (8, 8))
 
 

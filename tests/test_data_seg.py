@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from diffunet import cells
+from diffunet.data import seg_masks
 from diffunet.config import load_config
 from diffunet.data import DataError, apply_bad_image_policy, build_dataset, read_class_mask
-from diffunet.seg_data import instances
+from diffunet.data.seg_masks import instances
 
 
 def _save(path, arr):
@@ -144,11 +144,11 @@ def _components(ids):
 def test_weights_are_the_unet_weight_map_of_the_components_and_cached(tmp_path, monkeypatch):
     _save(tmp_path / "images/x.png", np.zeros((16, 16), np.uint8))
     _save(tmp_path / "masks/x.png", _ids())
-    expected = cells.weight_map(_components(_ids()), w0=8.0, sigma=3.0)
+    expected = seg_masks.weight_map(_components(_ids()), w0=8.0, sigma=3.0)
     assert _components(_ids()).max() == 3 and np.array_equal(instances(_ids()), _components(_ids()))
     calls = []
-    real = cells.weight_map
-    monkeypatch.setattr(cells, "weight_map", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = seg_masks.weight_map
+    monkeypatch.setattr(seg_masks, "weight_map", lambda *a, **k: calls.append(1) or real(*a, **k))
     ds = _build(tmp_path, weights=(8.0, 3.0))
     image, label, mask, weight = ds[0]
     assert weight.shape == (1, 16, 16) and weight.dtype == torch.float32
@@ -173,7 +173,7 @@ def test_hf_mask_column_of_class_ids_with_weights_and_preflight(tmp_path):
     image, label, mask, weight = ds[1]
     assert ds.condition == "masks" and ds.preflight() == [] and label == -1
     assert torch.equal(mask[0], torch.from_numpy(_ids()).float())
-    assert np.array_equal(weight[0].numpy(), cells.weight_map(_components(_ids())))
+    assert np.array_equal(weight[0].numpy(), seg_masks.weight_map(_components(_ids())))
     ds = build_dataset(_cfg(source, "data.mask_column=seg"), 16, 1, mask_classes=3)
     bad_rows = ds.preflight()
     assert [row for row, _ in bad_rows] == [f"{tmp_path / 'saved'}[1]"]

@@ -9,7 +9,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 import diffunet
 from conftest import tiny
-from diffunet.unet import as_size
+from diffunet.model.unet import as_size
 
 
 @pytest.mark.parametrize("channels,size", [(1, 16), (3, (8, 16))])
@@ -70,7 +70,7 @@ def twins(**options):
                   norm_num_groups=4, attention_head_dim=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                   up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     theirs = UNet2DModel(**dict(kwargs, **options)).eval()
-    return theirs, diffunet.UNet.from_unet2d(theirs).eval()
+    return theirs, diffunet.from_unet2d(theirs).eval()
 
 
 TIMESTEP_FORMS = {

@@ -1,6 +1,7 @@
 """The docs stay in step with the code: the configuration reference page is the schema's, the README stays a few
 screens that map every module, and every page of docs/ is on the site's nav."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from diffunet import reference
-from diffunet.config import load_config
+from diffunet.config import MOVED, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,9 +28,11 @@ def flat_keys(node, prefix=""):
 def test_the_configuration_page_is_the_schemas():
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert page == reference.page(), "stale: python -m diffunet.reference docs/configuration.md"
-    rows = {line.split("|")[1].strip().strip("`"): line for line in page.splitlines() if line.startswith("| `")}
+    schema, moved = page.split("## Keys that moved")
+    rows = {line.split("|")[1].strip().strip("`"): line for line in schema.splitlines() if line.startswith("| `")}
     keys = list(flat_keys(OmegaConf.to_container(load_config())))
     assert sorted(rows) == sorted(keys)                                 # every key of a run's config, no other
+    assert all(f"| `{old}` | `{new}` |" in moved and new in keys and old not in keys for old, new in MOVED.items())
     assert all(not line.rstrip().endswith("|  |") for line in rows.values())    # each with what it means
 
 
@@ -72,10 +75,19 @@ def test_the_readme_is_a_few_screens():
     assert len((ROOT / "README.md").read_bytes()) <= 10 * 1024
 
 
+def _docstring_only(path) -> bool:
+    body = ast.parse(path.read_text()).body
+    return len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+
+
 def test_every_module_is_on_the_readmes_map():
-    """"Where things are" names every module of diffunet/: a new module without a line there fails here."""
+    """"Where things are" names every module of diffunet/ by its path (a package by its folder, and its
+    ``__init__.py`` where that holds code): a new module without a line there fails here."""
     section = readme_section("Where things are")
-    modules = sorted(p.name for p in (ROOT / "diffunet").glob("*.py") if p.name != "__init__.py")
+    package = ROOT / "diffunet"
+    modules = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")
+                     if p.name != "__init__.py" or (p.parent != package and not _docstring_only(p)))
+    modules += sorted(f"{p.relative_to(package).as_posix()}/" for p in package.iterdir() if (p / "__init__.py").is_file())
     assert modules
     assert [m for m in modules if f"`{m}`" not in section] == []
 

@@ -23,7 +23,7 @@ from diffunet import export
 from diffunet.config import build_model
 from diffunet.objectives import make_noise_scheduler
 from diffunet.sampling import load_model
-from diffunet.training import train
+from diffunet.training.loop import train
 from test_reliability import MARKER, Evil
 from test_training import ROOT, fast_cfg
 
@@ -102,10 +102,10 @@ def test_the_copied_code_is_the_package_code(folder, where, module, class_name):
     packages = list((folder / where).glob("diffunet_*/"))
     assert len(packages) == 1 and packages[0].name == next((folder / ".").glob("diffunet_*/")).name  # one name
     copied = sorted(p.stem for p in packages[0].glob("*.py"))
-    assert copied == export.needed(module)
-    assert module != "unet" or {"unet", "nn", "fast", "tables"} <= set(copied)
+    # diffunet/model/, whole: the network, its kernels and tables, tiling and both pipelines; nothing else
+    assert copied == sorted(["kernels", "nn", "pipeline", "segment_pipeline", "tables", "tiles", "unet"])
     for name in copied:                                          # byte for byte: no second copy to maintain
-        assert (packages[0] / f"{name}.py").read_bytes() == (ROOT / "diffunet" / f"{name}.py").read_bytes()
+        assert (packages[0] / f"{name}.py").read_bytes() == (ROOT / "diffunet" / "model" / f"{name}.py").read_bytes()
     entry = (folder / where / f"diffunet_{module}.py").read_text()
     assert all(f"from .{packages[0].name}.{name} import" in entry for name in copied)
 
@@ -307,7 +307,7 @@ def test_a_model_folder_records_what_it_predicts(folder, tmp_path, capsys):
     _, sampler = load_model(bare)
     assert objective_of(sampler.config) == "flow" and type(sampler).__name__ == "DPMSolverMultistepScheduler"
     config = json.loads((bare / "config.json").read_text())
-    del config[export.ckpt.SCHEDULER_KEY]
+    del config[export.pretrained.SCHEDULER_KEY]
     (bare / "config.json").write_text(json.dumps(config))
     assert sample.main([str(bare), "--out", str(tmp_path / "s"), "--num-images", "1", "--no-progress"]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -323,9 +323,9 @@ def test_a_model_folder_records_what_it_predicts(folder, tmp_path, capsys):
 def test_a_unet_copied_out_of_an_image_conditioned_run_says_its_task(tmp_path, capsys):
     """The unet/ of a super-resolution run, copied anywhere, still samples as super-resolution (its pipeline's
     class and keywords travel in its config.json); without that record it is refused, never run as a generator."""
-    from diffunet.checkpoint import PIPELINE_KEY, pipeline_options
+    from diffunet.pretrained import PIPELINE_KEY, pipeline_options
 
-    cfg = fast_cfg(tmp_path, "task=super_resolution", "model.cond_channels=1", "data.sr_factor=2",
+    cfg = fast_cfg(tmp_path, "task=super_resolution", "model.cond_channels=1", "super_resolution.factor=2",
                    "sample.steps=2")
     pipeline = task_of(cfg).pipeline(build_model(cfg).eval(), make_noise_scheduler(cfg.diffusion), cfg)
     export.write_folder(tmp_path / "folder", pipeline, cfg, tmp_path, 0, None)

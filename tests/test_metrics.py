@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from diffunet import metrics
+from diffunet.metrics import fid as metrics
 from diffunet.data import digits_arrays, write_image
 from diffunet.evaluate import main
 from diffunet.metrics import ExtractorUnavailable, digits_extractor, evaluate, extract, inception_extractor

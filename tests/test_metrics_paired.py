@@ -11,10 +11,11 @@ from PIL import Image
 from torchmetrics.image.psnr import PeakSignalNoiseRatio
 from torchmetrics.image.ssim import StructuralSimilarityIndexMeasure
 
-from diffunet import metrics
+from diffunet.metrics import paired as metrics
 from diffunet.data import digits_arrays, read_image, write_image
 from diffunet.evaluate import main
-from diffunet.metrics import PSNR_CAP, classify, digits_extractor, extract, paired_scores, ssim_kernel
+from diffunet.metrics.paired import PSNR_CAP, ssim_kernel
+from diffunet.metrics import classify, digits_extractor, extract, paired_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,7 +167,7 @@ def test_lpips_gets_rgb_of_at_least_64_in_unit_range(monkeypatch):
 def test_lpips_equals_torchmetrics_where_available(_no_lpips_weights, digits):
     pytest.importorskip("torchvision")
     torch.hub.set_dir(_no_lpips_weights)                        # the real cache
-    from diffunet.metrics import lpips_metric
+    from diffunet.metrics.paired import lpips_metric
     net, note = lpips_metric("cpu")
     if net is None:
         pytest.skip(note)

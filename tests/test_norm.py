@@ -7,7 +7,7 @@ from torch import nn
 from conftest import tiny
 from diffunet import UNet
 from diffunet.config import ModelConfig
-from diffunet.nn import NORMS, Attention
+from diffunet.model.nn import NORMS, Attention
 
 NORM_MODULES = {"group": nn.GroupNorm, "batch": nn.BatchNorm2d, "none": nn.Identity}
 COMBOS = [

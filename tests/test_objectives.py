@@ -15,9 +15,9 @@ import diffunet.data
 from diffunet import objectives
 from diffunet.config import ConfigError, load_config
 from diffunet.objectives import OBJECTIVES, EDMPrecond, make_noise_scheduler, sigmoid_betas, training_loss
-from diffunet.pipeline import DiffunetPipeline, denoise
+from diffunet.model.pipeline import DiffunetPipeline, denoise
 from diffunet.sampling import load_model, make_scheduler
-from diffunet.training import train, validate
+from diffunet.training.loop import train, validate
 
 from conftest import tiny
 from test_training import fast_cfg
@@ -117,19 +117,50 @@ def test_edm_weight_makes_the_network_regress_its_own_target_at_unit_weight():
     assert loss.item() == pytest.approx(want.item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_min_snr_caps_each_timesteps_weight_at_gamma_in_x0_terms(prediction_type):
-    sched = make_noise_scheduler(diffusion("ddpm", "diffusion.beta_schedule=cosine",
-                                           f"diffusion.prediction_type={prediction_type}"))
-    t = torch.tensor([0, 50, 200, 500, 900, 999])
-    abar = sched.alphas_cumprod[t].double()
-    snr = abar / (1 - abar)
-    # the x0-space weight each target's plain MSE carries: eps snr, v snr + 1, x0 1 (Hang et al. 2023, eq. 9-11)
-    carried = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type]
-    want = snr.clamp(max=5.0) / carried
-    weights = objectives.WEIGHTINGS["min_snr"](sched, t, objectives.TARGETS[prediction_type], 5.0)
-    assert torch.allclose(weights.double(), want, rtol=1e-4)
-    assert objectives.WEIGHTINGS["mse"](sched, t, objectives.TARGETS[prediction_type], 5.0) is None
+class OffInX0(torch.nn.Module):
+    """A network whose x0 estimate is off by a fixed ``delta``: it knows the clean batch ``x0``, reads x0 + delta
+    for it, and answers in ``sched``'s target (its eps and v follow from x_t and that x0 by the scheduler's
+    alphas). It records the timesteps it is asked about."""
+
+    def __init__(self, sched, x0, delta):
+        super().__init__()
+        self.sched, self.x0, self.delta, self.seen = sched, x0.double(), delta.double(), []
+
+    def forward(self, x_t, t, **_):
+        self.seen.append(t.clone())
+        abar = self.sched.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+        x0_hat = self.x0 + self.delta
+        eps_hat = (x_t.double() - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
+        out = {"epsilon": eps_hat, "sample": x0_hat,
+               "v_prediction": abar.sqrt() * eps_hat - (1 - abar).sqrt() * x0_hat}[self.sched.config.prediction_type]
+        return SimpleNamespace(sample=out.float())
+
+
+def test_min_snr_is_the_same_x0_error_weighted_by_min_snr_gamma_for_every_target():
+    """min-SNR-gamma (Hang et al. 2023) weights each timestep's error *in x0 terms* by min(snr, gamma), whatever
+    the network predicts: for an x0 estimate off by delta, ``diffusion_loss`` is mean_t(min(snr_t, gamma) |delta|^2)
+    for eps, v and x0 alike. This checks each target (``TARGETS[...].of``), its weight and their product together."""
+    gamma, batch = 5.0, 64
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(batch, 1, 4, 4, generator=g) * 2 - 1
+    delta = 0.1 * torch.randn(1, 1, 4, 4, generator=g)                   # the same error for every image
+    losses = {}
+    for prediction_type in ("epsilon", "v_prediction", "sample"):
+        sched = make_noise_scheduler(diffusion("ddpm", "diffusion.beta_schedule=cosine",
+                                               f"diffusion.prediction_type={prediction_type}"))
+        model = OffInX0(sched, x0, delta)
+        losses[prediction_type] = objectives.diffusion_loss(model, sched, x0, weighting="min_snr", gamma=gamma,
+                                                            generator=torch.Generator().manual_seed(1)).item()
+        (t,) = model.seen
+        abar = sched.alphas_cumprod[t].double()
+        snr = abar / (1 - abar)
+        want = (snr.clamp(max=gamma) * delta.double().square().mean()).mean().item()
+        assert losses[prediction_type] == pytest.approx(want, rel=1e-4), prediction_type
+    assert (snr > gamma).any() and (snr < gamma).any()                  # the cap binds on some timesteps, not all
+    # weighting="mse": x0's bare |delta|^2, which min-SNR's weights move
+    plain = objectives.diffusion_loss(model, sched, x0, weighting="mse", generator=torch.Generator().manual_seed(1))
+    assert plain.item() == pytest.approx(delta.square().mean().item(), rel=1e-4)
+    assert plain.item() != pytest.approx(losses["sample"], rel=0.05)
 
 
 def test_objective_of_reads_each_objectives_mark():

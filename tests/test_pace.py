@@ -5,7 +5,7 @@ that the lines point to."""
 import pytest
 import torch
 
-from diffunet import pace
+from diffunet.training import pace
 from diffunet.config import ConfigError
 
 
@@ -45,7 +45,7 @@ def test_pace_warns_once_when_a_window_falls_far_below_the_best():
 
 def test_num_threads_is_a_setting_of_the_run(tmp_path):
     from test_training import fast_cfg
-    from diffunet.training import Trainer
+    from diffunet.training.loop import Trainer
 
     before = torch.get_num_threads()
     try:
@@ -62,7 +62,7 @@ def test_the_trainer_says_a_busy_cpu_at_the_start(tmp_path, monkeypatch, capsys)
     import os
 
     from test_training import fast_cfg
-    from diffunet.training import Trainer
+    from diffunet.training.loop import Trainer
 
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.0, 1.0))

@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepSchedu
 
 import diffunet
 from conftest import tiny
-from diffunet.pipeline import DiffunetPipeline
+from diffunet.model.pipeline import DiffunetPipeline
 from diffunet.sampling import generate, image_generator, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,13 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffunet import posthoc_ema as phema
-from diffunet.checkpoint import CheckpointError
+from diffunet import posthoc_ema
+from diffunet.training import power_ema as phema
+from diffunet.errors import CheckpointError
 from diffunet.config import ConfigError, load_config
-from diffunet.posthoc_ema import (MAX_SIGMA_REL, PosthocEMAError, PowerEMA, exp_to_std, reconstruct,
-                                  solve_coefficients, std_to_exp)
+from diffunet.posthoc_ema import MAX_SIGMA_REL, PosthocEMAError, reconstruct
+from diffunet.training.power_ema import PowerEMA, exp_to_std, solve_coefficients, std_to_exp
 from diffunet.sampling import generate, load_model
-from diffunet.training import Interrupted, Trainer, TrainingError, train
+from diffunet.training.loop import Interrupted, Trainer, TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.norm_groups=4", "model.num_heads=2",
@@ -195,7 +196,7 @@ def test_cli_writes_pipeline_folders_that_sample(run, tmp_path):
 
 def test_sweep_writes_a_table_and_a_plot(run, capsys):
     pytest.importorskip("matplotlib")
-    assert phema.main([str(run), "--sweep", "--sigma-rels", "0.05", "0.1", "0.2", "--num-images", "20"]) == 0
+    assert posthoc_ema.main([str(run), "--sweep", "--sigma-rels", "0.05", "0.1", "0.2", "--num-images", "20"]) == 0
     done = capsys.readouterr()
     table = json.loads((run / "phema_sweep.json").read_text())
     assert [r["sigma_rel"] for r in table["rows"]] == [0.05, 0.1, 0.2, None]     # the lengths, then the run's EMA
@@ -207,7 +208,7 @@ def test_sweep_writes_a_table_and_a_plot(run, capsys):
 
 def test_sweep_draws_average_independent_sets(run):
     pytest.importorskip("matplotlib")
-    from diffunet.phema_sweep import sweep
+    from diffunet.posthoc_ema import sweep
     one = sweep(run, [0.1], num_images=20)
     two = sweep(run, [0.1], num_images=20, draws=2)
     for a, b in zip(one["rows"], two["rows"]):                  # the length's row, then the run's EMA
@@ -230,7 +231,7 @@ def test_error_lines(run, tmp_path, capsys):
              ((tmp_path / "nothing", "--sigma-rel", "0.1"), "config.yaml is missing")]
     capsys.readouterr()                                         # the trainings' output
     for args, message in cases:
-        assert phema.main(list(map(str, args))) == 2
+        assert posthoc_ema.main(list(map(str, args))) == 2
         done = capsys.readouterr()
         assert done.err.count("\n") == 1, done.err
         assert done.err.startswith("error: ") and re.search(message, done.err), done.err
@@ -238,17 +239,17 @@ def test_error_lines(run, tmp_path, capsys):
     shutil.copytree(run, damaged)
     snapshot = damaged / phema.SNAPSHOT_DIR / "phema-000004.safetensors"
     snapshot.write_bytes(snapshot.read_bytes()[:200])                 # cut short, as by a full disk elsewhere
-    assert phema.main([str(damaged), "--sigma-rel", "0.1"]) == 2
+    assert posthoc_ema.main([str(damaged), "--sigma-rel", "0.1"]) == 2
     done = capsys.readouterr()
     assert done.err.count("\n") == 1 and re.search(r"^error: post-hoc EMA snapshot .*phema-000004.safetensors cannot "
                                                    r"be read \(SafetensorError: .*\); move it out of", done.err), done.err
     snapshot.unlink()                                                 # as the line says: the others still serve
-    assert phema.main([str(damaged), "--sigma-rel", "0.1"]) == 0
+    assert posthoc_ema.main([str(damaged), "--sigma-rel", "0.1"]) == 0
     with pytest.raises(PosthocEMAError, match="the sweep scores generation .* task=inpainting"):
         (tmp_path / "inp").mkdir()
         (tmp_path / "inp" / "config.yaml").write_text((run / "config.yaml").read_text().replace(
             "task: generate", "task: inpainting"))
-        from diffunet.phema_sweep import sweep
+        from diffunet.posthoc_ema import sweep
         sweep(tmp_path / "inp", [0.1])
     with pytest.raises(ConfigError, match="train.phema_snapshots must be at least 0"):
         train(cfg_for(tmp_path / "bad", "train.phema_snapshots=-1"))

@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import diffunet.training as training
-from diffunet import checkpoint as ckpt
+import diffunet.training.loop as training
+from diffunet.training import state as ckpt
 from diffunet import objectives
-from diffunet.checkpoint import CheckpointError
+from diffunet.errors import CheckpointError
 from diffunet.data import DataError
-from diffunet.training import TrainingError, train
+from diffunet.errors import TrainingError
+from diffunet.training.loop import train
 from test_training import FAST, ROOT, fast_cfg
 
 MARKER = "/tmp/diffunet-pwned"
@@ -252,7 +253,7 @@ MP_FAIL = """
 import sys
 import diffunet.data as data
 from diffunet.config import load_config
-from diffunet.training import Trainer
+from diffunet.training.loop import Trainer
 trainer = Trainer(load_config("digits", sys.argv[1:]))
 if trainer.accelerator.process_index == 1:
     calls = {"n": 0}

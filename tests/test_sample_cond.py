@@ -1,4 +1,4 @@
-"""sample.py --cond and diffunet.sampling.sample_conditioned: image-conditioned models (super-resolution,
+"""sample.py --cond and diffunet.sample_folders.sample_conditioned: image-conditioned models (super-resolution,
 inpainting, RePaint) sampled from a folder of conditions; tiny random pipeline folders on the CPU."""
 
 import json
@@ -16,10 +16,11 @@ from PIL import Image
 
 import sample
 from conftest import tiny
-from diffunet.checkpoint import CheckpointError, pipeline_options
+from diffunet.errors import CheckpointError
+from diffunet.pretrained import pipeline_options
 from diffunet.data import read_image
-from diffunet.pipeline import DiffunetPipeline
-from diffunet.sampling import sample_conditioned, sample_to_folder
+from diffunet.model.pipeline import DiffunetPipeline
+from diffunet.sample_folders import sample_conditioned, sample_to_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffunet.segmentation import LOSSES, segmentation_loss, soft_dice
+from diffunet.tasks.segmentation import LOSSES, segmentation_loss, soft_dice
 
 
 def masks(classes=2, seed=0):
@@ -82,7 +82,7 @@ def disc(center, radius=5, size=(32, 32)):
 
 
 def test_scores_of_a_perfect_and_a_shifted_mask():
-    from diffunet.segmentation import segmentation_scores
+    from diffunet.tasks.segmentation import segmentation_scores
 
     truth = torch.stack([disc((12, 12)), disc((20, 15))])
     perfect = segmentation_scores(truth, truth)
@@ -98,7 +98,7 @@ def test_scores_of_a_perfect_and_a_shifted_mask():
 
 
 def test_hd95_ignores_a_few_stray_pixels_that_the_full_hausdorff_counts():
-    from diffunet.segmentation import hd95
+    from diffunet.tasks.segmentation import hd95
 
     truth = disc((16, 16), radius=8)
     pred = truth.clone()

@@ -13,13 +13,14 @@ from PIL import Image
 import sample
 from diffunet import evaluate
 from diffunet import DiffunetSegmentationPipeline, UNet
-from diffunet.cells import make_cells
+from diffunet.data.cells import make_cells
 from diffunet.config import ConfigError, load_config
 from diffunet.data import DataError
-from diffunet.segment_pipeline import mask_to_sample, sample_to_onehot
-from diffunet.segment_sample import segment_to_folder
+from diffunet.model.segment_pipeline import mask_to_sample, sample_to_onehot
+from diffunet.sample_folders import segment_to_folder
 from diffunet.tasks import TASKS
-from diffunet.training import train, validate
+from diffunet.tasks.segmentation import segmentation_scores
+from diffunet.training.loop import train, validate
 
 FAST = ["model.sample_size=16", "model.base_channels=8", "model.norm_groups=4", "data.num_crops=48",
         "data.holdout=8", "train.batch_size=8", "train.log_every=2", "train.warmup_steps=2", "train.eval_num_images=8",
@@ -152,6 +153,15 @@ def write_cells(folder: Path, sizes) -> dict:
     return truth
 
 
+def trivial_dice(truths) -> tuple[float, float]:
+    """The mean Dice (``segmentation_scores``) of an all-background and of an all-foreground mask on these binary
+    truths: what a model that ignores its image scores. The cells cover about half of each image, so the second
+    is ~0.7."""
+    truths = [torch.from_numpy(t.astype(np.int64))[None] for t in truths]
+    return tuple(float(np.mean([segmentation_scores(fill(t), t)["dice"] for t in truths]))
+                 for fill in (torch.zeros_like, torch.ones_like))
+
+
 def test_segmentation_run_trains_exports_and_segments_folders_by_tiles(tmp_path):
     cfg = cfg_of("cells-seg", tmp_path, "train.max_steps=30", "train.eval_every=30")
     pipeline = train(cfg)
@@ -166,7 +176,7 @@ def test_segmentation_run_trains_exports_and_segments_folders_by_tiles(tmp_path)
     pipe = DiffunetSegmentationPipeline.from_pretrained(pipeline)      # the installed class, no code from the folder
     assert type(pipe) is DiffunetSegmentationPipeline and pipe.scheduler is None
     scores = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()][-1]
-    assert 0 <= scores["dice"] <= 1 and scores["objects_truth"] > 0
+    assert {"dice", "iou", "hd95"} <= set(scores) and scores["objects_truth"] > 0     # scored on the next lines
     assert (run / "samples" / "final.png").is_file()
 
     pipe = DiffusionPipeline.from_pretrained(pipeline, trust_remote_code=True)    # the folder's own code
@@ -189,6 +199,7 @@ def test_segmentation_run_trains_exports_and_segments_folders_by_tiles(tmp_path)
             / ((np.asarray(Image.open(tmp_path / "whole" / f"{key}.png")) > 0).sum() + mask.sum())
             for key, mask in truth.items()]
     assert scores["num_images"] == 2 and scores["dice"] == pytest.approx(np.mean(dice), abs=1e-6)
+    assert scores["dice"] > max(trivial_dice(truth.values()))         # 30 steps learn more than a constant mask
 
 
 def test_segmentation_rejects_an_ensemble_of_a_deterministic_model(tmp_path, capsys):
@@ -251,7 +262,7 @@ def test_diffusion_segmentation_run_writes_masks_and_std_maps(tmp_path, capsys):
     (tmp_path / "truth").mkdir()
     (tmp_path / "truth.png").rename(tmp_path / "truth" / "cell0.png")
     scores = evaluate.evaluate_segmentation(out / "sub", tmp_path / "truth")        # the std map is not a mask
-    assert scores["num_images"] == 1 and 0 <= scores["dice"] <= 1
+    assert scores["num_images"] == 1 and scores["dice"] > max(trivial_dice([truth["sub/cell0"]]))
 
 
 def test_multi_class_masks_from_a_paired_folder_train_and_come_out_as_class_ids(tmp_path):

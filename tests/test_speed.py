@@ -14,9 +14,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import tiny
-from diffunet.fast import (CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, Dropout, apply_fast_paths, attend,
-                           autocast, compiler_missing, cpu_dropout, four_phase_kernel, nearest_up_conv)
-from diffunet.nn import InterpolateConv
+from diffunet.model.kernels import CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, Dropout, attend, cpu_dropout, four_phase_kernel, nearest_up_conv
+from diffunet.training.precision import apply_fast_paths, autocast, compiler_missing
+from diffunet.model.nn import InterpolateConv
 
 
 def model_and_batch(**kw):

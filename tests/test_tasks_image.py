@@ -11,10 +11,10 @@ from PIL import Image
 
 from diffunet.config import ConfigError, load_config
 from diffunet.data import split_holdout
-from diffunet.pipeline import upsample_condition
+from diffunet.model.pipeline import upsample_condition
 from diffunet.sampling import generate, load_model
 from diffunet.tasks import TASKS, degrade
-from diffunet.training import train, validate
+from diffunet.training.loop import train, validate
 
 FAST = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.norm_groups=4", "train.batch_size=8",
         "train.log_every=2", "train.warmup_steps=2", "sample.num_images=6", "sample.steps=2", "data.holdout=20",
@@ -70,8 +70,8 @@ def test_cond_dropout_flags_about_that_fraction(tmp_path):
     ("digits-inpaint", ["model.cond_channels=1"], "task=inpainting needs model.cond_channels=2"),
     ("digits-sr", ["data.holdout=0"], "train.eval_every needs held-out images for task=super_resolution: set "
                                       "data.holdout"),
-    ("digits-sr", ["data.sr_factor=3"], "data.sr_factor=3 must be at least 2 and divide the model's size 16x16"),
-    ("digits-inpaint", ["data.mask=boxes"], "data.mask"),
+    ("digits-sr", ["super_resolution.factor=3"], "super_resolution.factor=3 must be at least 2 and divide the model's size 16x16"),
+    ("digits-inpaint", ["inpainting.mask=boxes"], "inpainting.mask"),
     ("digits-sr", ["task=super_res"], "task"),
     ("digits-sr", ["train.cond_dropout=1.0"], r"train.cond_dropout must be in \[0, 1\)"),
     ("digits-sr", ["model.time_condition=none"], "task=super_resolution trains a diffusion model, which needs a "
@@ -122,7 +122,7 @@ def test_an_inpainting_run_keeps_the_known_pixels(tmp_path):
 
 def test_inpainting_resumes_exactly(tmp_path):
     """The training masks are drawn from the global RNG, which checkpoints restore: a resumed run is the same."""
-    common = ["train.checkpoint_every=3", "train.eval_every=0", "data.mask=mixed"]
+    common = ["train.checkpoint_every=3", "train.eval_every=0", "inpainting.mask=mixed"]
     train(cfg_of("digits-inpaint", tmp_path / "straight", *common, "train.max_steps=6"))
     train(cfg_of("digits-inpaint", tmp_path / "halves", *common, "train.max_steps=3"))
     train(cfg_of("digits-inpaint", tmp_path / "halves", *common, "train.max_steps=6", "train.resume=latest"))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from diffunet import UNet
-from diffunet.tiles import hann_ramp, predict_tiled, tile_boxes
+from diffunet.model.tiles import hann_ramp, predict_tiled, tile_boxes
 
 SIZE = (37, 53)
 

@@ -21,7 +21,7 @@ from diffunet.config import ConfigError, load_config
 from diffunet.data import DataError, build_dataset
 from diffunet.objectives import diffusion_loss, make_noise_scheduler
 from diffunet.sampling import generate, load_model
-from diffunet.training import EpochSampler, train
+from diffunet.training.loop import EpochSampler, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,7 +212,7 @@ MP_SCRIPT = """
 import json, sys, hashlib
 from pathlib import Path
 from diffunet.config import load_config
-from diffunet.training import Trainer
+from diffunet.training.loop import Trainer
 cfg = load_config("digits", sys.argv[2:])
 trainer = Trainer(cfg)
 trainer.train()

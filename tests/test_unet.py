@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import tiny
 from diffunet import UNet
-from diffunet.nn import DOWNSAMPLE, SKIP, UPSAMPLE, mirror_pad
+from diffunet.model.nn import DOWNSAMPLE, SKIP, UPSAMPLE, mirror_pad
 
 GRID = list(itertools.product(DOWNSAMPLE, UPSAMPLE, SKIP, ("same", "valid")))
 
@@ -71,7 +71,7 @@ def test_zero_init_gives_zero_output_and_identity_branches():
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_residual_false_is_the_branch_alone(padding):
-    from diffunet.nn import ResBlock
+    from diffunet.model.nn import ResBlock
 
     kw = dict(emb_dim=32, groups=4, dropout=0.0, padding=padding, time_condition="scale_shift", zero=True)
     torch.manual_seed(1)

@@ -147,7 +147,7 @@ def section_gradient_highway(lab: Lab, plt) -> Section:
         f"U-Nets of {depths[0]} to {depths[-1]} levels (`channel_mult=(1, 2, ..., 2)`, base {s.small_channels} "
         f"channels, one residual block per level), `zero_init=False` (with zero-init every gradient is exactly zero "
         f"before the first update). Gradient norm of the eps-MSE over each encoder level's parameters, on 64 held-out "
-        f"digits with fixed noise and timesteps (`diffunet.diagnostics.encoder_grad_norms`). At init: "
+        f"digits with fixed noise and timesteps (`experiments.report.diagnostics.encoder_grad_norms`). At init: "
         f"{s.grad_init_seeds} seeds per cell, and besides the model two variants: `residual=False` (blocks without "
         "shortcut, a plain conv stack as in the 2015 U-Net), and that with every GroupNorm removed as well (a "
         "measurement-only variant the UNet does not offer). "

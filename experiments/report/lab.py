@@ -1,8 +1,8 @@
 """The lab the report's claims share: settings, data and noise, training of small denoisers, the measures, the
 verdict rule (paired over seeds) and the writing of ``index.md``, ``numbers.json`` and the plots.
 
-Only diffunet's public names are used: ``UNet`` and its switches, ``diffunet.objectives``, ``diffunet.config``,
-``diffunet.data`` and ``diffunet.diagnostics``.
+Only diffunet's public names are used: ``UNet`` and its switches, ``diffunet.objectives``, ``diffunet.config``
+and ``diffunet.data``; the gradient probe is ``diagnostics`` beside this file (``experiments.report.diagnostics``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffunet import UNet
 from diffunet.config import DiffusionConfig
 from diffunet.data import digits_arrays
-from diffunet.diagnostics import encoder_grad_norms
+from .diagnostics import encoder_grad_norms
 from diffunet.objectives import diffusion_loss, make_noise_scheduler
 
 COMMAND = "python -m experiments.report"

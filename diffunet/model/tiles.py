@@ -25,7 +25,8 @@ import math
 import torch
 
 from .nn import mirror_pad
-from .unet import Tiling, UNet, as_size
+from .tables import as_size
+from .unet import Tiling, UNet
 
 Box = tuple[slice, slice]          # (rows, cols)
 
@@ -86,7 +87,7 @@ def predict_tiled(model, image: torch.Tensor, tile, *, overlap: int | None = Non
     geometry = model if geometry is None else geometry
     size = tuple(image.shape[-2:])
     tile = tuple(min(t, n) for t, n in zip(as_size(tile), size))
-    if geometry.config.padding == "valid":
+    if geometry.valid:
         if overlap:
             raise ValueError("overlap is for padding='same'; valid-padding tiles read their margin and never overlap")
         return _valid(model, geometry, image, tile, batch_size, forward_kwargs)

@@ -1,4 +1,4 @@
-"""Inpainting masks drawn per batch, one table entry per kind (``data.mask``, ``data.eval_mask``): ``box``, ``stroke``
+"""Inpainting masks drawn per batch, one table entry per kind (``inpainting.mask``, ``inpainting.eval_mask``): ``box``, ``stroke``
 (free-form brush strokes), ``half`` (a half-image box) and ``mixed`` (one of the three per image).
 
 One mask is (H, W) bool, True where a pixel is unknown, to be filled (diffusers' convention: white = repaint).
@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .data import DataError
-from .tables import choose
-from .unet import as_size
+from ..errors import DataError
+from ..model.tables import as_size, choose
+
 
 def _uniform(g, lo: float, hi: float, n: int | None = None):
     """A float in [lo, hi) (a (n,) tensor of them if n is given) from the generator."""
@@ -90,7 +90,7 @@ def mixed_mask(size: tuple[int, int], g) -> torch.Tensor:
     return (box_mask, stroke_mask, half_mask)[_randint(g, 3)](size, g)
 
 
-MASKS = {"box": box_mask, "stroke": stroke_mask, "half": half_mask, "mixed": mixed_mask}   # data.mask
+MASKS = {"box": box_mask, "stroke": stroke_mask, "half": half_mask, "mixed": mixed_mask}   # inpainting.mask
 
 
 def draw_masks(name: str, batch: int, size, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -98,7 +98,7 @@ def draw_masks(name: str, batch: int, size, generator: torch.Generator | None = 
     unknown (to be filled) and 0. where it is known. Drawn on the CPU from ``generator`` (a CPU generator; the
     global one if None) image after image, so one seed and batch size give the same masks; then moved to
     ``device``."""
-    draw = choose(MASKS, name, "data.mask")
+    draw = choose(MASKS, name, "inpainting.mask")
     size = as_size(size)
     if min(size) < 2:
         raise DataError(f"inpainting masks need images of at least 2x2 pixels, not {size[1]}x{size[0]}")

@@ -5,15 +5,14 @@
 comes from the geometry, before blur and noise, so the masks are exact. Cell sizes are absolute pixels (radius
 about 4-14 px at any image size): a 512x512 image holds many cells the size of those in a 64x64 crop.
 
-``weight_map`` is the original U-Net paper's loss weight (Ronneberger et al. 2015, eq. 2), ``cells_arrays`` /
-``cells_dataset`` the training crops, ``test_images`` a few large held-out images, ``count_objects`` the
-connected-component count used to check that touching cells come out separated.
+``cells_arrays`` / ``cells_dataset`` are the training crops, their touching cells parted and weighted as the U-Net
+paper's were (``seg_masks.carve_borders``, ``seg_masks.weight_map``), ``test_images`` a few large held-out images.
 
 Seeds: ``make_cells(seed=...)`` takes anything ``numpy.random.default_rng`` does. The training crops of
 ``seed`` come from the images seeded ``(seed, 1, k)``, the test images from ``(seed, 2, k)``: never the same,
 nor ``make_cells(seed=seed)`` (numpy ignores trailing zero words: ``(seed, 0, 0)`` would be ``seed``).
 
-    python -m diffunet.cells cells_test --num 3 --size 512     # test_images as cells_test/images/, masks/ (PNG)
+    python -m diffunet.data.cells cells_test --num 3 --size 512     # test_images as cells_test/images/, masks/ (PNG)
 """
 from __future__ import annotations
 
@@ -26,6 +25,9 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from .files import image_path, write_image
+from .seg_masks import FOUR, carve_borders, weight_map
+
 RADIUS = (4.0, 14.0)       # mean radius of a cell, px (absolute: independent of the image size)
 ELONGATION = (1.0, 1.45)   # major/minor axis = elongation^2; area stays pi r^2
 HARMONICS = 3              # outline wobbles: r(phi) = 1 + sum_{k=2..4} a_k cos(k phi + p_k)
@@ -33,7 +35,6 @@ HARMONIC_AMP = 0.07        # max amplitude a_k of each harmonic
 NEIGHBOUR_P = 0.7          # chance a cell is placed against an earlier one (touching / overlapping)
 MAX_OCCLUSION = 0.35       # a new cell may hide at most this fraction of an earlier cell's area (nor cut it in two)
 NUCLEUS_P = 0.6            # chance a cell has a darker nucleus-like blob
-FOUR = ndimage.generate_binary_structure(2, 1)     # 4-connectivity: the cross
 
 
 def _cell_geometry(rng, cy: float, cx: float, r: float):
@@ -161,59 +162,6 @@ def make_cells(size: int | tuple[int, int] = (64, 64), seed=0, coverage: float =
     return np.clip(image, 0, 1).astype(np.float32), instances
 
 
-def weight_map(instances: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> np.ndarray:
-    """The U-Net paper's loss weight: w(x) = w_c(x) + w0 exp(-(d1(x) + d2(x))^2 / (2 sigma^2)).
-
-    d1, d2: Euclidean distances to the nearest and second-nearest cell, the border term on background pixels
-    only (as in the paper: it up-weights the thin gaps between touching cells). Each cell's distance transform
-    runs in its bounding box grown by 5 sigma: beyond that the term is below w0 exp(-12.5) ~ 4e-6 w0 and is
-    taken as 0. w_c balances the classes: w_c = 1 / (K f_k) for a pixel of class k (foreground / background),
-    f_k the class's pixel fraction and K the number of classes present, so the mean of w_c over the image is 1.
-    instances: (H, W) int, 0 background, >0 cell ids. Returns (H, W) float32.
-    """
-    fg = instances > 0
-    f = fg.mean()
-    k = 2 if 0 < f < 1 else 1
-    w_c = np.where(fg, 1 / (k * f) if f > 0 else 1.0, 1 / (k * (1 - f)) if f < 1 else 1.0)
-
-    margin = math.ceil(5 * sigma)
-    d1 = np.full(instances.shape, np.inf)
-    d2 = np.full(instances.shape, np.inf)
-    for i, obj in enumerate(ndimage.find_objects(instances), start=1):
-        if obj is None:
-            continue
-        box = tuple(slice(max(s.start - margin, 0), s.stop + margin) for s in obj)
-        d = ndimage.distance_transform_edt(instances[box] != i)
-        b1, b2 = d1[box], d2[box]                       # views: updated in place
-        b2[...] = np.where(d < b1, b1, np.minimum(b2, d))
-        b1[...] = np.minimum(b1, d)
-    border = w0 * np.exp(-np.square(d1 + d2) / (2 * sigma ** 2))     # exp(-inf) = 0 where fewer than 2 cells
-    return (w_c + np.where(fg, 0.0, border)).astype(np.float32)
-
-
-def carve_borders(instances: np.ndarray) -> np.ndarray:
-    """The instance map with a one-pixel background border between touching cells: each pixel with a 4-neighbour
-    of a lower non-zero id is set to 0. The masks the U-Net paper trained on (ISBI) draw these borders; without
-    them touching cells are one blob in a binary mask, which no loss could teach the network to split."""
-    carved = instances.copy()
-    for axis in (0, 1):
-        n = instances.shape[axis]
-        first, second = (np.take(instances, range(0, n - 1), axis), np.take(instances, range(1, n), axis))
-        touch = (first > 0) & (second > 0) & (first != second)
-        lo = [slice(None)] * 2
-        hi = [slice(None)] * 2
-        lo[axis], hi[axis] = slice(0, n - 1), slice(1, n)
-        carved[tuple(hi)][touch & (second > first)] = 0          # the higher id of the two gives the pixel up
-        carved[tuple(lo)][touch & (first > second)] = 0
-    return carved
-
-
-def count_objects(binary_mask: np.ndarray) -> int:
-    """Connected components of a binary mask, 4-connectivity: cells touching only at a corner count as two,
-    so a predicted one-pixel gap between touching cells is enough to separate them."""
-    return int(ndimage.label(np.asarray(binary_mask) > 0, FOUR)[1])
-
-
 def cells_arrays(n: int = 1000, crop: int = 64, seed: int = 0, source: int = 256, stride: int | None = None,
                  w0: float = 10.0, sigma: float = 5.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` training crops as numpy arrays, each (n, 1, crop, crop) float32: image in [0, 1], mask 0/1, weight.
@@ -278,8 +226,6 @@ MIN_SIZE = 2 * math.ceil(RADIUS[1])                 # smaller images hold no who
 def write_test_images(out: str | Path, n: int = 3, size: int = 512, seed: int = 0) -> Path:
     """``test_images`` as a paired folder: ``out/images/000000.png`` (8-bit gray) with ``out/masks/000000.png``
     (0/255, white = cell), what training, ``sample.py --cond`` and ``evaluate --segmentation`` read."""
-    from .data import image_path, write_image            # here: data imports this module
-
     out = Path(out)
     for kind in ("images", "masks"):
         (out / kind).mkdir(parents=True, exist_ok=True)
@@ -290,9 +236,9 @@ def write_test_images(out: str | Path, n: int = 3, size: int = 512, seed: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import ArgumentParser
+    from ..cli import ArgumentParser
 
-    p = ArgumentParser(prog="python -m diffunet.cells",
+    p = ArgumentParser(prog="python -m diffunet.data.cells",
                        description="Write the held-out segmentation test images (test_images): OUT/images/*.png "
                                    "and their masks OUT/masks/*.png (0/255, same names).")
     p.add_argument("out", help="folder to write images/ and masks/ into")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from .unet import UNet
+from diffunet import UNet
 
 
 def encoder_grad_norms(model: UNet, images: torch.Tensor, timesteps: torch.Tensor | None = None,

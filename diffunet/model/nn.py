@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .fast import FOUR_PHASE_MIN_SIZE, Dropout, attend, nearest_up_conv
+from .kernels import FOUR_PHASE_MIN_SIZE, Dropout, attend, nearest_up_conv
 from .tables import choose
 
 

@@ -19,24 +19,21 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
+from .. import objectives
+from ..config import build_model, to_dict
+from ..data import apply_bad_image_policy, build_dataset, save_grid, split_holdout, take_subset, to_uint8
+from ..errors import ConfigError, DataError, PosthocEMAError, TrainingError
+from ..export import write_folder
+from ..model.unet import UNet
+from ..objectives import make_noise_scheduler
+from ..pretrained import init_from
+from ..sampling import make_scheduler
+from ..tasks import TaskSampler, check_augment, task_of
+from . import state as ckpt
 from .batchnorm import sync_batch_norm
-from .config import ConfigError, build_model, to_dict
-from .convert import init_from
-from .data import DataError, apply_bad_image_policy, build_dataset, save_grid, split_holdout, take_subset, to_uint8
-from .export import write_folder
-from . import objectives
-from .fast import apply_fast_paths, training_precision
-from .objectives import make_noise_scheduler
 from .pace import Pace, busy_at_start, set_threads
-from .posthoc_ema import SNAPSHOT_DIR, PosthocEMAError, PowerEMA, check_sigma_rel, snapshot_steps
-from .sampling import generate, make_scheduler
-from .tasks import check_augment, task_of
-from .unet import UNet
-
-
-class TrainingError(RuntimeError):
-    """A run that had to stop; the message says why and what was kept."""
+from .power_ema import SNAPSHOT_DIR, PowerEMA, check_sigma_rel, snapshot_steps
+from .precision import apply_fast_paths, training_precision
 
 
 class EpochSampler(Sampler):
@@ -84,7 +81,7 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
         objectives.check(cfg.diffusion)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if model.config.time_condition != "none":         # a diffusion model: its sampler must fit its objective
+    if model.timed:                                 # a diffusion model: its sampler must fit its objective
         try:
             make_scheduler(cfg.sample.scheduler, make_noise_scheduler(cfg.diffusion).config)
         except ValueError as e:
@@ -143,7 +140,7 @@ class Trainer:
     """One run: its accelerator, model, optimizer, EMA, data order, and the files it writes.
 
     ``train()`` reads top to bottom: resume, the loop, then the final grid and the pipeline. The loop asks the
-    task what a batch means and the objective for the loss; checkpoints are ``checkpoint.save`` / ``load``.
+    task what a batch means and the objective for the loss; checkpoints are ``state.save`` / ``load``.
     """
 
     def __init__(self, cfg: DictConfig):
@@ -207,7 +204,7 @@ class Trainer:
                             foreach=True)          # one multi-tensor op per step, not one per parameter
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
         self.ema.to(acc.device)
-        # post-hoc EMA: K power-function profiles, written at evenly spaced steps (diffunet/posthoc_ema.py)
+        # post-hoc EMA: K power-function profiles, written at evenly spaced steps (diffunet/training/power_ema.py)
         on = t.phema_snapshots > 0 and len(t.phema_sigma_rels) > 0
         self.phema = PowerEMA(model.named_parameters(), t.phema_sigma_rels).to(acc.device) if on else None
         self.phema_steps = snapshot_steps(t.max_steps, t.phema_snapshots) if on else set()
@@ -387,13 +384,13 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- state
 
     def identity(self) -> dict:
-        """What a checkpoint must share with this run to resume it exactly (``checkpoint.EXACT_RESUME_KEYS``)."""
+        """What a checkpoint must share with this run to resume it exactly (``state.EXACT_RESUME_KEYS``)."""
         t = self.cfg.train
         return {"world_size": self.world, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "seed": t.seed,
                 "dataset_size": len(self.dataset)}
 
     def save_checkpoint(self) -> Path:
-        """The full state as checkpoint ``step`` (see ``checkpoint.save``); a failed write stops every process
+        """The full state as checkpoint ``step`` (see ``state.save``); a failed write stops every process
         with one message, every earlier checkpoint intact."""
         state = {"step": self.step, "batches_seen": self.batches_seen, "skipped_steps": self.skipped,
                  **self.identity()}
@@ -403,7 +400,7 @@ class Trainer:
         return path
 
     def extras(self) -> dict:
-        """State beside the EMA that a checkpoint carries for an exact resume (``checkpoint.save``'s extras)."""
+        """State beside the EMA that a checkpoint carries for an exact resume (``state.save``'s extras)."""
         return {"phema": self.phema} if self.phema is not None else {}
 
     def save_snapshot(self) -> Path:
@@ -442,16 +439,13 @@ class Trainer:
             self.ema.restore(model.parameters())
             model.train(was_training)
 
-    def _sampler(self, model, seed: int, batch_size: int):
-        """(n, **conditions) -> n EMA samples in [-1, 1], with the run's sampling settings: the task's sampler."""
+    def _sampler(self, model, seed: int, batch_size: int) -> TaskSampler:
+        """The task's own pipeline of ``model`` with the run's sampler and sampling settings (``sample.*``)."""
         s = self.cfg.sample
-        scheduler = make_scheduler(s.scheduler, self.noise_scheduler.config)
-        options = self.task.pipeline_options(self.cfg)
-
-        def sample(n: int, **conditions) -> torch.Tensor:
-            return generate(model, scheduler, n, steps=s.steps, seed=seed, guidance_scale=s.guidance_scale,
-                            batch_size=batch_size, device=self.accelerator.device, **options, **conditions)
-        return sample
+        pipe = self.task.pipeline(model, make_scheduler(s.scheduler, self.noise_scheduler.config), self.cfg)
+        pipe.set_progress_bar_config(disable=True)
+        return TaskSampler(pipe, seed=seed, steps=s.steps, guidance_scale=s.guidance_scale, batch_size=batch_size,
+                       device=self.accelerator.device)
 
     def sample_grid(self, name: str) -> Path | None:
         """A grid of EMA samples, laid out as the task says, at ``samples/<name>.png``. Main process only."""

@@ -80,13 +80,17 @@ def step_kwargs(scheduler, generator, eta: float) -> dict:
     return kwargs
 
 
+# The installed package's reader of a local folder (``diffunet.pretrained.load_pipeline``), which ``import diffunet``
+# puts here; it stays None in the copy of this file inside an exported folder, where diffusers' loader reads it.
+# Set from outside rather than imported, so that this folder imports nothing of the toolkit.
+folder_reader: Callable | None = None
+
+
 def from_folder(cls, diffusers_loader, path, kwargs: dict):
-    """``cls.from_pretrained(path, **kwargs)``: the installed diffunet's reader (``checkpoint.load_pipeline``) for
-    a local folder, where ``cls`` is diffunet's own class; ``diffusers_loader`` otherwise: a Hub id, or this file
-    running as the copy inside an exported folder (diffunet not installed, or not this class)."""
-    if cls.__module__.split(".")[0] == "diffunet" and os.path.isdir(path):
-        from diffunet.checkpoint import load_pipeline   # the class is the installed package's, so it is there
-        return load_pipeline(cls, path, **kwargs)
+    """``cls.from_pretrained(path, **kwargs)``: the installed diffunet's reader (``folder_reader``) for a local
+    folder; ``diffusers_loader`` otherwise: a Hub id, or this file running as the copy inside an exported folder."""
+    if folder_reader is not None and os.path.isdir(path):
+        return folder_reader(cls, path, **kwargs)
     return diffusers_loader(path, **kwargs)
 
 
@@ -111,18 +115,19 @@ def inpainting_condition(image: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 @dataclass(frozen=True)
 class ImageTask:
     """How a task's ``image`` / ``mask_image`` become the model's condition, and what is pasted back at the end."""
-    extra_channels: int                 # cond_channels - in_channels
-    takes_mask: bool
-    scale: Callable                     # (sr_factor) -> how much smaller than the model's the input image is
-    condition: Callable                 # (image, mask, model size) -> cond (B, K, H, W)
-    paste: bool                         # the known pixels are copied into the output (exactly)
+    condition: Callable | None          # (image, mask, model size) -> cond (B, K, H, W); None: no image condition
+    extra_channels: int = 0             # cond_channels - in_channels (a task with a condition)
+    takes_mask: bool = False
+    scale: Callable = lambda f: 1       # (sr_factor) -> how much smaller than the model's the input image is
+    paste: bool = False                 # the known pixels are copied into the output (exactly)
 
 
+# Every task a DiffunetPipeline takes (its ``task`` keyword), the one check of that name
 IMAGE_TASKS = {
-    "super_resolution": ImageTask(0, False, lambda f: f, lambda image, mask, size: upsample_condition(image, size),
-                                  paste=False),
-    "inpainting": ImageTask(1, True, lambda f: 1, lambda image, mask, size: inpainting_condition(image, mask),
-                            paste=True),
+    "generate": ImageTask(condition=None),      # from noise (and class labels): the model has no cond_channels
+    "super_resolution": ImageTask(lambda image, mask, size: upsample_condition(image, size), scale=lambda f: f),
+    "inpainting": ImageTask(lambda image, mask, size: inpainting_condition(image, mask), extra_channels=1,
+                            takes_mask=True, paste=True),
 }
 
 
@@ -141,8 +146,8 @@ class DiffunetPipeline(DiffusionPipeline):
     def __init__(self, unet, scheduler, task: str = "generate", sr_factor: int = 1, sample_scheduler: str = "auto",
                  sample_steps: int = 50, sample_guidance_scale: float = 1.0):
         super().__init__()
-        if task != "generate" and task not in IMAGE_TASKS:
-            raise ValueError(f"unknown task {task!r}; choose one of generate, {', '.join(IMAGE_TASKS)}")
+        if task not in IMAGE_TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {', '.join(IMAGE_TASKS)}")
         self.register_modules(unet=unet, scheduler=scheduler)
         # saved in model_index.json: the task, and how the run sampled (its sample.* settings), which a call
         # without num_inference_steps / guidance_scale and diffunet's sample.py reuse
@@ -169,7 +174,8 @@ class DiffunetPipeline(DiffusionPipeline):
         """Sample images.
 
         Args:
-            batch_size: the number of images; by default what ``class_labels`` or a ``generator`` list says, else 1.
+            batch_size: the number of images; by default what ``class_labels``, a ``generator`` list or ``image``
+                says, else 1.
             class_labels: one class id per image (a list or tensor), or one id for every image; None samples the
                 unconditional model (the null class of a class-conditional one).
             guidance_scale: classifier-free guidance w: 1 the conditional model, 0 the unconditional, other
@@ -196,7 +202,7 @@ class DiffunetPipeline(DiffusionPipeline):
         if num_inference_steps is None:
             num_inference_steps = self.config.sample_steps
         labels = self.check_labels(class_labels)
-        batch = self.batch_size_of(batch_size, labels, generator)
+        batch = self.batch_size_of(batch_size, labels, generator, image)
         if labels is not None:
             labels = labels.expand(batch).to(device) if labels.ndim == 0 else labels.to(device)
         known, mask = self.known_pixels(image, mask_image, batch, device)
@@ -241,11 +247,13 @@ class DiffunetPipeline(DiffusionPipeline):
         return labels
 
     @staticmethod
-    def batch_size_of(batch_size: int | None, labels: torch.Tensor | None, generator) -> int:
-        """The number of images: ``batch_size``, one per label, one per generator; ValueError if they disagree."""
+    def batch_size_of(batch_size: int | None, labels: torch.Tensor | None, generator, image=None) -> int:
+        """The number of images: ``batch_size``, one per label, one per generator, one per condition image;
+        ValueError if they disagree."""
         counts = {"batch_size": batch_size,
                   "class_labels": len(labels) if labels is not None and labels.ndim else None,
-                  "generators": len(generator) if isinstance(generator, list) else None}
+                  "generators": len(generator) if isinstance(generator, list) else None,
+                  "images": len(image) if isinstance(image, (list, tuple)) or getattr(image, "ndim", 0) == 4 else None}
         given = {name: n for name, n in counts.items() if n is not None}
         if len(set(given.values())) > 1:
             counts = ", ".join(f"{n} {name}" for name, n in given.items())
@@ -253,15 +261,15 @@ class DiffunetPipeline(DiffusionPipeline):
         return next(iter(given.values()), 1)
 
     @property
-    def image_task(self) -> ImageTask | None:
-        return IMAGE_TASKS.get(self.config.task)
+    def image_task(self) -> ImageTask:
+        return IMAGE_TASKS[self.config.task]
 
     def known_pixels(self, image, mask_image, batch: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``image`` as (B, C, h, w) in [-1, 1] and ``mask_image`` as (B, 1, H, W) in {0, 1} on ``device`` (None
         where not given), checked against what this model and scheduler take: one ValueError line otherwise."""
         task, repaint = self.image_task, isinstance(self.scheduler, RePaintScheduler)
-        takes_mask = repaint or (task is not None and task.takes_mask)
-        if task is None and not repaint:
+        takes_mask = repaint or task.takes_mask
+        if task.condition is None and not repaint:
             if image is None and mask_image is None:
                 return None, None
             given = " and ".join(n for n, v in (("image=", image), ("mask_image=", mask_image)) if v is not None)
@@ -306,9 +314,9 @@ class DiffunetPipeline(DiffusionPipeline):
 
     def condition(self, known: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The model's condition ``cond`` (B, cond_channels, H, W) from the known pixels, for every step's call:
-        the task's (``IMAGE_TASKS``); None for a model without one (RePaint conditions through the scheduler)."""
+        the task's (``IMAGE_TASKS``); None for a task without one (RePaint conditions through the scheduler)."""
         task = self.image_task
-        if task is None:
+        if task.condition is None:
             return None
         want = self.unet.config.in_channels + task.extra_channels
         if self.unet.config.cond_channels != want:

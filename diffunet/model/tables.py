@@ -1,5 +1,5 @@
 """The lookup every table of choices uses (``nn.DOWNSAMPLE`` ..., ``objectives.TARGETS``, ``tasks.TASKS``,
-``fast.PRECISION``): a wrong name fails with one line that lists the valid names."""
+``training.precision.PRECISION``): a wrong name fails with one line that lists the valid names."""
 
 
 def choose(table: dict, name: str, what: str):
@@ -8,3 +8,11 @@ def choose(table: dict, name: str, what: str):
         return table[name]
     except KeyError:
         raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(map(repr, table))}") from None
+
+
+def as_size(size) -> tuple[int, int]:
+    """(H, W) from an int, a pair, or a config list."""
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))

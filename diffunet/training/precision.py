@@ -1,10 +1,9 @@
-"""Speed: the fast paths as switches, the one precision table, and the CPU kernels the building blocks call.
+"""Speed: the fast paths as switches and the one precision table.
 
 Switches (``apply_fast_paths``): memory format, torch.compile, gradient checkpointing; precision (``PRECISION``,
 ``autocast``), and the one place that picks it for the hardware (``DEVICES``, ``resolve_precision``: "auto").
-Kernels: ``Dropout`` (cheaper CPU dropout), ``attend`` (attention by the faster route for the device),
-``nearest_up_conv`` (nearest 2x upsampling + 3x3 conv at the low resolution). ``nn.py`` builds the
-architecture from these; nothing here knows the U-Net.
+The CPU kernels the building blocks call (``Dropout``, ``attend``, ``nearest_up_conv``) are ``model/kernels.py``,
+which travels inside exported folders; nothing here knows the U-Net.
 
 ``apply_fast_paths`` is the one entry point the training config calls (``train.channels_last``, ``train.compile``,
 ``train.gradient_checkpointing``); ``bench/bench_unet.py`` calls the same function on our UNet and on diffusers'
@@ -36,11 +35,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
-from .tables import choose
+from ..model.tables import choose
 
 # accelerate's mixed_precision names -> the dtype the model computes in. Training, sampling and the bench all
 # read this one table; torch's dtype names are accepted as aliases (sample.py --dtype float32).
@@ -261,96 +258,3 @@ def autocast(device: torch.device | str, mixed_precision: str = "no"):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-# ------------------------------------------------------------------------------------------ CPU kernels
-
-def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """``F.dropout(x, p, training=True)`` with a mask from half the random draws, for CPU tensors.
-
-    Written here because torch's CPU dropout draws one 32-bit Mersenne-Twister number per element, which made
-    dropout 6-7 % of a ddpm-cifar10 training step on 2 cores; each draw's two 16-bit halves give two keep/drop
-    decisions instead (P(drop) = p to 1/65536), and ``where`` keeps only the boolean mask for the backward pass, as
-    torch's kernel does. About 1.6-1.9x faster forward + backward. Same generator, so seeds and RNG-state replay
-    (resume, activation checkpointing) work as before."""
-    n = x.numel()
-    draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_(-2**31, 2**31 - 1)
-    keep = draws.view(torch.int16)[:n] >= -32768 + round(p * 65536)
-    return torch.where(keep.as_strided(x.shape, x.stride()), x, 0).mul_(1 / (1 - p))
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` that takes ``cpu_dropout`` for dense CPU tensors in training (GPUs keep torch's fused kernel)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-        if self.training and 0 < self.p < 1 and x.device.type == "cpu" and dense and not self.inplace:
-            return cpu_dropout(x, self.p)
-        return super().forward(x)
-
-
-# In bf16/fp16 on a CPU, up to this many tokens (16x16 pixels), attention runs faster as matmul, softmax,
-# matmul than through SDPA's tiled kernel (about 1.7x forward + backward; the scores are only heads x 256 x 256
-# per image). In fp32, above it, and always on GPUs, SDPA's fused kernels win, and they never store the
-# (tokens x tokens) scores: that is the memory-efficient path at large resolutions. bench/bench_unet.py measures it.
-CPU_MATMUL_ATTENTION_TOKENS = 256
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors, by the faster route for this device, dtype and N."""
-    if q.device.type != "cpu" or q.dtype == torch.float32 or q.shape[-2] > CPU_MATMUL_ATTENTION_TOKENS:
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)                 # (B, heads, N, N)
-    return scores.softmax(-1) @ v                                          # CPU softmax sums in fp32 for bf16 too
-
-
-# Nearest 2x upsampling repeats every input row twice, so a 3x3 conv over the upsampled image reads, for output row
-# 2i + a (a = 0, 1: the row's phase), only two distinct input rows, each under a sum of the kernel's rows r0, r1, r2:
-# with padding 1, phase 0 reads rows i-1, i with (r0, r1 + r2) and phase 1 rows i, i+1 with (r0 + r1, r2);
-# unpadded ("valid"), both phases read rows i, i+1, phase 0 with (r0 + r1, r2) and phase 1 with (r0, r1 + r2).
-# The same holds for columns.
-
-# Below this input size the four-phase conv is not faster on CPU (measured there: 1.0x at 4x4, 1.4-2x from 8x8 up;
-# not tuned on GPUs).
-FOUR_PHASE_MIN_SIZE = 8
-
-
-def fold_taps(weight: torch.Tensor, dim: int, padding: int) -> torch.Tensor:
-    """Sum a kernel's 3 taps along ``dim`` into the 2 that each output phase reads: (..., 3, ...) -> (2, ..., 2, ...),
-    the phase first. Slices and adds on the weight's own device (no constant table to copy there every step)."""
-    r0, r1, r2 = weight.unbind(dim)
-    phases = [torch.stack([r0, r1 + r2], dim), torch.stack([r0 + r1, r2], dim)]
-    return torch.stack(phases if padding else phases[::-1])
-
-
-def four_phase_kernel(weight: torch.Tensor, padding: int) -> torch.Tensor:
-    """(C, C_in, 3, 3) -> (4C, C_in, 2, 2): the 2x2 kernel of each output phase (row phase, column phase, channel).
-    The taps are summed in fp32 at least and rounded to the weight's dtype once (bf16 weights lose no more)."""
-    exact = weight.to(torch.promote_types(weight.dtype, torch.float32))
-    kernel = fold_taps(fold_taps(exact, 2, padding), 4, padding).transpose(0, 1)     # (2, 2, C, C_in, 2, 2)
-    return kernel.reshape(-1, weight.shape[1], 2, 2).to(weight.dtype)
-
-
-def nearest_up_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
-    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding)`` for a 3x3 ``weight``,
-    computed at the input's resolution: one 2x2 conv with four output phases, then the phases interleaved.
-
-    4 instead of 9 multiply-adds per output pixel (with padding 1 the 2x2 conv covers one extra row and column,
-    which the phases drop: (H+1)(W+1)/HW more, 13 % at 16x16), and the backward pass keeps ``x`` rather than its
-    4x upsampled copy. Equal up to float rounding; the output has the plain path's dtype and memory format."""
-    b, _, h, w = x.shape
-    c = weight.shape[0]
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    kernel = four_phase_kernel(weight, padding)
-    if channels_last:
-        kernel = kernel.contiguous(memory_format=torch.channels_last)
-    phases = F.conv2d(x, kernel, None if bias is None else bias.expand(4, c).reshape(-1), padding=padding)
-    # phases[n, (i, j, k), i*padding + r, j*padding + s] is output pixel (n, k, 2r + i, 2s + j): one strided view
-    # (B, C, rows, 2, cols, 2) of it, then a single copy into place.
-    rows, cols = h - 1 + padding, w - 1 + padding
-    sn, sk, sr, ss = phases.stride()
-    phase_i, phase_j = 2 * c * sk + padding * sr, c * sk + padding * ss         # steps to the next phase
-    view = phases.as_strided((b, c, rows, 2, cols, 2), (sn, sk, sr, phase_i, ss, phase_j))
-    if channels_last:
-        return rearrange(view, "n k r i s j -> n (r i) (s j) k").permute(0, 3, 1, 2)
-    return rearrange(view, "n k r i s j -> n k (r i) (s j)")

@@ -5,7 +5,9 @@ deepest level), a bottleneck (res, attention, res; ``mid_attention=False``: res,
 ``num_res_blocks + 1`` blocks per level and an upsampler. The stem, every encoder block and every downsampler push
 their output on the skip stack; every decoder block pops one and fuses it (``skip``) before its convolutions.
 
-This module's import path is part of every saved pipeline (``model_index.json`` names ``diffunet.unet``): keep it.
+A pipeline folder written by a bare ``save_pretrained`` names this module's path in its ``model_index.json``
+(``diffunet.model.unet``); folders saved before the move into ``model/`` name ``diffunet.unet``, which
+``diffunet/__init__.py`` maps here for a release.
 """
 
 from __future__ import annotations
@@ -25,15 +27,7 @@ from torch import nn
 
 from .nn import (DOWNSAMPLE, NORMS, PADDING, SKIP, UPSAMPLE, Attention, ResBlock, SizeError, conv_size, mirror_pad,
                  zeroed)
-from .tables import choose
-
-
-def as_size(size) -> tuple[int, int]:
-    """(H, W) from an int, a pair, or a config list."""
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
+from .tables import as_size, choose
 
 
 def _count(*modules: nn.Module | None) -> int:
@@ -177,8 +171,9 @@ class UNet(ModelMixin, ConfigMixin):
         flip_sin_to_cos: bool = True,                   # time features cos first (False: sin first, as DDPM)
         freq_shift: float = 0,                          # frequencies exp(-ln(1e4) i / (half - shift)) (DDPM: 1)
         num_classes: Optional[int] = None,              # class-conditional; id num_classes is the "null" class
-        augment_dim: int = 0,                           # augmentation labels added to the embedding (EDM's non-
-                                                        # leaky augmentation: diffunet.augment.AUGMENT_DIM); 0: none
+        augment_dim: int = 0,                           # augmentation labels added to the embedding (EDM's
+                                                        # non-leaky augmentation: diffunet.data.augment.AUGMENT_DIM);
+                                                        # 0: none
         zero_init: bool = True,                         # residual branches and output conv start at zero
         residual: bool = True,                          # False: blocks without shortcut (the 2015 U-Net's conv pairs)
     ):
@@ -267,13 +262,6 @@ class UNet(ModelMixin, ConfigMixin):
         self._tilings: dict[tuple[int, int], Tiling] = {}
         self.tiling(sample_size)  # a sample_size the network cannot take fails here, at construction
 
-    @classmethod
-    def from_unet2d(cls, model_or_folder) -> "UNet":
-        """This UNet from a diffusers ``UNet2DModel`` of the DDPM family, or a folder holding one (a hub snapshot of
-        google/ddpm-cifar10-32, say): equal outputs to float rounding (``diffunet.convert``)."""
-        from .convert import from_unet2d
-        return from_unet2d(model_or_folder)
-
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, sample: torch.Tensor, timestep=None, class_labels: torch.Tensor | None = None,
@@ -285,8 +273,8 @@ class UNet(ModelMixin, ConfigMixin):
 
         ``cond`` (B, cond_channels, H, W): the image condition of a model built with ``cond_channels``; None, or
         the rows where ``cond_dropped`` (B,) bool is True, stand for "no condition": zeros and the null flag.
-        ``augment_labels`` (B, augment_dim): what augmented each training image (``diffunet.augment``), for a model
-        built with ``augment_dim``; None: zeros, "not augmented", which is how it samples.
+        ``augment_labels`` (B, augment_dim): what augmented each training image (``diffunet.data.augment``), for a
+        model built with ``augment_dim``; None: zeros, "not augmented", which is how it samples.
         A model with ``time_condition="none"`` takes no timestep (``model(sample)``)."""
         c = self.config.in_channels
         if sample.ndim != 4 or sample.shape[1] != c:        # shapes only: no sync; conv2d's own error names no key
@@ -430,9 +418,21 @@ class UNet(ModelMixin, ConfigMixin):
 
     def _fits(self, n: int, target: int) -> bool:
         try:
-            return self._axis(n).output >= target if self.config.padding == "valid" else self._axis(n).output == n
+            return self._axis(n).output >= target if self.valid else self._axis(n).output == n
         except SizeError:
             return False
+
+    @property
+    def timed(self) -> bool:
+        """Whether the network takes a timestep: a diffusion denoiser (``time_condition`` other than "none"), not
+        a deterministic one (the 2015 U-Net's segmentation)."""
+        return self.config.time_condition != "none"
+
+    @property
+    def valid(self) -> bool:
+        """Whether convolutions are unpadded (``padding="valid"``): outputs smaller than inputs, skips cropped,
+        tiles exact."""
+        return self.config.padding == "valid"
 
     @property
     def null_class(self) -> int | None:
@@ -483,7 +483,7 @@ class UNet(ModelMixin, ConfigMixin):
     def _tile_axis(self, out: int, name: str) -> tuple[int, int]:
         """(network input, network output) for one axis of an image of ``out`` pixels."""
         limit = out + 64 * 2 ** len(self.encoder) + 4096
-        if self.config.padding == "valid":
+        if self.valid:
             for n in range(out, limit):
                 if self._fits(n, out):
                     return n, self._axis(n).output

@@ -1,5 +1,4 @@
-"""Sample quality: FID, KID and IS through torchmetrics, on Inception-v3 or on an offline digits classifier; and
-paired scores of image-conditioned outputs against their truth (PSNR, SSIM, LPIPS, class accuracy).
+"""Sample quality: FID, KID and IS through torchmetrics, on Inception-v3 or on an offline digits classifier.
 
 An extractor maps uint8 images (N, C, H, W) to features (N, d) (its ``forward``, torchmetrics' contract for a
 custom ``feature`` module) and, through ``features_and_logits``, to class logits for the Inception Score:
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -31,15 +29,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 # the submodules: torchmetrics.image exports these names only when torch-fidelity (and so torchvision) is installed
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .config import EvalConfig
-from .data import digits_arrays, read_image
-from .tables import choose
+from ..config import EvalConfig
+from ..data.files import read_image
+from ..data.sources import Source, source_of
+from ..model.tables import choose
 
 ASSETS = Path(__file__).parent / "assets"
 DIGITS_WEIGHTS = ASSETS / "digits_classifier.safetensors"
@@ -47,9 +45,6 @@ CACHE_DIR = Path(os.environ.get("DIFFUNET_CACHE", "~/.cache/diffunet")).expandus
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 IS_MIN_SPLIT = 100                                  # fewest images per Inception Score split
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".npy"}
-PSNR_CAP = 100.0                                    # dB; identical images have infinite PSNR (see paired_scores)
-LPIPS_MIN_SIDE = 64                                 # LPIPS inputs are upsampled to at least this (AlexNet needs >= 31)
-ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"   # torchvision's AlexNet weights
 
 
 class ExtractorUnavailable(RuntimeError):
@@ -185,11 +180,17 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != "grid.png")
 
 
+def _named_reference(source) -> Source | None:
+    """The ``data.SOURCES`` entry whose embedded images ``source`` names (``"digits"``), or None."""
+    named = source_of(source)
+    return named if named is not None and named.reference is not None else None
+
+
 def image_batches(source, batch_size: int = EvalConfig.batch_size) -> Iterator[np.ndarray]:
     """(B, H, W, C) uint8 batches of ``source``: an array (N, H, W, C) or (N, H, W), ``"digits"`` (the embedded
     set at 16x16), an .npz (its ``images`` array, else its first) or a folder of image files."""
-    if isinstance(source, str) and source == "digits":
-        source = digits_arrays(16)[0]
+    if (named := _named_reference(source)) is not None:
+        source = named.reference()
     elif not isinstance(source, np.ndarray) and Path(source).suffix == ".npz":
         with np.load(source) as f:
             source = f["images"] if "images" in f else f[f.files[0]]
@@ -230,8 +231,8 @@ def reference_features(reference, extractor, net: nn.Module | None = None, *, ba
     if isinstance(reference, np.ndarray) or not cache:
         return extract(net, reference, batch_size, device)[0]
     ref = str(reference)
-    if ref == "digits":
-        identity = ["digits", 16]
+    if _named_reference(ref) is not None:
+        identity = [ref, 16]            # a named set is the same images everywhere (16: the digits' size, in old keys)
     else:
         path = Path(ref).resolve()
         identity = [str(path)] + ([_fingerprint(p) for p in _image_files(path)] if path.is_dir() else _fingerprint(path))
@@ -349,133 +350,3 @@ def evaluate(fake, reference="digits", extractor="digits", *, batch_size: int = 
         floor = fid_floor(real, len(fake), floor_draws)
     out = {"fid": out.pop("fid"), **({"fid_floor": floor} if floor is not None else {}), **out}
     return dict(out, num_fake=len(fake), num_real=len(real))
-
-
-# ------------------------------------------------------------------------------------------- paired metrics
-
-def _as_nchw(images, what: str, dtype=torch.uint8) -> torch.Tensor:
-    """numpy (N, H, W, C) or (N, H, W), or torch (N, C, H, W) -> torch (N, C, H, W), of ``dtype``."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images[..., None] if images.ndim == 3 else images))
-        images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images     # (N, H, W, C) -> (N, C, H, W)
-    if images.ndim != 4 or (dtype is not None and images.dtype != dtype):
-        raise ValueError(f"{what}: expected {dtype or ''} images, numpy (N, H, W, C) or torch (N, C, H, W); got "
-                         f"{type(images).__name__} {tuple(images.shape)} {images.dtype}")
-    return images
-
-
-@torch.no_grad()
-def classify(images, classifier: str | Path | nn.Module = "digits", *, batch_size: int = EvalConfig.batch_size,
-             device=None) -> torch.Tensor:
-    """Predicted class (N,) int64 of uint8 images (numpy (N, H, W, C) or torch (N, C, H, W)) under ``classifier``
-    (what ``load_extractor`` takes: ``"digits"`` by default)."""
-    device = _device(device)
-    x = _as_nchw(images, "classify").permute(0, 2, 3, 1).cpu().numpy()    # extract takes (N, H, W, C)
-    return extract(load_extractor(classifier).to(device), x, batch_size, device)[1].argmax(1)
-
-
-def ssim_kernel(height: int, width: int) -> tuple[int, float]:
-    """(kernel size, sigma) of SSIM's Gaussian window for an image: the standard 11 / 1.5 (Wang et al. 2004)
-    where both sides are at least 11, else the largest odd size that fits, sigma scaled with it (torchmetrics
-    sizes the window from sigma, int(3.5 sigma + 0.5) * 2 + 1, and reflects pad = size // 2 < side)."""
-    k = min(11, (min(height, width) - 1) // 2 * 2 + 1)
-    return k, 1.5 * k / 11
-
-
-def lpips_metric(device=None):
-    """torchmetrics' LPIPS (AlexNet, inputs in [0, 1]) where it can be built offline, else (None, a one-line note
-    on how to get it). It needs torchvision and AlexNet's ImageNet weights in the torch hub cache; built without
-    them, torchvision would try to download."""
-    import importlib.util
-
-    weights = Path(torch.hub.get_dir()) / "checkpoints" / Path(ALEXNET_URL).name
-    if importlib.util.find_spec("torchvision") is None or not weights.is_file():
-        return None, ("lpips: unavailable offline (needs torchvision and cached AlexNet weights: pip install "
-                      f"'diffunet[vision]' and put {ALEXNET_URL} in {weights.parent})")
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-    return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).to(device), None
-
-
-@torch.no_grad()
-def paired_scores(outputs, truth, *, mask=None, labels=None, classifier: str | Path | nn.Module | None = "digits",
-                  lpips: bool = True, device=None, batch_size: int = EvalConfig.batch_size) -> dict:
-    """Scores of image-conditioned outputs (super-resolution, inpainting) against their truth, image by image.
-
-    Args:
-        outputs: uint8 images, numpy (N, H, W, C) or torch (N, C, H, W); scored in [0, 1].
-        truth: uint8 images of the outputs' shape, their truth.
-        mask: (N, H, W[, 1]) numpy or (N, 1, H, W) torch, bool or 0/1 (or 0/255): 1 marks the filled region.
-        labels: (N,) class ids: adds the fraction of outputs that ``classifier`` puts in their class.
-        classifier: what ``load_extractor`` takes (default the digits classifier); used only with ``labels``.
-        lpips: add LPIPS where it can be built offline (``lpips_metric``), else a line in ``notes``.
-
-    Returns:
-        dict(psnr, ssim, [psnr_masked], [accuracy], [lpips], num_images, [notes]). psnr: mean over images of each
-        image's PSNR (dB, all channels), capped at ``PSNR_CAP`` = 100 dB so that identical images keep the mean
-        finite (a one-level error on one pixel of a 256x256 RGB image is 101 dB). ssim: torchmetrics' SSIM, mean
-        over images, with the window of ``ssim_kernel`` (11x11, sigma 1.5 for images of 11 pixels or more a side).
-        psnr_masked: mean over images of the PSNR of the masked pixels only (all channels), capped likewise;
-        images with an empty mask are left out (and counted in ``notes``). accuracy: fraction of outputs
-        classified as their label. lpips: torchmetrics' LPIPS (AlexNet), mean over images, lower is closer; gray
-        images are repeated to RGB, images under 64 pixels a side are upsampled (bilinear, by an integer factor)
-        to at least 64.
-    """
-    device = _device(device)
-    outputs, truth = _as_nchw(outputs, "outputs"), _as_nchw(truth, "truth")
-    if outputs.shape != truth.shape:
-        raise ValueError(f"outputs {tuple(outputs.shape)} and truth {tuple(truth.shape)} differ in shape (N, C, H, W)")
-    n, c, h, w = outputs.shape
-    if n == 0:
-        raise ValueError("no images to score")
-    if mask is not None:
-        mask = _as_nchw(mask, "mask", dtype=None)
-        if mask.shape != (n, 1, h, w):
-            raise ValueError(f"mask {tuple(mask.shape)} is not one (1, H, W) mask per image {(n, 1, h, w)}")
-        values = set(mask.unique().tolist())
-        if not (values <= {0, 1} or values <= {0, 255}):
-            raise ValueError("mask values must be 0/1 (or 0/255), 1 marking the filled region")
-        mask = mask != 0
-    if labels is not None:
-        if classifier is None:
-            raise ValueError("labels need a classifier to score the outputs with (e.g. classifier='digits')")
-        labels = torch.as_tensor(labels).long().cpu()
-        if labels.shape != (n,):
-            raise ValueError(f"labels {tuple(labels.shape)} are not one class id per image ({n},)")
-    notes = []
-    kernel_size, sigma = ssim_kernel(h, w)
-    lpips_net, note = lpips_metric(device) if lpips else (None, None)
-    if note or (lpips_net is not None and c not in (1, 3)):
-        notes.append(note or f"lpips: needs 1- or 3-channel images, got {c}")
-        lpips_net = None
-    psnr, ssim, psnr_masked = [], [], []
-    for lo in range(0, n, batch_size):
-        o, t = (x[lo:lo + batch_size].to(device).float() / 255 for x in (outputs, truth))
-        psnr.append(peak_signal_noise_ratio(o, t, data_range=1.0, reduction="none", dim=(1, 2, 3)))
-        ssim.append(structural_similarity_index_measure(o, t, data_range=1.0, reduction="none",
-                                                        kernel_size=kernel_size, sigma=sigma))
-        if mask is not None:
-            m = mask[lo:lo + batch_size].to(device)
-            mse = ((o - t) ** 2 * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) * c)        # nan for an empty mask
-            psnr_masked.append(-10 * torch.log10(mse))
-        if lpips_net is not None:
-            if c == 1:
-                o, t = o.expand(-1, 3, -1, -1), t.expand(-1, 3, -1, -1)        # (B, 1, H, W) -> (B, 3, H, W)
-            if min(h, w) < LPIPS_MIN_SIDE:
-                factor = math.ceil(LPIPS_MIN_SIDE / min(h, w))      # (B, 3, H, W) -> (B, 3, fH, fW)
-                o, t = (F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False) for x in (o, t))
-            lpips_net.update(o, t)
-    out = dict(psnr=torch.cat(psnr).clamp(max=PSNR_CAP).mean().item(), ssim=torch.cat(ssim).mean().item())
-    if mask is not None:
-        values = torch.cat(psnr_masked)
-        empty = int(values.isnan().sum())
-        out["psnr_masked"] = values.clamp(max=PSNR_CAP).nanmean().item()
-        if empty:
-            notes.append(f"psnr_masked: {empty} of {n} images have an empty mask and are left out")
-    if labels is not None:
-        predicted = classify(outputs, classifier, batch_size=batch_size, device=device)
-        out["accuracy"] = (predicted == labels).double().mean().item()
-    if lpips_net is not None:
-        out["lpips"] = lpips_net.compute().item()
-    out["num_images"] = n
-    return dict(out, notes=notes) if notes else out

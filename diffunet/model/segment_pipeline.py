@@ -41,7 +41,7 @@ OUTPUT_TYPES = ("np", "pt", "pil")
 def mask_classes(unet) -> int:
     """The number of classes K a segmentation U-Net predicts: a deterministic one's output channels (logits); a
     diffusion one's mask channels (1: binary)."""
-    if unet.config.time_condition == "none":
+    if not unet.timed:
         return unet.config.out_channels or unet.config.in_channels
     return 2 if unet.config.in_channels == 1 else unet.config.in_channels
 
@@ -75,7 +75,7 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
     """Segmentation with diffunet's ``UNet``: one forward pass of a deterministic model, or an ensemble of
     diffusion samples conditioned on the image; by tiles of ``tile`` output pixels for images larger than memory
     allows ("valid" padding: the overlap-tile strategy, exactly the whole-image result; "same": overlapping tiles
-    blended, see ``diffunet.tiles``)."""
+    blended, see ``diffunet.model.tiles``)."""
 
     model_cpu_offload_seq = "unet"
     _optional_components = ["scheduler"]        # None for a deterministic model (saved as [null, null])
@@ -83,7 +83,7 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
     def __init__(self, unet, scheduler, sample_scheduler: str = "auto", sample_steps: int = 50):
         super().__init__()                      # scheduler: no default, diffusers takes keywords with one for options
         self.register_modules(unet=unet, scheduler=scheduler)
-        if unet.config.time_condition != "none":       # a diffusion model: how the run sampled
+        if unet.timed:                          # a diffusion model: how the run sampled
             self.register_to_config(sample_scheduler=sample_scheduler, sample_steps=sample_steps)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)   # [0, 1] -> [-1, 1]
 
@@ -95,7 +95,7 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
 
     @property
     def deterministic(self) -> bool:
-        return self.unet.config.time_condition == "none"
+        return not self.unet.timed
 
     @torch.no_grad()
     def __call__(self, image, num_samples: int = 1, num_inference_steps: int | None = None,
@@ -132,7 +132,7 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
             raise ValueError("num_samples > 1 is for diffusion models; a deterministic model gives one mask")
         if not self.deterministic and self.scheduler is None:
             raise ValueError("a diffusion segmentation model needs a scheduler: pipe.scheduler = DDIMScheduler(...)")
-        if tile is not None and not self.deterministic and unet.config.padding == "valid":
+        if tile is not None and not self.deterministic and unet.valid:
             # a valid tile's network input is larger than its output, and a sample must keep its size
             raise ValueError("tiled diffusion needs padding='same' (overlapping tiles, blended); a valid-padding "
                              "diffusion model segments whole images: leave tile=None")

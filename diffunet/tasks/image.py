@@ -1,0 +1,170 @@
+"""The image-conditioned jobs: super-resolution and inpainting. The condition is made from each training image
+(or given by paired data), and the pipeline builds it at sampling time with the same functions
+(``model.pipeline.IMAGE_TASKS``), so that training and sampling cannot drift apart."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data import to_uint8
+from ..data.inpaint_masks import MASKS, draw_masks
+from ..data.sources import source_of
+from ..errors import ConfigError
+from ..metrics import paired_scores
+from ..model.pipeline import IMAGE_TASKS, inpainting_condition, upsample_condition
+from ..model.tables import choose
+from .base import TaskSampler, check_classes, check_cond_dropout, condition, flip, labels, needs_time
+from .generate import Generate
+
+
+def degrade(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Super-resolution's input: (B, C, H, W) -> (B, C, H/f, W/f) by area averaging (each low-resolution pixel
+    the mean of its f x f block, as a sensor with bigger pixels would see it)."""
+    return F.interpolate(x, size=(x.shape[-2] // factor, x.shape[-1] // factor), mode="area")
+
+
+class ImageConditioned(Generate):
+    """What super-resolution and inpainting share: the condition built from each batch (or given by paired
+    data), dropped with ``train.cond_dropout`` for guidance; grids and evaluation on held-out images
+    (``data.holdout``) scored against the truth: PSNR, SSIM, LPIPS where it is available, and for the digits the
+    class accuracy of the outputs."""
+
+    rows = ("input", "output", "truth")
+    augments = False                    # a geometric augmentation would have to move the condition as well
+    scored_by_fid = False               # scored against the truth of each input instead
+    paired = ""                         # the paired data this task can take: "conds" or "masks"
+    sample_arguments = "--cond inputs/ --out outputs"
+
+    def check(self, cfg, model, dataset) -> None:
+        needs_time(cfg, model)
+        check_classes(cfg, model, dataset)
+        want = model.config.in_channels + IMAGE_TASKS[self.pipeline_options(cfg)["task"]].extra_channels
+        if model.config.cond_channels != want:
+            raise ConfigError(f"task={self.name} needs model.cond_channels={want} (got "
+                              f"{model.config.cond_channels}); set model.cond_channels={want}")
+        if cfg.train.eval_every > 0 and cfg.data.holdout < 1:
+            raise ConfigError(f"train.eval_every needs held-out images for task={self.name}: set data.holdout "
+                              f"(e.g. data.holdout=256)")
+        check_cond_dropout(cfg)
+        given = getattr(dataset, "condition", None)
+        if given not in (None, self.paired):
+            raise ConfigError(f"data.source={cfg.data.source} pairs its images with {given}, but task={self.name} "
+                              f"takes {self.paired} (or none: they are made from the images)")
+
+    def card(self, cfg, unet) -> tuple[str, str]:
+        mask = ", mask_image=masks" if IMAGE_TASKS[self.pipeline_options(cfg)["task"]].takes_mask else ""
+        return (f"A {self.name.replace('_', '-')} diffusion model of {unet.config.in_channels}-channel images",
+                f"outputs = pipe(image=inputs{mask}).images")
+
+    def known(self, x: torch.Tensor, given: list, cfg, held_out: bool = False) -> dict:
+        """The sampling conditions (``image`` and, for inpainting, ``mask_image``, in [0, 1]) and the model's
+        ``cond`` of images ``x`` (B, C, H, W), from the paired data ``given`` or made from ``x``; ``held_out``:
+        for grids and evaluation (the same every time, and leaving the training RNG alone)."""
+        raise NotImplementedError
+
+    def training_batch(self, batch, model, cfg) -> tuple[torch.Tensor, dict]:
+        """(x0, {"cond": ..., "cond_dropped": ...} and the class labels) from a loader batch; flips apply to an
+        image and its condition together. Draws: flips, then label dropout, then condition dropout."""
+        x, y, *given = batch
+        cond = self.known(x, given, cfg)["cond"]
+        x, cond = flip(cfg, x, cond)
+        keywords = labels(y, model, cfg)
+        keywords.update(condition(cond, cfg))
+        return x, keywords
+
+    def examples(self, held, n: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The first ``n`` held-out images: (x0 (n, C, H, W), labels (n,), their paired conditions)."""
+        items = [held[i] for i in range(min(n, len(held)))]
+        x = torch.stack([item[0] for item in items])
+        y = torch.tensor([item[1] for item in items])
+        given = [torch.stack([item[2] for item in items])] if len(items[0]) > 2 else []
+        return x, y, given
+
+    def outputs(self, model, sample: TaskSampler, held, n: int, cfg):
+        x, y, given = self.examples(held, n)
+        known = self.known(x, given, cfg, held_out=True)
+        conditions = {k: v for k, v in known.items() if k in ("image", "mask_image")}
+        labels_ = {"class_labels": y} if model.config.num_classes and bool((y >= 0).all()) else {}
+        return x, y, known, sample(len(x), **conditions, **labels_)
+
+    def grid(self, model, n: int, sample: TaskSampler, held, cfg) -> tuple[torch.Tensor, int]:
+        """Up to 16 held-out images, one per column; rows: ``self.rows`` (input, ..., output, truth)."""
+        x, _, known, out = self.outputs(model, sample, held, min(n, 16), cfg)
+        shown = self.shown(known, x, out)
+        return torch.cat([shown[row] for row in self.rows]), len(x)
+
+    def evaluate(self, model, sample: TaskSampler, held, cfg) -> dict:
+        """PSNR / SSIM (/ LPIPS) against the truth of ``train.eval_num_images`` held-out images; for a source
+        with a classifier of its own (the digits) also the class accuracy of the outputs under it."""
+        x, y, known, out = self.outputs(model, sample, held, cfg.train.eval_num_images, cfg)
+        named = source_of(str(cfg.data.source))
+        classifier = named.classifier if named is not None else None
+        return paired_scores(to_uint8(out), to_uint8(x), mask=known.get("mask_image"),
+                             labels=y if classifier else None, classifier=classifier)
+
+
+class SuperResolution(ImageConditioned):
+    """x0 the image; the condition its low-resolution version: area-downsampled by ``super_resolution.factor``
+    and bicubically upsampled back to the model's size (or, from paired data, the given low-resolution image), so
+    that any image folder or dataset is a training set."""
+
+    name = "super_resolution"
+    section = "super_resolution"
+    rows = ("input", "bicubic", "output", "truth")
+    paired = "conds"
+
+    def check(self, cfg, model, dataset) -> None:
+        super().check(cfg, model, dataset)
+        f, (h, w) = cfg.super_resolution.factor, model.image_size
+        if f < 2 or h % f or w % f:
+            raise ConfigError(f"super_resolution.factor={f} must be at least 2 and divide the model's size {h}x{w}")
+
+    def pipeline_options(self, cfg) -> dict:
+        return {**super().pipeline_options(cfg), "sr_factor": cfg.super_resolution.factor}
+
+    def known(self, x, given, cfg, held_out: bool = False) -> dict:
+        size = x.shape[-2:]
+        low = given[0] if given else degrade(x, cfg.super_resolution.factor)     # (B, C, H/f, W/f), or as given
+        return {"image": (low + 1) / 2, "cond": upsample_condition(low, size), "low": low}
+
+    @staticmethod
+    def shown(known, x, out) -> dict:
+        size = x.shape[-2:]
+        return {"input": F.interpolate(known["low"], size=size, mode="nearest"), "bicubic": known["cond"],
+                "output": out, "truth": x}
+
+
+class Inpainting(ImageConditioned):
+    """The condition: the image with a region masked out, plus the mask (1: to fill), so cond_channels =
+    in_channels + 1. Masks are drawn per batch (``inpainting.mask``: a name in ``data.inpaint_masks.MASKS``) or
+    read from paired data. The output equals the input outside the mask, exactly (the pipeline pastes it back)."""
+
+    name = "inpainting"
+    section = "inpainting"
+    rows = ("input", "mask", "output", "truth")
+    sample_arguments = "--cond inputs/ --mask masks/ --out outputs"
+    paired = "masks"
+
+    def check(self, cfg, model, dataset) -> None:
+        super().check(cfg, model, dataset)
+        try:
+            choose(MASKS, cfg.inpainting.mask, "inpainting.mask")
+            choose(MASKS, cfg.inpainting.eval_mask, "inpainting.eval_mask")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def known(self, x, given, cfg, held_out: bool = False) -> dict:
+        if given:
+            mask = given[0]
+        elif held_out:                      # inpainting.eval_mask, seeded: the same masks at every evaluation
+            mask = draw_masks(cfg.inpainting.eval_mask, x.shape[0], tuple(x.shape[-2:]), device=x.device,
+                              generator=torch.Generator().manual_seed(cfg.sample.seed))
+        else:
+            mask = draw_masks(cfg.inpainting.mask, x.shape[0], tuple(x.shape[-2:]), device=x.device)
+        return {"image": (x + 1) / 2, "mask_image": mask, "cond": inpainting_condition(x, mask)}
+
+    @staticmethod
+    def shown(known, x, out) -> dict:
+        mask = known["mask_image"]
+        return {"input": x * (1 - mask), "mask": mask * 2 - 1, "output": out, "truth": x}
