@@ -139,3 +139,24 @@ def test_every_unknown_key_is_named_on_one_line_with_its_origin(tmp_path):
                             "'data.sourc' (did you mean 'data.source'?)")
     with pytest.raises(ConfigError, match=r"^command line: unknown config key 'train\.qqqq'; valid keys: max_steps, "):
         load_config(None, ["train.qqqq=1"])                   # one key and no near name: the section's keys
+
+
+def test_keys_that_moved_to_a_tasks_section_are_read_at_their_old_place(tmp_path):
+    """An old run's config.yaml (every key, at defaults) loads silently; an old key set to a value says its new
+    name once and is read there; the new key wins where both are given."""
+    import warnings
+
+    from diffunet.config import MOVED
+
+    old = tmp_path / "config.yaml"
+    old.write_text("task: super_resolution\ndata:\n  sr_factor: 4\n  mask: mixed\n  eval_mask: half\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(old).super_resolution.factor == 4              # the defaults: nothing said
+    with pytest.warns(FutureWarning, match=r"command line: data.sr_factor is now super_resolution.factor"):
+        cfg = load_config("digits-sr", ["data.sr_factor=2"])
+    assert cfg.super_resolution.factor == 2 and "sr_factor" not in cfg.data
+    with pytest.warns(FutureWarning, match="data.mask is now inpainting.mask"):
+        cfg = load_config("digits-inpaint", ["data.mask=box", "inpainting.mask=stroke"])
+    assert cfg.inpainting.mask == "stroke"
+    assert set(MOVED) == {"data.sr_factor", "data.mask", "data.eval_mask"}
