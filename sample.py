@@ -36,7 +36,7 @@ def runner(args: dict):
     run = RUNNERS.get((pipeline_class(args["model"]), "cond" in args))
     if run is None:
         raise ValueError(f"{args['model']} is a segmentation model: pass --cond DIR, the images to segment "
-                         f"(python -m diffunet.data.cells DIR makes test images)")
+                         f"(python -m diffunet.cells DIR makes test images)")
     return run
 
 

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 from . import config
+from .cli import ArgumentParser
 from .model.unet import UNet
 
 FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^=]+=.*?\s#\s?(.*)$")      # name: type = default   # comment
@@ -103,12 +104,11 @@ def page() -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m diffunet.reference PAGE.md", file=sys.stderr)
-        return 2
-    Path(argv[0]).write_text(page())
-    print(f"wrote {argv[0]}")
+    p = ArgumentParser(prog="python -m diffunet.reference", description="Write the configuration reference page.")
+    p.add_argument("page", help="the Markdown file to write (docs/configuration.md)")
+    args = p.parse_args(argv)
+    Path(args.page).write_text(page())
+    print(f"wrote {args.page}")
     return 0
 
 

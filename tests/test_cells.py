@@ -4,6 +4,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from diffunet import cells as cells_command
 from diffunet.data import cells, seg_masks
 
 
@@ -179,7 +180,7 @@ def test_the_cells_command_writes_the_test_images_as_paired_data(tmp_path, capsy
     from diffunet.data import build_dataset
 
     out = tmp_path / "cells_test"
-    assert cells.main([str(out), "--num", "2", "--size", "64", "--seed", "1"]) == 0
+    assert cells_command.main([str(out), "--num", "2", "--size", "64", "--seed", "1"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed == [f"wrote 2 cell image(s) of 64x64 to {out / 'images'} and their masks (0/255) to {out / 'masks'}"]
     names = ["000000.png", "000001.png"]
@@ -192,5 +193,5 @@ def test_the_cells_command_writes_the_test_images_as_paired_data(tmp_path, capsy
     ds = build_dataset(load_config(None, [f"data.source={out}"]).data, 64, 1, mask_classes=2)
     assert len(ds) == 2 and ds.preflight() == []                            # what segmentation training reads
     with pytest.raises(SystemExit):
-        cells.main([str(tmp_path / "small"), "--size", "8"])
-    assert capsys.readouterr().err.startswith("python -m diffunet.data.cells: error: --size 8: give at least 28")
+        cells_command.main([str(tmp_path / "small"), "--size", "8"])
+    assert capsys.readouterr().err.startswith("python -m diffunet.cells: error: --size 8: give at least 28")

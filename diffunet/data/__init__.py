@@ -6,7 +6,7 @@
 - ``sources``: the datasets a name stands for (``SOURCES``, ``source_of``: digits, cifar10, cells) and HF datasets.
 - ``seg_masks``: segmentation targets: class ids, instances, the 2015 U-Net weight map, borders, object counts.
 - ``inpaint_masks``: the inpainting masks drawn per batch (``MASKS``).
-- ``cells``: procedural microscopy-like cells from a seed (``python -m diffunet.data.cells OUT``).
+- ``cells``: procedural microscopy-like cells from a seed (``python -m diffunet.cells OUT``).
 - ``augment``: EDM's non-leaky augmentation for small datasets.
 
 Here: ``build_dataset`` (the dataset ``data.source`` names) and the fixed subset and held-out split of it.

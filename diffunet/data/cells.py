@@ -12,12 +12,11 @@ Seeds: ``make_cells(seed=...)`` takes anything ``numpy.random.default_rng`` does
 ``seed`` come from the images seeded ``(seed, 1, k)``, the test images from ``(seed, 2, k)``: never the same,
 nor ``make_cells(seed=seed)`` (numpy ignores trailing zero words: ``(seed, 0, 0)`` would be ``seed``).
 
-    python -m diffunet.data.cells cells_test --num 3 --size 512     # test_images as cells_test/images/, masks/ (PNG)
+    python -m diffunet.cells cells_test --num 3 --size 512     # test_images as cells_test/images/, masks/ (PNG)
 """
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -233,28 +232,3 @@ def write_test_images(out: str | Path, n: int = 3, size: int = 512, seed: int = 
         write_image(np.round(image * 255).astype(np.uint8)[..., None], image_path(out / "images", k, 1))
         write_image(np.where(instances > 0, 255, 0).astype(np.uint8)[..., None], image_path(out / "masks", k, 1))
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..cli import ArgumentParser
-
-    p = ArgumentParser(prog="python -m diffunet.data.cells",
-                       description="Write the held-out segmentation test images (test_images): OUT/images/*.png "
-                                   "and their masks OUT/masks/*.png (0/255, same names).")
-    p.add_argument("out", help="folder to write images/ and masks/ into")
-    p.add_argument("--num", type=int, default=3, help="how many images (default 3)")
-    p.add_argument("--size", type=int, default=512, help=f"side in pixels, at least {MIN_SIZE} (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="test images of seed K: (K, 2, k), never a training image")
-    args = p.parse_args(argv)
-    if args.num < 1:
-        p.error(f"--num {args.num}: give at least 1 image")
-    if args.size < MIN_SIZE:
-        p.error(f"--size {args.size}: give at least {MIN_SIZE} (a cell is up to about {MIN_SIZE} px across)")
-    out = write_test_images(args.out, args.num, args.size, args.seed)
-    print(f"wrote {args.num} cell image(s) of {args.size}x{args.size} to {out / 'images'} and their masks "
-          f"(0/255) to {out / 'masks'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
