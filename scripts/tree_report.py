@@ -69,16 +69,13 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan), each sorted. A package's ``__init__``
     counts as a module: one that imports its own modules, which import it back, is a circle too."""
-    def edges(name):
-        return graph[name]
-
     index, low, stack, on_stack, found = {}, {}, [], set(), []
 
     def visit(v):
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
-        for w in edges(v):
+        for w in graph[v]:
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
