@@ -57,12 +57,11 @@ def model_modules() -> list[str]:
     return sorted(path.stem for path in MODEL.glob("*.py") if path.stem != "__init__")
 
 
-def _write_code(folder: Path, package: str, module: str, class_name: str) -> str:
+def _write_code(folder: Path, package: str, names: list[str], module: str, class_name: str) -> str:
     """``diffunet/model/`` as ``folder/<package>/``, plus the entry file that names every module of it and imports
     ``class_name`` from ``module``; returns the entry's module name, the first half of the ``model_index.json``
     pair."""
     (folder / package).mkdir(parents=True, exist_ok=True)
-    names = model_modules()
     for name in names:
         shutil.copyfile(MODEL / f"{name}.py", folder / package / f"{name}.py")
     imports = [f"from .{package}.{name} import __name__ as _" for name in names if name != module]
@@ -88,7 +87,7 @@ def make_portable(folder: Path, pipeline_class: type) -> list[str]:
     package = f"diffunet_{digest.hexdigest()[:10]}"         # one name for all: the pipeline sees the unet's classes
     for key, (module, class_name) in places.items():
         where = Path(folder) if key == "_class_name" else Path(folder) / key
-        index[key] = [_write_code(where, package, module.removeprefix(MODEL_PACKAGE), class_name), class_name]
+        index[key] = [_write_code(where, package, modules, module.removeprefix(MODEL_PACKAGE), class_name), class_name]
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return modules
 

@@ -38,7 +38,7 @@ from .training.state import replace_folder
 
 # ------------------------------------------------------------------------------------------ a run's lengths
 
-def run_config(run_dir: Path):
+def config_and_task(run_dir: Path):
     """(config, task) of a run folder: its config.yaml."""
     cfg = config.run_config(Path(run_dir))
     return cfg, task_of(cfg)
@@ -62,7 +62,7 @@ def write_pipelines(run_dir: Path, sigma_rels: Sequence[float], step: int | None
     ``diffunet.export`` writes them: the run's task's pipeline of the reconstructed weights and the training noise
     scheduler, with its code and model card, each replaced atomically. ``sample.py FOLDER`` samples from one."""
     run_dir = Path(run_dir)
-    cfg, task = run_config(run_dir)
+    cfg, task = config_and_task(run_dir)
     sigma_rels = [check_sigma_rel(s) for s in sigma_rels]
     step = snapshots(run_dir)[-1][0] if step is None else step
     used = sum(s <= step for s, _ in snapshots(run_dir))
@@ -105,7 +105,7 @@ def sweep(run, sigma_rels: Sequence[float], step: int | None = None, num_images:
     returns the table (rows ``{"sigma_rel", "fid", "fids"}``, ``fids`` one per set, the ordinary EMA's row with
     ``sigma_rel`` None), the best length, and the settings."""
     run = Path(run)
-    cfg, task = run_config(run)
+    cfg, task = config_and_task(run)
     if not task.scored_by_fid:                  # FID scores samples from noise; an image-conditioned task has its own
         scored = ", ".join(name for name, entry in TASKS.items() if entry.scored_by_fid)
         raise PosthocEMAError(f"the sweep scores generation by FID (task {scored}); this run is "

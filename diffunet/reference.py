@@ -64,8 +64,9 @@ def shown(value) -> str:
 def rows(schema: type, source: str, prefix: str) -> list[str]:
     notes = comments(source)
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    hints = typing.get_type_hints(schema)             # the annotations are strings (from __future__)
     for f in dataclasses.fields(schema):
-        if f.name in sections():
+        if dataclasses.is_dataclass(hints[f.name]):
             continue                                    # a section: a table of its own
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         note = notes.get(f.name, "").replace("|", "\\|")

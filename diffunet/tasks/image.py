@@ -12,7 +12,7 @@ from ..data.inpaint_masks import MASKS, draw_masks
 from ..data.sources import source_of
 from ..errors import ConfigError
 from ..metrics import paired_scores
-from ..model.pipeline import IMAGE_TASKS, inpainting_condition, upsample_condition
+from ..model.pipeline import IMAGE_TASKS, ImageTask, inpainting_condition, upsample_condition
 from ..model.tables import choose
 from .base import TaskSampler, check_classes, check_cond_dropout, condition, flip, labels, needs_time
 from .generate import Generate
@@ -39,7 +39,7 @@ class ImageConditioned(Generate):
     def check(self, cfg, model, dataset) -> None:
         needs_time(cfg, model)
         check_classes(cfg, model, dataset)
-        want = model.config.in_channels + IMAGE_TASKS[self.pipeline_options(cfg)["task"]].extra_channels
+        want = model.config.in_channels + self.image_task(cfg).extra_channels
         if model.config.cond_channels != want:
             raise ConfigError(f"task={self.name} needs model.cond_channels={want} (got "
                               f"{model.config.cond_channels}); set model.cond_channels={want}")
@@ -52,8 +52,12 @@ class ImageConditioned(Generate):
             raise ConfigError(f"data.source={cfg.data.source} pairs its images with {given}, but task={self.name} "
                               f"takes {self.paired} (or none: they are made from the images)")
 
+    def image_task(self, cfg) -> ImageTask:
+        """How the saved pipeline builds this task's condition (``IMAGE_TASKS``, by the pipeline's ``task``)."""
+        return IMAGE_TASKS[self.pipeline_options(cfg)["task"]]
+
     def card(self, cfg, unet) -> tuple[str, str]:
-        mask = ", mask_image=masks" if IMAGE_TASKS[self.pipeline_options(cfg)["task"]].takes_mask else ""
+        mask = ", mask_image=masks" if self.image_task(cfg).takes_mask else ""
         return (f"A {self.name.replace('_', '-')} diffusion model of {unet.config.in_channels}-channel images",
                 f"outputs = pipe(image=inputs{mask}).images")
 
