@@ -21,7 +21,7 @@ from .errors import CheckpointError, ConfigError
 from .model.pipeline import IMAGE_TASKS, DiffunetPipeline
 from .model.segment_pipeline import DiffunetSegmentationPipeline
 from .model.tables import as_size
-from .model.unet import UNet
+from .model.unet import UNet, resolve_factors
 
 # ------------------------------------------------------------------------------------------ model folders
 # What sample.py, the export and a checkpoint import read. Every way such a folder can be unusable is one
@@ -355,15 +355,23 @@ def from_unet2d(source) -> UNet:
 
 # ------------------------------------------------------------------------------------------ train.init_from
 
+# What a config that predates a switch means by its absence (folders saved before spatial_dims, down_factors ...).
+UNET_DEFAULTS = {name: p.default for name, p in inspect.signature(UNet.__init__).parameters.items()
+                 if p.default is not inspect.Parameter.empty}
+
 # Switches that do not change what the weights compute at inference: a fine-tuning run may set its own.
 TRAINING_ONLY = ("dropout", "zero_init")
 
 
 def architecture(config) -> dict:
-    """A model config's architecture switches in one spelling (lists, (H, W), out_channels resolved)."""
+    """A model config's architecture switches in one spelling (lists, one size per axis, out_channels and the
+    down factors resolved, keys a config predates at their defaults)."""
+    config = {**UNET_DEFAULTS, **config}
     arch = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()
             if not k.startswith("_") and k not in TRAINING_ONLY}
-    arch["sample_size"] = as_size(config["sample_size"])
+    dims = config["spatial_dims"]
+    arch["sample_size"] = as_size(config["sample_size"], dims)
+    arch["down_factors"] = resolve_factors(config["down_factors"], len(config["channel_mult"]), dims)
     arch["out_channels"] = config["out_channels"] or config["in_channels"]
     return arch
 

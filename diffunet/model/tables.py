@@ -10,9 +10,11 @@ def choose(table: dict, name: str, what: str):
         raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(map(repr, table))}") from None
 
 
-def as_size(size) -> tuple[int, int]:
-    """(H, W) from an int, a pair, or a config list."""
+def as_size(size, dims: int = 2) -> tuple[int, ...]:
+    """One size per axis from an int (every axis) or a sequence of ``dims`` ints: (H, W) for an image."""
     if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
+        return (size,) * dims
+    sizes = tuple(int(n) for n in size)
+    if len(sizes) != dims:
+        raise ValueError(f"size {list(sizes)} has {len(sizes)} axes where {dims} are needed; give one int or {dims}")
+    return sizes

@@ -1,5 +1,8 @@
 """Overlap-tile inference: run a U-Net on an image of any size, a tile at a time, in memory bounded by the tile.
 
+The same in every dimensionality: a signal's tiles are segments, a volume's are boxes; below, "image" and
+"pixel" stand for the input and its positions along each axis.
+
 "valid" padding (the 2015 U-Net's overlap-tile strategy): each output tile reads an input tile enlarged by the
 network's margin on every side, cut from the whole image mirror-padded exactly as ``UNet.forward`` pads it. The
 tiles' outputs do not overlap, and the stitched result is ``model(image)`` up to float rounding *for a network
@@ -10,16 +13,17 @@ their own statistics and tiled output is close to, not equal to, the whole-image
 ``norm="batch"`` (in eval mode: fixed running statistics, a per-channel affine) or ``norm="none"``, no attention
 at any tiled resolution (``attention_resolutions=()``) and ``mid_attention=False`` is local throughout, and its
 tiles are exact. Every read starts on the pooling grid (shifts of 2^(levels-1)), the one grid on which a valid
-U-Net is shift-equivariant.
+U-Net is shift-equivariant (per axis: the product of that axis's down factors).
 
 "same" padding: every conv zero-pads its own input, so a pixel near a tile border sees zeros where the whole
 image has neighbours; no choice of input tile makes that exact. Tiles therefore overlap by ``overlap`` pixels and
-are blended with a separable raised-cosine (Hann) ramp over the overlap, normalized by the sum of the weights: a
-tile's border pixels, the worst ones, count least, and seams fade out.
+are blended with a separable raised-cosine (Hann) window, a ramp over the overlap along each axis, normalized by
+the sum of the weights: a tile's border pixels, the worst ones, count least, and seams fade out.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -28,21 +32,22 @@ from .nn import mirror_pad
 from .tables import as_size
 from .unet import Tiling, UNet
 
-Box = tuple[slice, slice]          # (rows, cols)
+Box = tuple[slice, ...]            # one slice per axis: (rows, cols) in an image
 
 
 def tile_boxes(size, tile, overlap: int = 0) -> list[tuple[Box, Box]]:
-    """The tiles of an image of ``size`` (H, W), each as (output box, read box), both in image pixels.
+    """The tiles of an input of ``size`` (one size per axis), each as (output box, read box), in its pixels.
 
-    The read box is the ``tile`` (H, W) the network sees, and every read box has that size. With ``overlap=0``
+    The read box is the ``tile`` (one size per axis, or an int) the network sees, and every read box has that size. With ``overlap=0``
     tiles start every ``tile`` pixels, the last one in each axis shifted back to end at the image border, and
     the output boxes cover every pixel exactly once (the shifted tile writes only what its predecessor left).
     With an overlap, tiles are spread evenly from border to border, neighbours sharing at least ``overlap``
     pixels; the output box is the read box, and pixels in the overlaps are blended.
     An axis shorter than the tile is one tile of the image's length.
     """
+    size = tuple(size)
     axes = []
-    for n, t in zip(as_size(size), as_size(tile)):
+    for n, t in zip(size, as_size(tile, len(size))):
         t = min(t, n)
         if not 0 <= overlap < t:
             raise ValueError(f"overlap must be in [0, tile) = [0, {t}), got {overlap}")
@@ -55,7 +60,7 @@ def tile_boxes(size, tile, overlap: int = 0) -> list[tuple[Box, Box]]:
         stops = [s + t for s in starts]             # no overlap: each writes from where its predecessor stopped
         outs = reads if overlap else [slice(a, b) for a, b in zip([0] + stops[:-1], stops)]
         axes.append(list(zip(outs, reads)))
-    return [((ro, co), (ri, ci)) for ro, ri in axes[0] for co, ci in axes[1]]
+    return [tuple(zip(*boxes)) for boxes in itertools.product(*axes)]
 
 
 def hann_ramp(n: int, overlap: int, *, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -72,21 +77,21 @@ def hann_ramp(n: int, overlap: int, *, dtype=torch.float64, device=None) -> torc
 @torch.no_grad()
 def predict_tiled(model, image: torch.Tensor, tile, *, overlap: int | None = None, batch_size: int = 4,
                   geometry: UNet | None = None, **forward_kwargs) -> torch.Tensor:
-    """``model(image, **forward_kwargs).sample`` for an ``image`` (B, C, H, W) of any size, by tiles of ``tile``
-    (int or (h, w)) output pixels, ``batch_size`` tiles per network call.
+    """``model(image, **forward_kwargs).sample`` for an ``image`` (B, C, *spatial) of any size, by tiles of ``tile``
+    (an int, or one size per axis: (h, w) in an image) output pixels, ``batch_size`` tiles per network call.
 
-    ``forward_kwargs`` are passed to every call: a tensor shaped like the image, (B, K, H, W) (``cond``), is
+    ``forward_kwargs`` are passed to every call: a tensor shaped like the image, (B, K, *spatial) (``cond``), is
     tiled with it; one with B rows (a (B,) ``timestep``, ``class_labels``, ``cond_dropped``) follows each tile;
     anything else (a number) is passed as is. ``overlap`` ("same" padding only; default a quarter of the tile)
     is the blended width between neighbouring tiles. A tile the network cannot take raises ``model.tiling``'s
-    ValueError, which names the nearest valid sizes. Returns (B, C_out, H, W) on the image's device and dtype.
+    ValueError, which names the nearest valid sizes. Returns (B, C_out, *spatial) on the image's device and dtype.
 
     ``model`` is a UNet, or any callable ``f(x, **forward_kwargs)`` that runs one (a wrapper, a compiled
     module, a lambda closing over a timestep); then ``geometry`` is that UNet, whose tiling and padding rule.
     """
     geometry = model if geometry is None else geometry
-    size = tuple(image.shape[-2:])
-    tile = tuple(min(t, n) for t, n in zip(as_size(tile), size))
+    size = tuple(image.shape[2:])
+    tile = tuple(min(t, n) for t, n in zip(as_size(tile, len(size)), size))
     if geometry.valid:
         if overlap:
             raise ValueError("overlap is for padding='same'; valid-padding tiles read their margin and never overlap")
@@ -99,16 +104,19 @@ def predict_tiled(model, image: torch.Tensor, tile, *, overlap: int | None = Non
 # ----------------------------------------------------------------------------------------------- "same"
 
 def _same(model, image, tile, overlap, batch_size, kwargs):
-    window = [hann_ramp(t, overlap, dtype=image.dtype, device=image.device) for t in tile]
-    weight = window[0][:, None] * window[1][None, :]                                  # (h, w)
-    total = image.new_zeros(image.shape[-2:])                                         # (H, W)
+    size = image.shape[2:]
+    weight = None
+    for t in tile:                                                                    # outer product: (h, w)
+        ramp = hann_ramp(t, overlap, dtype=image.dtype, device=image.device)
+        weight = ramp if weight is None else weight[..., None] * ramp
+    total = image.new_zeros(size)                                                     # (H, W)
     out = None
-    for batch, y in _batched(model, image, tile_boxes(image.shape[-2:], tile, overlap), batch_size, kwargs):
-        for (_, (rows, cols)), y_tile in zip(batch, y):                               # (B, C_out, h, w)
+    for batch, y in _batched(model, image, tile_boxes(size, tile, overlap), batch_size, kwargs):
+        for (_, box), y_tile in zip(batch, y):                                        # (B, C_out, h, w)
             if out is None:
-                out = image.new_zeros(image.shape[0], y_tile.shape[1], *image.shape[-2:])
-            out[..., rows, cols] += weight * y_tile.to(image.dtype)                   # over the whole read box
-            total[rows, cols] += weight
+                out = image.new_zeros(image.shape[0], y_tile.shape[1], *size)
+            out[(..., *box)] += weight * y_tile.to(image.dtype)                       # over the whole read box
+            total[box] += weight
     return out / total
 
 
@@ -117,55 +125,56 @@ def _same(model, image, tile, overlap, batch_size, kwargs):
 def _valid(model, geometry, image, tile, batch_size, kwargs):
     """Cut each tile's network input from the image mirror-padded as forward() pads the whole of it.
 
-    A valid U-Net is shift-equivariant only for shifts of ``stride`` = 2^(levels-1) (the pooling grid), so each
-    read starts on that grid, in padded coordinates, and is ``stride - 1`` pixels longer than the tile needs.
+    A valid U-Net is shift-equivariant only for shifts of its pooling grid, ``stride`` per axis (2^(levels-1) at
+    the default factors), so each read starts on that grid, in padded coordinates, and is ``stride - 1`` pixels
+    longer than the tile needs.
     """
-    size = tuple(image.shape[-2:])
+    size = tuple(image.shape[2:])
     whole = geometry.tiling(size)
-    stride = 2 ** (len(geometry.config.channel_mult) - 1)
-    net = geometry.tiling(tuple(t + stride - 1 for t in tile))           # every tile's network input and margin
+    strides = geometry.divisors
+    net = geometry.tiling(tuple(t + s - 1 for t, s in zip(tile, strides)))  # every tile's network input and margin
     if net.margin != whole.margin:
         raise ValueError(f"margins differ between tile {net.margin} and image {whole.margin}: not a valid U-Net")
-    (n_h, n_w), (m_h, m_w) = net.input_size, net.margin
-    # image pixel r is the whole network's output r + crop, which reads padded pixels [r + crop, r + crop + 2m]
+    # pixel r of an axis is the whole network's output r + crop, which reads padded pixels [r + crop, r + crop + 2m]
     boxes = []                                                        # (output box, read box in padded pixels)
-    for (rows, cols), _ in tile_boxes(size, tile):
-        r0 = (rows.start + whole.crop[0]) // stride * stride
-        c0 = (cols.start + whole.crop[1]) // stride * stride
-        boxes.append(((rows, cols), (slice(r0, r0 + n_h), slice(c0, c0 + n_w))))
+    for out_box, _ in tile_boxes(size, tile):
+        starts = [(o.start + c) // s * s for o, c, s in zip(out_box, whole.crop, strides)]
+        boxes.append((out_box, tuple(slice(a, a + n) for a, n in zip(starts, net.input_size))))
     # reads past forward()'s padding only feed network outputs beyond the image, which are dropped: zeros do
-    far = [max(max(box[1][i].stop for box in boxes) - whole.input_size[i], 0) for i in (0, 1)]
+    far = [max(max(box[1][i].stop for box in boxes) - whole.input_size[i], 0) for i in range(len(size))]
 
     def pad(x):                                                       # (B, K, H, W) -> (B, K, H + p, W + p)
         x = mirror_pad(x, *whole.pad) if any(whole.pad) else x
-        return torch.nn.functional.pad(x, (0, far[1], 0, far[0]))
+        return torch.nn.functional.pad(x, tuple(p for f in reversed(far) for p in (0, f)))
 
     padded = pad(image)
     kwargs = {k: pad(v) if _image_shaped(v, image) else v for k, v in kwargs.items()}
-    core = Tiling((n_h - 2 * m_h, n_w - 2 * m_w), (n_h, n_w), net.margin, (0, 0, 0, 0), (0, 0))
+    core = Tiling(tuple(n - 2 * m for n, m in zip(net.input_size, net.margin)), net.input_size, net.margin,
+                  (0,) * (2 * len(size)), (0,) * len(size))
     out = None
     with geometry.fixed_tiling(core):                                 # tiles are padded already
         for batch, y in _batched(model, padded, boxes, batch_size, kwargs):
-            for ((rows, cols), (r_in, c_in)), y_tile in zip(batch, y):
+            for (out_box, read_box), y_tile in zip(batch, y):
                 if out is None:
                     out = image.new_zeros(image.shape[0], y_tile.shape[1], *size)
-                top = rows.start + whole.crop[0] - r_in.start             # network output row of image row
-                left = cols.start + whole.crop[1] - c_in.start
-                out[..., rows, cols] = y_tile[..., top:top + rows.stop - rows.start,
-                                              left:left + cols.stop - cols.start].to(image.dtype)
+                # network output position of the tile's first pixel, per axis
+                starts = [o.start + c - r.start for o, c, r in zip(out_box, whole.crop, read_box)]
+                take = tuple(slice(a, a + o.stop - o.start) for a, o in zip(starts, out_box))
+                out[(..., *out_box)] = y_tile[(..., *take)].to(image.dtype)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ shared
 
 def _image_shaped(v, image) -> bool:
-    return torch.is_tensor(v) and v.ndim == 4 and v.shape[0] == image.shape[0] and v.shape[-2:] == image.shape[-2:]
+    return (torch.is_tensor(v) and v.ndim == image.ndim and v.shape[0] == image.shape[0]
+            and v.shape[2:] == image.shape[2:])
 
 
 def _batched(model, source, boxes, batch_size, kwargs):
-    """Yield (boxes, outputs) for ``batch_size`` boxes at a time, each output (B, C_out, h, w).
+    """Yield (boxes, outputs) for ``batch_size`` boxes at a time, each output (B, C_out, *tile).
 
-    ``source`` (B, C, ., .) is what the read boxes index (the image, or the padded image); ``kwargs`` shaped
+    ``source`` (B, C, *spatial) is what the read boxes index (the image, or the padded image); ``kwargs`` shaped
     like it are cut with it, (B,) ones repeated for each tile in the call, the rest passed as they are.
     """
     if batch_size < 1:
@@ -176,8 +185,8 @@ def _batched(model, source, boxes, batch_size, kwargs):
                and v.shape[0] == b}
     for i in range(0, len(boxes), batch_size):
         batch = boxes[i:i + batch_size]
-        x = torch.cat([source[..., r, c] for _, (r, c) in batch])                  # (k*B, C, h, w), tile-major
-        call = {k: torch.cat([v[..., r, c] for _, (r, c) in batch]) if k in tiled
+        x = torch.cat([source[(..., *box)] for _, box in batch])                  # (k*B, C, h, w), tile-major
+        call = {k: torch.cat([v[(..., *box)] for _, box in batch]) if k in tiled
                 else torch.cat([v] * len(batch)) if k in per_row else v for k, v in kwargs.items()}
         y = model(x, **call)
         y = y.sample if hasattr(y, "sample") else y[0] if isinstance(y, tuple) else y

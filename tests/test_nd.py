@@ -1,0 +1,214 @@
+"""One U-Net for signals, images and volumes (``spatial_dims``): every switch in 1D and 3D, anisotropic down
+factors, exact overlap-tile in N-D, and 2D bitwise the network it was before."""
+
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffunet import UNet
+from diffunet.model.tiles import predict_tiled
+
+OLD_CODE = Path(__file__).parent / "fixtures" / "run-703f466" / "pipeline" / "unet" / "diffunet_f40fb7278a"
+DOWN = ["maxpool", "avgpool", "conv", "conv_tf", "blur"]
+UP = ["transposed", "bilinear", "nearest"]
+SKIP = ["concat", "concat_1x1", "add", "none"]
+NORM = ["group", "batch", "none"]
+TIME = ["scale_shift", "add", "none"]
+
+
+def _old_unet_class():
+    """The UNet class of the fixture run's exported folder: the 2D network's code from before N-D."""
+    name = "old_diffunet_code"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, OLD_CODE / "__init__.py",
+                                                      submodule_search_locations=[str(OLD_CODE)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+    return importlib.import_module(f"{name}.unet").UNet
+
+
+def _switches(i: int, down: str, up: str, pad: str) -> dict:
+    """Switch values for grid point ``i``: skip, norm and time condition rotate through their values."""
+    time = TIME[i % 3]
+    return dict(downsample=down, upsample=up, padding=pad, skip=SKIP[i % 4], norm=NORM[(i // 3) % 3],
+                time_condition=time, num_classes=3 if time != "none" else None, cond_channels=i % 2, zero_init=False,
+                base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4, in_channels=2)
+
+
+def _inputs(model: UNet, size, seed: int) -> tuple[torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, *size, generator=g)
+    kwargs = {}
+    if model.timed:
+        kwargs = dict(timestep=torch.tensor([3, 500]), class_labels=torch.tensor([0, 2]))
+    if model.config.cond_channels:
+        kwargs.update(cond=torch.randn(2, 1, *size, generator=g), cond_dropped=torch.tensor([True, False]))
+    return x, kwargs
+
+
+GRID_2D = [(i, down, up, pad) for i, (down, up, pad) in enumerate(itertools.product(DOWN, UP, ["same", "valid"]))]
+
+
+@pytest.mark.parametrize("i,down,up,pad", GRID_2D)
+def test_2d_is_bitwise_the_network_from_before_n_d(i, down, up, pad):
+    """Same seed, same switches: the old code (the fixture folder's copy) and spatial_dims=2 build the same
+    parameters under the same keys and compute the same outputs, whole and tiled, bit for bit."""
+    old_cls = _old_unet_class()
+    kw = _switches(i, down, up, pad)
+    kw.update(sample_size=(16, 24) if pad == "same" else 12, attention_resolutions=(8,) if pad == "same" else ())
+    torch.manual_seed(i)
+    old = old_cls(**kw).eval()
+    torch.manual_seed(i)
+    new = UNet(**kw, spatial_dims=2).eval()
+    assert list(old.state_dict()) == list(new.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    x, kwargs = _inputs(new, new.image_size, i)
+    with torch.no_grad():
+        assert torch.equal(old(x, **kwargs).sample, new(x, **kwargs).sample)
+    for size in (new.image_size, (40, 36)):                     # the geometry tiles and the planner read
+        assert old.tiling(size).__dict__ == new.tiling(size).__dict__
+        assert [r.__dict__ for r in old.plan(size)] == [r.__dict__ for r in new.plan(size)]
+
+
+GRID_ND = [(dims, i, down, up, pad) for dims in (1, 3)
+           for i, (down, up, pad) in enumerate(itertools.product(DOWN, UP, ["same", "valid"]))]
+
+
+@pytest.mark.parametrize("dims,i,down,up,pad", GRID_ND)
+def test_every_switch_in_1d_and_3d(dims, i, down, up, pad):
+    """Each down- and up-sampler in both paddings, with skip, norm, time condition, classes and an image
+    condition rotating: the output has the input's shape, conditioning changes it, and every weight gets a
+    gradient."""
+    kw = _switches(i, down, up, pad)
+    size = (24 if dims == 1 else (8, 12, 8)) if pad == "same" else (14 if dims == 1 else 4)
+    if dims == 3 and pad == "valid":            # a valid 3D U-Net of 3 levels reads 141^3 for 12^3: two levels
+        kw["channel_mult"] = (1, 2)
+    model = UNet(**kw, spatial_dims=dims, sample_size=size, attention_resolutions=(),
+                 attention_levels=(1,) if pad == "same" else None, mid_attention=pad == "same")
+    x, kwargs = _inputs(model, model.image_size, i)
+    y = model(x, **kwargs).sample
+    assert y.shape == x.shape
+    y.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    if model.timed:
+        with torch.no_grad():
+            other = model(x, **{**kwargs, "class_labels": torch.tensor([1, 1])}).sample
+        assert not torch.equal(other, y.detach())
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_valid_tiles_equal_the_whole_input_in_float64(dims):
+    """A local valid-padding U-Net (no norm, no attention) run by tiles gives the whole input's output to float64
+    rounding, for a size no tile divides."""
+    torch.manual_seed(0)
+    model = UNet(sample_size=12, spatial_dims=dims, in_channels=1, base_channels=2, channel_mult=(1, 2),
+                 num_res_blocks=1, norm="none", attention_resolutions=(), mid_attention=False, padding="valid",
+                 downsample="maxpool", upsample="transposed", zero_init=False).double().eval()
+    size = (45,) if dims == 1 else (7, 10, 5)
+    image = torch.randn(1, 1, *size, dtype=torch.float64)
+    with torch.no_grad():
+        whole = model(image, 5).sample
+        tiled = predict_tiled(model, image, 8 if dims == 1 else (3, 4, 4), timestep=5, batch_size=4)
+    assert whole.shape == image.shape
+    assert (whole - tiled).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_same_padding_tiles_blend_to_a_partition_of_unity(dims):
+    """The Hann windows of overlapping N-D tiles are normalized by their sum: a position-wise network comes out
+    exactly, and a real model's blend covers every position."""
+    model = UNet(sample_size=8, spatial_dims=dims, in_channels=1, base_channels=4, channel_mult=(1, 2),
+                 num_res_blocks=1, norm_groups=2, attention_resolutions=())
+    size = (50,) if dims == 1 else (20, 18, 22)
+    image = torch.randn(1, 1, *size)
+    doubled = predict_tiled(lambda x, **_: 2 * x, image, 8, overlap=3, geometry=model)
+    assert torch.allclose(doubled, 2 * image, atol=1e-6)
+    with torch.no_grad():
+        out = predict_tiled(model.eval(), image, 8, timestep=5)
+    assert out.shape == image.shape and torch.isfinite(out).all()
+
+
+def test_anisotropic_factors_keep_an_axis_through_the_first_levels():
+    """(1, 2, 2) then 2: the depth halves once, height and width twice; the plan and the divisibility rule say so
+    per axis."""
+    model = UNet(sample_size=(4, 16, 12), spatial_dims=3, in_channels=1, base_channels=8, channel_mult=(1, 2, 2),
+                 num_res_blocks=1, norm_groups=4, down_factors=[[1, 2, 2], 2], attention_levels=(2,))
+    assert model.divisors == (2, 4, 4)
+    assert [r.size for r in model.plan()] == [(4, 16, 12), (4, 8, 6), (2, 4, 3)]
+    assert [r.attention for r in model.plan()] == [False, False, True]
+    x = torch.randn(1, 1, 6, 8, 20)
+    assert model(x, 1).sample.shape == x.shape
+    with pytest.raises(ValueError, match=r"^depth 5 does not fit this U-Net: with padding='same' and these "
+                                         r"down_factors the depth must be divisible by 2; nearest valid depths: "
+                                         r"4 or 6 \(or use padding='valid'\)$"):
+        model.tiling((5, 8, 8))
+    with pytest.raises(ValueError, match="width 10 .* divisible by 4; nearest valid widths: 8 or 12"):
+        model.tiling((4, 8, 10))
+
+
+def test_anisotropic_valid_tiles_are_exact_on_the_per_axis_grid():
+    torch.manual_seed(1)
+    model = UNet(sample_size=4, spatial_dims=3, in_channels=1, base_channels=2, channel_mult=(1, 2),
+                 num_res_blocks=1, norm="none", attention_resolutions=(), mid_attention=False, padding="valid",
+                 down_factors=[[1, 2, 2]], zero_init=False).double().eval()
+    assert model.divisors == (1, 2, 2)
+    assert model.tiling(4).margin[0] < model.tiling(4).margin[1]      # the depth is never halved: less to read
+    image = torch.randn(1, 1, 5, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        whole = model(image, 3).sample
+        tiled = predict_tiled(model, image, (2, 4, 4), timestep=3)
+    assert whole.shape == image.shape and (whole - tiled).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_save_and_load_in_every_dimensionality(dims, tmp_path):
+    model = UNet(sample_size=8, spatial_dims=dims, in_channels=1, base_channels=8, channel_mult=(1, 2),
+                 num_res_blocks=1, norm_groups=4, attention_levels=(1,), zero_init=False).eval()
+    model.save_pretrained(tmp_path)
+    loaded = UNet.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 1, *model.image_size)
+    with torch.no_grad():
+        assert torch.equal(model(x, 10).sample, loaded(x, 10).sample)
+    assert loaded.dims == dims
+
+
+@pytest.mark.parametrize("kw,x_shape,message", [
+    (dict(spatial_dims=3), (2, 1, 8, 8),
+     r"^sample must be \(B, in_channels, D, H, W\) with in_channels=1 \(model.in_channels\), got \(2, 1, 8, 8\); "
+     r"this is a 3D model \(model.spatial_dims=3\) and this looks like a batch of 2D images; give volumes or build "
+     r"the model with spatial_dims=2$"),
+    (dict(spatial_dims=2), (2, 1, 8, 8, 8),
+     r"^sample must be \(B, in_channels, H, W\) .* a batch of 3D volumes; give images or build the model with "
+     r"spatial_dims=3$"),
+    (dict(spatial_dims=1), (1, 8), r"^sample must be \(B, in_channels, L\) .*; add the batch axis: sample\[None\]$"),
+])
+def test_input_of_another_dimensionality_is_one_line(kw, x_shape, message):
+    model = UNet(sample_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                 norm_groups=4, attention_resolutions=(), **kw)
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(x_shape), 1)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(spatial_dims=4), r"^spatial_dims must be 1 \(signals\), 2 \(images\) or 3 \(volumes\), got 4$"),
+    (dict(spatial_dims=3, down_factors=[2]),
+     r"^down_factors has 1 entries; a U-Net of 3 levels \(channel_mult\) downsamples 2 times: give 2 entries, each "
+     r"2 or one factor per axis such as \[1, 2, 2\]$"),
+    (dict(spatial_dims=3, down_factors=[[1, 2], 2]),
+     r"^down_factors entry \[1, 2\] is not 1 or 2 on each of the 3 axes \('depth', 'height', 'width'\); give 2 or a "
+     r"list of 3 such as \[1, 2, 2\]$"),
+    (dict(spatial_dims=2, down_factors=[3, 2]), r"^down_factors entry 3 is not 1 or 2 on each of the 2 axes"),
+    (dict(spatial_dims=3, sample_size=[8, 8]), r"^size \[8, 8\] has 2 axes where 3 are needed; give one int or 3$"),
+    (dict(spatial_dims=3, attention_levels=(5,)), r"^attention_levels \[5\] are not levels of this U-Net; its levels "
+                                                  r"are 0..2$"),
+])
+def test_a_wrong_dimensionality_switch_is_one_line(kw, message):
+    kw = {"sample_size": 8, **kw}
+    with pytest.raises(ValueError, match=message):
+        UNet(in_channels=1, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4,
+             attention_resolutions=(), **kw)
