@@ -32,6 +32,7 @@ from .training import state
 from .cli import ArgumentParser
 from .config import build_model, run_config
 from .errors import CheckpointError, ConfigError
+from .model.unet import KINDS
 from .objectives import OBJECTIVES, make_noise_scheduler, sampler_name
 from .sampling import make_scheduler
 from .tasks import task_of
@@ -113,7 +114,7 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
     """README.md of a pipeline folder: what the model is, how to load it, its data, steps, metrics and samples,
     and the full config."""
     c, d, t, s = unet.config, cfg.diffusion, cfg.train, cfg.sample
-    h, w = unet.image_size
+    size, kind = "x".join(map(str, unet.image_size)), KINDS[unet.dims]
     task = task_of(cfg)
     what, usage = task.card(cfg, unet)
     deterministic = not unet.timed
@@ -125,9 +126,9 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
     lines = [
         "---", "library_name: diffusers", "tags:", "- diffunet", "- diffusion",
         f"- {'class-conditional' if c.num_classes else 'unconditional'}-image-generation", "---", "",
-        f"# diffunet U-Net: `{cfg.data.source}`, {h}x{w}",
+        f"# diffunet U-Net: `{cfg.data.source}`, {size}",
         "",
-        f"{what} on {h}x{w} images: diffunet's U-Net ({params / 1e6:.2f}M parameters, EMA weights) trained for "
+        f"{what} on {size} {kind}: diffunet's U-Net ({params / 1e6:.2f}M parameters, EMA weights) trained for "
         f"{step} steps on `{cfg.data.source}`{schedule}.",
         "",
         "## Load it",

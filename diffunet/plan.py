@@ -11,7 +11,12 @@ import sys
 from .cli import ArgumentParser
 from .config import build_model, load_config
 from .errors import ConfigError
-from .model.unet import UNet
+from .model.unet import AXES, UNet
+
+
+def _by_axis(sizes) -> str:
+    """(16, 8, 8) -> "16x8x8": a size or margin per axis."""
+    return "x".join(map(str, sizes))
 
 
 def _params(n: int) -> str:
@@ -26,9 +31,9 @@ def format_plan(model: UNet, variant: UNet | None = None, size=None) -> str:
     plan = model.plan(size)
     other = variant.plan(size) if variant is not None else None
     for i, r in enumerate(plan):
-        row = [str(r.level), str(r.channels), f"{r.size[0]}x{r.size[1]}", "yes" if r.attention else "",
+        row = [str(r.level), str(r.channels), _by_axis(r.size), "yes" if r.attention else "",
                _params(r.encoder_params), _params(r.skip_params), _params(r.decoder_params),
-               f"{r.crop[0]}x{r.crop[1]}" if any(r.crop) else "-"]
+               _by_axis(r.crop) if any(r.crop) else "-"]
         if other is not None:
             o = other[i]
             delta = (o.encoder_params + o.skip_params + o.decoder_params
@@ -44,14 +49,17 @@ def format_plan(model: UNet, variant: UNet | None = None, size=None) -> str:
     middle = sum(p.numel() for p in model.middle.parameters())
     lines.append(f"bottleneck {_params(middle)}, stem/head/embeddings {_params(total - levels - middle)}")
     c = model.config
-    lines.insert(0, f"UNet {c.padding} padding, down={c.downsample}, up={c.upsample}, skip={c.skip}: "
-                    f"{_params(total)} parameters")
+    lines.insert(0, f"UNet{'' if model.dims == 2 else f' {model.dims}D'} {c.padding} padding, "
+                    f"down={c.downsample}, up={c.upsample}, skip={c.skip}: {_params(total)} parameters")
+    if any(f != (2,) * model.dims for f in model.factors):
+        lines.insert(1, f"down factors per level ({', '.join(AXES[model.dims])}): "
+                        f"{', '.join(_by_axis(f) for f in model.factors)}; sizes divide by {_by_axis(model.divisors)}")
     if c.cond_channels:
         lines.append(f"stem: {c.in_channels} sample + {c.cond_channels} condition channels -> "
                      f"{c.base_channels * c.channel_mult[0]}")
     if any(tiling.pad):
-        lines.append(f"valid padding: input {tiling.output_size[0]}x{tiling.output_size[1]} is mirror-padded to "
-                     f"{tiling.input_size[0]}x{tiling.input_size[1]} (margin {tiling.margin[0]}x{tiling.margin[1]} "
+        lines.append(f"valid padding: input {_by_axis(tiling.output_size)} is mirror-padded to "
+                     f"{_by_axis(tiling.input_size)} (margin {_by_axis(tiling.margin)} "
                      f"px per side consumed by the unpadded convs)")
     if variant is not None:
         lines.append(f"variant: {_params(sum(p.numel() for p in variant.parameters()))} parameters")
@@ -65,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="dotted overrides, e.g. model.skip=add")
     parser.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE",
                         help="compare with a variant (repeatable), e.g. --vs model.skip=concat_1x1")
-    parser.add_argument("--size", type=int, nargs="+", help="plan for this input size (H [W]) instead")
+    parser.add_argument("--size", type=int, nargs="+", help="plan for this input size (one int, or one per axis: "
+                                                            "H W, D H W) instead")
     args = parser.parse_args(argv)
     try:
         model = build_model(load_config(args.config, args.overrides))

@@ -6,11 +6,23 @@ import itertools
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
-from diffunet import UNet
+from diffunet import DiffunetPipeline, DiffunetSegmentationPipeline, UNet, export
+from diffunet.config import build_model
+from diffunet.errors import ConfigError
+from diffunet.plan import format_plan
+from diffunet.training.loop import validate
 from diffunet.model.tiles import predict_tiled
+from diffunet.objectives import make_noise_scheduler
+from diffunet.tasks import task_of
+from test_export import python
+from test_training import fast_cfg
 
 OLD_CODE = Path(__file__).parent / "fixtures" / "run-703f466" / "pipeline" / "unet" / "diffunet_f40fb7278a"
 DOWN = ["maxpool", "avgpool", "conv", "conv_tf", "blur"]
@@ -212,3 +224,100 @@ def test_a_wrong_dimensionality_switch_is_one_line(kw, message):
     with pytest.raises(ValueError, match=message):
         UNet(in_channels=1, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4,
              attention_resolutions=(), **kw)
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+
+def _tiny(dims: int, size: int, **kw) -> UNet:
+    base = dict(sample_size=size, spatial_dims=dims, in_channels=1, base_channels=8, channel_mult=(1, 2),
+                num_res_blocks=1, norm_groups=4, attention_resolutions=(), zero_init=False)
+    return UNet(**{**base, **kw}).eval()
+
+
+@pytest.mark.parametrize("dims,size", [(1, 16), (3, 8)])
+def test_pipelines_return_channels_first_arrays_and_refuse_pil(dims, size):
+    pipe = DiffunetPipeline(_tiny(dims, size, in_channels=2, num_classes=3), DDIMScheduler())
+    images = pipe(class_labels=[0, 1, 2], num_inference_steps=2).images          # default: "np" beyond 2D
+    assert isinstance(images, np.ndarray) and images.shape == (3, 2, *(size,) * dims)
+    assert 0 <= images.min() and images.max() <= 1
+    assert pipe(batch_size=2, num_inference_steps=2, output_type="pt").images.shape == (2, 2, *(size,) * dims)
+    kind = {1: "signals", 3: "volumes"}[dims]
+    shape = {1: "L", 3: "D, H, W"}[dims]
+    with pytest.raises(ValueError, match=rf"^output_type='pil' makes images, and this model makes {dims}D {kind}: "
+                                         rf"use output_type='np' or 'pt' \(\(B, C, {shape}\) arrays\)$"):
+        pipe(batch_size=1, num_inference_steps=1, output_type="pil")
+
+
+@pytest.mark.parametrize("dims,size", [(1, 16), (3, 8)])
+def test_image_conditioned_pipelines_in_n_d(dims, size):
+    """Super-resolution takes the smaller input and inpainting keeps the known positions exactly, as in 2D."""
+    sr = DiffunetPipeline(_tiny(dims, size, cond_channels=1), DDIMScheduler(), task="super_resolution", sr_factor=2)
+    low = torch.rand(2, 1, *(size // 2,) * dims)
+    assert sr(image=low, num_inference_steps=2).images.shape == (2, 1, *(size,) * dims)
+    fill = DiffunetPipeline(_tiny(dims, size, cond_channels=2), DDIMScheduler(), task="inpainting")
+    image = torch.rand(2, 1, *(size,) * dims)
+    mask = (torch.rand(2, 1, *(size,) * dims) > 0.5).float()
+    out = fill(image=image, mask_image=mask, num_inference_steps=2, output_type="pt").images
+    assert torch.allclose(out[mask == 0], image[mask == 0], atol=1e-6)
+    with pytest.raises(ValueError, match=rf"^image must be \(B, C, .*\) .* for this {dims}D model, got shape"):
+        fill(image=torch.rand(2, 1, 4, 4) if dims != 2 else torch.rand(2, 4), mask_image=mask, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("dims,size", [(1, 16), (3, 8)])
+def test_segmentation_in_n_d_whole_tiled_and_by_diffusion(dims, size):
+    seg = DiffunetSegmentationPipeline(_tiny(dims, size, out_channels=2, time_condition="none", padding="valid",
+                                            norm="batch", mid_attention=False), None)
+    volume = torch.rand(1, 1, *(size + 3,) * dims)
+    whole, tiled = seg(volume), seg(volume, tile=size // 2)
+    assert whole.masks.shape == (1, *(size + 3,) * dims) and whole.probabilities.shape == (1, 2, *(size + 3,) * dims)
+    assert np.abs(whole.probabilities - tiled.probabilities).max() < 1e-5       # valid padding: exact tiles
+    diffusion = DiffunetSegmentationPipeline(_tiny(dims, size, cond_channels=1), DDIMScheduler())
+    out = diffusion(torch.rand(2, 1, *(size,) * dims), num_samples=3, num_inference_steps=2)
+    assert out.masks.shape == out.std.shape == (2, *(size,) * dims)
+
+
+def test_an_exported_3d_folder_loads_where_diffunet_is_not_installed(tmp_path):
+    cfg = fast_cfg(tmp_path, "model.spatial_dims=3", "model.sample_size=8", "model.attention_resolutions=[]",
+                   "model.attention_levels=[1]", "model.zero_init=false", "model.down_factors=[[1,2,2]]")
+    run = Path(cfg.output_dir)
+    run.mkdir(parents=True)
+    OmegaConf.save(cfg, run / "config.yaml")
+    pipeline = task_of(cfg).pipeline(build_model(cfg).eval(), make_noise_scheduler(cfg.diffusion), cfg)
+    export.write_folder(run / "pipeline", pipeline, cfg, run, 0, None)
+    x = torch.randn(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        expected = pipeline.unet(x, torch.tensor([3, 700]), torch.tensor([1, 10])).sample
+    save_file({"x": x, "out": expected}, run / "probe.safetensors")
+    result = python(f"""
+import sys, torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+pipe = DiffusionPipeline.from_pretrained("{run / 'pipeline'}", trust_remote_code=True)
+p = load_file("{run / 'probe.safetensors'}")
+with torch.no_grad():
+    out = pipe.unet.eval()(p["x"], torch.tensor([3, 700]), torch.tensor([1, 10])).sample
+print("difference", float((out - p["out"]).abs().max()))
+print("samples", pipe(class_labels=[1, 2], num_inference_steps=2).images.shape)
+print("diffunet imported:", "diffunet" in sys.modules)
+""", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "samples (2, 1, 8, 8, 8)" in lines and "diffunet imported: False" in lines
+    assert float(next(line for line in lines if line.startswith("difference")).split()[1]) < 1e-5
+
+
+def test_train_py_refuses_a_3d_model_on_image_data_before_any_compute(tmp_path):
+    cfg = fast_cfg(tmp_path, "model.spatial_dims=3", "model.sample_size=8", "model.attention_resolutions=[]")
+    with pytest.raises(ConfigError, match=r"^model.spatial_dims=3: train.py's data sources \(data.source=digits\) "
+                                          r"give 2D images; .* or set model.spatial_dims=2$"):
+        validate(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_plan_prints_sizes_and_factors_per_axis():
+    model = UNet(sample_size=(4, 16, 12), spatial_dims=3, in_channels=1, base_channels=8, channel_mult=(1, 2, 2),
+                 num_res_blocks=1, norm_groups=4, down_factors=[[1, 2, 2], 2], attention_levels=(2,))
+    lines = format_plan(model).splitlines()
+    assert lines[0].startswith("UNet 3D same padding")
+    assert lines[1] == "down factors per level (depth, height, width): 1x2x2, 2x2x2; sizes divide by 2x4x4"
+    assert [line.split()[2] for line in lines[3:6]] == ["4x16x12", "4x8x6", "2x4x3"]

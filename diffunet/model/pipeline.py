@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ImagePipelineOutput, RePaintScheduler
@@ -32,6 +33,45 @@ class ResizeWarning(UserWarning):
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")   # "latent": the raw final sample, model space (~[-1, 1]), float32
+KINDS = {1: "signals", 2: "images", 3: "volumes"}
+LETTERS = {1: "L", 2: "H, W", 3: "D, H, W"}
+
+
+def check_output_type(output_type: str | None, dims: int, types=OUTPUT_TYPES) -> str:
+    """``output_type``, or the default of ``dims`` (None: "pil" for images, "np" for signals and volumes); one
+    line for an unknown one, or "pil" for data that is not an image."""
+    if output_type is None:
+        return "pil" if dims == 2 else "np"
+    if output_type not in types:
+        raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(types)}")
+    if output_type == "pil" and dims != 2:
+        raise ValueError(f"output_type='pil' makes images, and this model makes {dims}D {KINDS[dims]}: use "
+                         f"output_type='np' or 'pt' ((B, C, {LETTERS[dims]}) arrays)")
+    return output_type
+
+
+def to_model_space(data, dims: int, processor: VaeImageProcessor, name: str = "image") -> torch.Tensor:
+    """A batch in [0, 1] as the model's (B, C, *spatial) in [-1, 1]. Images go through diffusers' processor (PIL,
+    np (B, H, W, C), tensors (B, C, H, W)); signals and volumes are tensors or arrays (B, C, L) / (B, C, D, H, W),
+    or a list of (C, ...) ones, channels first as the model takes them."""
+    if dims == 2:
+        return processor.preprocess(data)
+    if isinstance(data, (list, tuple)):
+        data = torch.stack([torch.as_tensor(np.asarray(d) if not torch.is_tensor(d) else d) for d in data])
+    x = (data if torch.is_tensor(data) else torch.as_tensor(np.asarray(data))).float()
+    if x.ndim != dims + 2:
+        raise ValueError(f"{name} must be (B, C, {LETTERS[dims]}) {KINDS[dims]} in [0, 1] for this {dims}D model, "
+                         f"got shape {tuple(x.shape)}")
+    return x * 2 - 1
+
+
+def from_model_space(x: torch.Tensor, output_type: str, dims: int, processor: VaeImageProcessor):
+    """The final samples (B, C, *spatial) in [-1, 1] as ``output_type``: diffusers' processor for images (np
+    (B, H, W, C)); signals and volumes stay channels first, (B, C, *spatial) in [0, 1] ("latent": as they are)."""
+    if dims == 2 or output_type == "latent":
+        return processor.postprocess(x, output_type)
+    x = (x / 2 + 0.5).clamp(0, 1)
+    return x if output_type == "pt" else x.cpu().float().numpy()
 
 
 def predict(unet, x, t, class_labels=None, guidance_scale: float = 1.0, cond: torch.Tensor | None = None
@@ -40,7 +80,7 @@ def predict(unet, x, t, class_labels=None, guidance_scale: float = 1.0, cond: to
     uncond + w (cond - uncond), so w = 1 is the conditional model and w = 0 the unconditional (null class, and
     the image condition ``cond`` dropped); only other w pay for the second pass, batched with the first."""
     def call(x, labels, dropped: bool | None):
-        extra = {} if cond is None else {"cond": cond.repeat(len(x) // len(cond), 1, 1, 1),
+        extra = {} if cond is None else {"cond": cond.repeat(len(x) // len(cond), *(1,) * (cond.ndim - 1)),
                                          "cond_dropped": dropped}
         return unet(x, t, labels, **extra).sample
 
@@ -98,17 +138,23 @@ def from_folder(cls, diffusers_loader, path, kwargs: dict):
 # What an image-conditioned task gives the model, one entry per task. The training side (diffunet.tasks) builds
 # its conditions with these same functions, so training and sampling cannot drift apart.
 
-def upsample_condition(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Super-resolution's condition: the low-resolution image (B, C, h, w) in [-1, 1], bicubically upsampled to
-    the model's size (B, C, H, W) and clamped (bicubic overshoots)."""
-    if tuple(low.shape[-2:]) == tuple(size):
+# The smooth interpolation of each dimensionality (torch has no tricubic one)
+SMOOTH = {1: "linear", 2: "bicubic", 3: "trilinear"}
+
+
+def upsample_condition(low: torch.Tensor, size) -> torch.Tensor:
+    """Super-resolution's condition: the low-resolution input (B, C, *small) in [-1, 1], upsampled to the model's
+    size (B, C, *size) and clamped: bicubic in an image (it overshoots), linear along a signal, trilinear in a
+    volume."""
+    if tuple(low.shape[2:]) == tuple(size):
         return low
-    return F.interpolate(low, size=tuple(size), mode="bicubic", align_corners=False).clamp(-1, 1)
+    mode = SMOOTH[low.ndim - 2]
+    return F.interpolate(low, size=tuple(size), mode=mode, align_corners=False).clamp(-1, 1)
 
 
 def inpainting_condition(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Inpainting's condition: the image with the region to fill zeroed, and the mask (1: to fill) as one more
-    channel: (B, C, H, W), (B, 1, H, W) -> (B, C + 1, H, W)."""
+    channel: (B, C, *S), (B, 1, *S) -> (B, C + 1, *S)."""
     return torch.cat([image * (1 - mask), mask], dim=1)
 
 
@@ -170,7 +216,7 @@ class DiffunetPipeline(DiffusionPipeline):
     def __call__(self, batch_size: int | None = None, class_labels=None, guidance_scale: float | None = None,
                  num_inference_steps: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
-                 image=None, mask_image=None, output_type: str = "pil", return_dict: bool = True):
+                 image=None, mask_image=None, output_type: str | None = None, return_dict: bool = True):
         """Sample images.
 
         Args:
@@ -191,18 +237,19 @@ class DiffunetPipeline(DiffusionPipeline):
             mask_image: the region to fill, white (1) where the output is generated, black where ``image`` is
                 kept; those pixels of the output equal ``image`` exactly.
             output_type: "pil", "np" ((B, H, W, C) in [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent" (the
-                final sample in the model's space, unclamped).
+                final sample in the model's space, unclamped); default "pil". A model of signals or volumes
+                (``spatial_dims`` 1 or 3) gives "np" (its default) and "pt" channels first, (B, C, L) or
+                (B, C, D, H, W), and ``image`` / ``mask_image`` are tensors or arrays of that layout.
             return_dict: an ``ImagePipelineOutput``, else a 1-tuple.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
         unet, scheduler, device = self.unet, self.scheduler, self._execution_device
+        output_type = check_output_type(output_type, unet.dims)
         if guidance_scale is None:
             guidance_scale = self.config.sample_guidance_scale
         if num_inference_steps is None:
             num_inference_steps = self.config.sample_steps
         labels = self.check_labels(class_labels)
-        batch = self.batch_size_of(batch_size, labels, generator, image)
+        batch = self.batch_size_of(batch_size, labels, generator, image, unet.dims)
         if labels is not None:
             labels = labels.expand(batch).to(device) if labels.ndim == 0 else labels.to(device)
         known, mask = self.known_pixels(image, mask_image, batch, device)
@@ -225,7 +272,7 @@ class DiffunetPipeline(DiffusionPipeline):
             x = denoise(scheduler, model, x, num_inference_steps, generator, eta, self.progress_bar)
         if mask is not None:
             x = torch.where(mask.bool(), x, known)          # the known pixels, exactly as given
-        images = self.image_processor.postprocess(x, output_type)
+        images = from_model_space(x, output_type, unet.dims, self.image_processor)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -247,13 +294,15 @@ class DiffunetPipeline(DiffusionPipeline):
         return labels
 
     @staticmethod
-    def batch_size_of(batch_size: int | None, labels: torch.Tensor | None, generator, image=None) -> int:
+    def batch_size_of(batch_size: int | None, labels: torch.Tensor | None, generator, image=None,
+                      dims: int = 2) -> int:
         """The number of images: ``batch_size``, one per label, one per generator, one per condition image;
         ValueError if they disagree."""
         counts = {"batch_size": batch_size,
                   "class_labels": len(labels) if labels is not None and labels.ndim else None,
                   "generators": len(generator) if isinstance(generator, list) else None,
-                  "images": len(image) if isinstance(image, (list, tuple)) or getattr(image, "ndim", 0) == 4 else None}
+                  "images": len(image) if isinstance(image, (list, tuple)) or getattr(image, "ndim", 0) == dims + 2
+                  else None}
         given = {name: n for name, n in counts.items() if n is not None}
         if len(set(given.values())) > 1:
             counts = ", ".join(f"{n} {name}" for name, n in given.items())
@@ -281,16 +330,18 @@ class DiffunetPipeline(DiffusionPipeline):
             raise ValueError(f"this {'RePaint ' if repaint else ''}pipeline ({self.config.task}) needs {need}")
         if mask_image is not None and not takes_mask:
             raise ValueError(f"mask_image= given, but a {self.config.task} model takes no mask")
-        size = self.unet.image_size
+        size, dims = self.unet.image_size, self.unet.dims
         scale = 1 if repaint else task.scale(self.config.sr_factor)
-        low = (size[0] // scale, size[1] // scale)                      # super-resolution: also taken upsampled
-        known = self.fit(self.cond_processor.preprocess(image), (low, size), "image", "bicubic")
+        low = tuple(n // scale for n in size)                           # super-resolution: also taken upsampled
+        known = self.fit(to_model_space(image, dims, self.cond_processor), (low, size), "image", SMOOTH[dims])
         if known.shape[1] != self.unet.config.in_channels or len(known) != batch:
             raise ValueError(f"image= holds {len(known)} image(s) of {known.shape[1]} channel(s); this call makes "
                              f"{batch} image(s) of {self.unet.config.in_channels}")
         mask = None
         if takes_mask:
-            mask = self.fit(self.mask_processor.preprocess(mask_image), (size,), "mask_image", "nearest")
+            mask = (self.mask_processor.preprocess(mask_image) if dims == 2 else
+                    (to_model_space(mask_image, dims, None, "mask_image") > 0).float())   # binarized at 1/2
+            mask = self.fit(mask, (size,), "mask_image", "nearest")
             if mask.shape[:2] != (batch, 1):
                 raise ValueError(f"mask_image= holds {len(mask)} mask(s) of {mask.shape[1]} channel(s); "
                                  f"expected {batch} of 1")
@@ -298,19 +349,19 @@ class DiffunetPipeline(DiffusionPipeline):
 
     @staticmethod
     def fit(x: torch.Tensor, sizes: tuple, name: str, mode: str) -> torch.Tensor:
-        """(B, C, h, w) as given if its size is one of ``sizes``, else resized to the first, with a warning, where
-        only the scale differs; ValueError where the aspect ratio does."""
-        h, w = x.shape[-2:]
-        size = sizes[0]
-        if (h, w) in {tuple(s) for s in sizes}:
+        """(B, C, *spatial) as given if its size is one of ``sizes``, else resized to the first, with a warning,
+        where only the scale differs; ValueError where the aspect ratio does."""
+        have, size = tuple(x.shape[2:]), tuple(sizes[0])
+        if have in {tuple(s) for s in sizes}:
             return x
-        if h * size[1] != w * size[0]:
-            raise ValueError(f"{name} is {h}x{w}, but this model takes {size[0]}x{size[1]} (another aspect "
-                             f"ratio): crop it to {size[0]}:{size[1]}")
-        warnings.warn(f"{name} is {h}x{w}; resized to the model's {size[0]}x{size[1]}", ResizeWarning, stacklevel=3)
+        shown, want = "x".join(map(str, have)), "x".join(map(str, size))
+        if len(have) != len(size) or len({a / b for a, b in zip(have, size)}) > 1:
+            raise ValueError(f"{name} is {shown}, but this model takes {want} (another aspect ratio): crop it to "
+                             f"{':'.join(map(str, size))}")
+        warnings.warn(f"{name} is {shown}; resized to the model's {want}", ResizeWarning, stacklevel=3)
         if mode == "nearest":
             return F.interpolate(x, size=size, mode="nearest")
-        return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False).clamp(-1, 1)
+        return F.interpolate(x, size=size, mode=mode, antialias=mode == "bicubic", align_corners=False).clamp(-1, 1)
 
     def condition(self, known: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The model's condition ``cond`` (B, cond_channels, H, W) from the known pixels, for every step's call:

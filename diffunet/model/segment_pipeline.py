@@ -28,7 +28,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline import denoise, from_folder
+from .pipeline import check_output_type, denoise, from_folder, to_model_space
 from .tiles import predict_tiled
 
 OUTPUT_TYPES = ("np", "pt", "pil")
@@ -46,26 +46,27 @@ def mask_classes(unet) -> int:
     return 2 if unet.config.in_channels == 1 else unet.config.in_channels
 
 
-def mask_to_sample(mask: torch.Tensor, classes: int) -> torch.Tensor:
-    """Class ids (B, 1, H, W) or (B, H, W) -> the diffusion sample (B, 1 or K, H, W) in {-1, 1}."""
-    ids = (mask[:, 0] if mask.ndim == 4 else mask).long()
+def mask_to_sample(mask: torch.Tensor, classes: int, dims: int = 2) -> torch.Tensor:
+    """Class ids (B, 1, *S) or (B, *S), ``dims`` spatial axes -> the diffusion sample (B, 1 or K, *S) in {-1, 1}."""
+    ids = (mask[:, 0] if mask.ndim == dims + 2 else mask).long()
     if classes == 2:
         return ids[:, None].float() * 2 - 1
-    return F.one_hot(ids, classes).permute(0, 3, 1, 2).float() * 2 - 1
+    return F.one_hot(ids, classes).movedim(-1, 1).float() * 2 - 1
 
 
 def sample_to_onehot(x: torch.Tensor, classes: int) -> torch.Tensor:
-    """A denoised sample (B, 1 or K, H, W) -> its one-hot mask (B, K, H, W): the sign of a binary one, the
+    """A denoised sample (B, 1 or K, *S) -> its one-hot mask (B, K, *S): the sign of a binary one, the
     largest channel of K."""
     ids = (x[:, 0] > 0).long() if classes == 2 else x.argmax(1)
-    return F.one_hot(ids, classes).permute(0, 3, 1, 2).float()
+    return F.one_hot(ids, classes).movedim(-1, 1).float()
 
 
 @dataclass
 class SegmentationPipelineOutput(BaseOutput):
     """masks: class ids (B, H, W) (np int64, pt long) or PIL "L" images (binary 0/255, else the ids);
     probabilities (B, K, H, W) float32: softmax, or the ensemble's class frequencies; std (B, H, W) float32, the
-    ensemble's uncertainty map (None for a deterministic model or one sample)."""
+    ensemble's uncertainty map (None for a deterministic model or one sample). Signals and volumes: (B, L) or
+    (B, D, H, W) masks and maps, (B, K, ...) probabilities."""
     masks: object
     probabilities: object
     std: object | None = None
@@ -100,29 +101,29 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, image, num_samples: int = 1, num_inference_steps: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
-                 tile=None, overlap: int | None = None, tile_batch_size: int = 4, output_type: str = "np",
+                 tile=None, overlap: int | None = None, tile_batch_size: int = 4, output_type: str | None = "np",
                  return_dict: bool = True):
         """Segment ``image``.
 
         Args:
             image: PIL images, an np array (B, H, W, C) or a tensor (B, C, H, W) in [0, 1], of any size the
-                network takes whole (``UNet.tiling``), or any size at all with ``tile``.
+                network takes whole (``UNet.tiling``), or any size at all with ``tile``; for a model of signals
+                or volumes, a tensor or array (B, C, L) / (B, C, D, H, W).
             num_samples: diffusion only: masks sampled per image (the ensemble); > 1 gives ``std``.
             num_inference_steps: diffusion only: scheduler steps per sample; default: the run's
                 (``config.sample_steps``).
             generator: one generator, or one per image (image i's samples then draw from ``generator[i]`` only).
             eta: DDIM's noise (0 deterministic); schedulers without it ignore it.
-            tile: output pixels per tile (int or (h, w)); None: the whole image at once.
+            tile: output pixels per tile (an int, or one per axis: (h, w)); None: the whole image at once.
             overlap: "same" padding: the blended width between tiles (default a quarter of the tile).
             tile_batch_size: tiles per network call.
-            output_type: "np", "pt" or "pil" (masks as images).
+            output_type: "np", "pt" or "pil" (masks as images; images only).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
         unet, device = self.unet, self._execution_device
+        output_type = check_output_type(output_type, unet.dims, OUTPUT_TYPES)
         if num_inference_steps is None:
             num_inference_steps = self.config.get("sample_steps", 50)
-        x = self.image_processor.preprocess(image).to(device, torch.float32)         # (B, C, H, W) in [-1, 1]
+        x = to_model_space(image, unet.dims, self.image_processor).to(device, torch.float32)   # (B, C, *S), [-1, 1]
         channels = unet.config.in_channels if self.deterministic else unet.config.cond_channels
         if x.shape[1] != channels:
             raise ValueError(f"image has {x.shape[1]} channel(s); this model segments {channels}-channel images")
@@ -173,10 +174,10 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
                 probabilities = unet(x.to(dtype)).sample.float().softmax(1)
             return torch.cat([probabilities, probabilities[:, :1] * 0], 1)    # (a valid tile's output is smaller)
         classes = mask_classes(unet)
-        cond = x.repeat(num_samples, 1, 1, 1)                                          # (N b, C, h, w), sample-major
+        cond = x.repeat(num_samples, *(1,) * (x.ndim - 1))                             # (N b, C, h, w), sample-major
         if isinstance(generator, list):                 # one per image: row k b + i draws from generator[i]
             generator = generator * num_samples
-        noise = randn_tensor((len(cond), unet.config.in_channels, *x.shape[-2:]), generator=generator,
+        noise = randn_tensor((len(cond), unet.config.in_channels, *x.shape[2:]), generator=generator,
                              device=x.device, dtype=torch.float32)
 
         def model(x_t, t):

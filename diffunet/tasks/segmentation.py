@@ -247,7 +247,7 @@ class SegmentationDiffusion(Segmentation):
         """(x0: the mask as a sample in [-1, 1], {"cond": the image[, "cond_dropped": ...]})."""
         x, _, mask = batch[:3]
         x, mask = flip(cfg, x, mask)
-        return mask_to_sample(mask, self.classes(model)), condition(x, cfg)
+        return mask_to_sample(mask, self.classes(model), model.dims), condition(x, cfg)
 
     def pipeline(self, unet, scheduler, cfg):
         return DiffunetSegmentationPipeline(unet=unet, scheduler=scheduler,

@@ -104,6 +104,10 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
     if len(set(cfg.train.phema_sigma_rels)) < len(cfg.train.phema_sigma_rels):
         raise ConfigError(f"train.phema_sigma_rels has a length twice ({list(cfg.train.phema_sigma_rels)}): the "
                           f"reconstruction needs distinct profiles")
+    if model.dims != 2:                         # the model takes signals and volumes; the data sources do not yet
+        raise ConfigError(f"model.spatial_dims={model.dims}: train.py's data sources (data.source={cfg.data.source}) "
+                          f"give 2D images; train a {model.dims}D UNet from your own loop for now (UNet, its "
+                          f"pipelines and predict_tiled take {model.dims}D data), or set model.spatial_dims=2")
     dataset = build_dataset(cfg.data, model.image_size, **task.dataset_options(cfg, model))
     task.check(cfg, model, dataset)
     check_augment(cfg, model, task)
