@@ -1,8 +1,8 @@
 """diffunet's UNet beyond images: 3D against MONAI's DiffusionModelUNet, 1D against lucidrains' Unet1D.
 
-    python bench/bench_nd.py                 # 3D at 32^3 and 1D at 512, memory at 64^3: ~2-3 min on 2 cores
-    python bench/bench_nd.py --size3d 64     # the throughput rows at 64^3 (several times longer)
-    python bench/bench_nd.py --largest       # the largest cube a ~20M-parameter 3D U-Net trains on in --budget GiB
+    python bench/bench_nd.py                 # 3D at 32^3 and 1D at 512, fp32 eager: ~1.5 min on 2 cores
+    python bench/bench_nd.py --full --memory 64   # + the best flags of each, + peak memory at 64^3 (~10 min)
+    python bench/bench_nd.py --largest --check 96 # the largest cube a ~20M-parameter 3D U-Net trains on in 24 GiB
 
 Each pair is built at matched architecture and measured side by side in one process, the rows taking turns in
 every round (a load burst hits both): training steps per second (forward, backward, AdamW; median of --repeats
@@ -169,10 +169,10 @@ def memory_in_child(size: int, batch: int) -> dict:
 # ------------------------------------------------------------------------------------------------ largest cube
 
 def largest_model(size: int) -> UNet:
-    """~20M parameters: 4 levels of 32, 64, 128, 192 channels, 2 blocks each, attention at the deepest level and in
-    the bottleneck."""
-    return UNet(sample_size=size, spatial_dims=3, in_channels=1, base_channels=32, channel_mult=(1, 2, 4, 6),
-                num_res_blocks=2, attention_levels=(3,), head_dim=64)
+    """22M parameters: 4 levels of 32, 64, 128, 160 channels, 2 blocks each, attention (heads of 32 channels) at the
+    deepest level and in the bottleneck."""
+    return UNet(sample_size=size, spatial_dims=3, in_channels=1, base_channels=32, channel_mult=(1, 2, 4, 5),
+                num_res_blocks=2, attention_levels=(3,), head_dim=32)
 
 
 def estimated_peak(size: int, bf16: bool) -> float:
@@ -189,6 +189,7 @@ def estimated_peak(size: int, bf16: bool) -> float:
         opt = torch.optim.AdamW(model.parameters())
         tracker.track_external(model, opt)
         x = torch.randn(1, 1, size, size, size)
+        peak = 0
         with tracker:
             for _ in range(2):                             # the second step has the optimizer's state
                 with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
@@ -196,7 +197,9 @@ def estimated_peak(size: int, bf16: bool) -> float:
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / GIB
+                peak = max(peak, tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+                tracker.reset_mod_stats()
+    return peak / GIB
 
 
 def largest(args) -> None:
@@ -258,8 +261,11 @@ def main(argv=None):
     parser.add_argument("--batch3d", type=int, default=2)
     parser.add_argument("--length", type=int, default=512, help="signal length of the 1D rows (default 512)")
     parser.add_argument("--batch1d", type=int, default=16)
-    parser.add_argument("--memory-size", type=int, default=64, help="cube side of the memory rows (default 64)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--full", action="store_true", help="also the best flags of each: channels_last_3d, and "
+                                                            "MONAI's SDPA attention (use_flash_attention)")
+    parser.add_argument("--memory", type=int, metavar="SIDE", help="also the peak memory of one training step at "
+                                                                  "SIDE^3, batch 2, +- checkpointing (64: ~4 min)")
     parser.add_argument("--largest", action="store_true", help="only the largest-cube search (estimates; minutes)")
     parser.add_argument("--budget", type=float, default=24.0, help="GiB for --largest (default 24)")
     parser.add_argument("--check", type=int, help="with --largest: also measure a real fp32 step at this cube")
@@ -280,17 +286,23 @@ def main(argv=None):
     torch.manual_seed(0)
     s, b = args.size3d, args.batch3d
     x, t = torch.randn(b, 1, s, s, s), torch.randint(0, 1000, (b,))
-    pairs = {"ours": ours_3d(s), "MONAI DiffusionModelUNet": monai_3d(flash=False),
-             "MONAI DiffusionModelUNet, flash": monai_3d(flash=True)}
+    ours, theirs = ours_3d(s), monai_3d(flash=False)
     print(f"\n3D, {s}^3 batch {b}, fp32 eager")
-    for name, model in list(pairs.items())[:2]:
+    for name, model in (("ours", ours), ("MONAI DiffusionModelUNet", theirs)):
         print(f"  {name:<28} {params(model) / 1e6:.3f}M parameters, {flops(model, x, t) / 1e9:.2f} GFLOP forward")
-    sides = [Side(name, model, tuple(x.shape)) for name, model in pairs.items()]
-    sides.append(Side("ours, channels_last_3d", ours_3d(s), tuple(x.shape), channels_last=True))
+    shape = tuple(x.shape)
+    sides = [Side("ours", ours, shape), Side("MONAI DiffusionModelUNet", theirs, shape)]
+    if args.full:
+        sides += [Side("ours, channels_last_3d", ours_3d(s), shape, channels_last=True),
+                  Side("MONAI, flash", monai_3d(flash=True), shape),
+                  Side("MONAI, flash, channels_last_3d", monai_3d(flash=True), shape, channels_last=True)]
     race(sides, args.repeats)
-    compare(f"3D, {s}^3, batch {b} (volumes)", [sides[0], *sides[1:3]], b, "vol")
-    print(f"ours channels_last_3d / ours: train {rate(sides[3].train_s, b) / rate(sides[0].train_s, b):.2f}x, "
-          f"forward {rate(sides[3].forward_s, b) / rate(sides[0].forward_s, b):.2f}x")
+    compare(f"3D, {s}^3, batch {b} (volumes)", sides[:2], b, "vol")
+    if args.full:                               # each side's fastest training setting, against the other's
+        ours_rows, their_rows = [sides[0], sides[2]], [sides[1], *sides[3:]]
+        fastest = [max(rows, key=lambda side: rate(side.train_s, b)) for rows in (ours_rows, their_rows)]
+        compare("3D, every setting", [*ours_rows, *their_rows], b, "vol")
+        compare("3D, the fastest setting of each (training)", fastest, b, "vol")
 
     n, b1 = args.length, args.batch1d
     x1, t1 = torch.randn(b1, 1, n), torch.randint(0, 1000, (b1,))
@@ -302,10 +314,11 @@ def main(argv=None):
     race(sides1, args.repeats)
     compare(f"1D, length {n}, batch {b1} (signals)", sides1, b1, "sig")
 
-    m = args.memory_size
-    print(f"\npeak memory of one training step, {m}^3 batch 2, fp32 (MONAI with SDPA attention)")
-    for name, used in memory_in_child(m, 2).items():
-        print(f"  {name:<34} {used / GIB:6.2f} GiB")
+    if args.memory:
+        m = args.memory
+        print(f"\npeak memory of one training step, {m}^3 batch 2, fp32 (MONAI with SDPA attention)")
+        for name, used in memory_in_child(m, 2).items():
+            print(f"  {name:<34} {used / GIB:6.2f} GiB")
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

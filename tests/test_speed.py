@@ -104,6 +104,27 @@ def test_four_phase_upsampling_equals_interpolate_then_conv(size, padding, chann
     assert_close_lists(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size, padding", [((4,), 1), ((5,), 0), ((3, 4, 5), 1), ((2, 3, 3), 0)])
+def test_two_and_eight_phase_upsampling_equal_interpolate_then_conv(size, padding, channels_last):
+    """The same rewrite along a signal (2 phases) and in a volume (8): values, gradients and memory format."""
+    dims = len(size)
+    if channels_last and dims == 1:
+        pytest.skip("a signal has no channels-last format")
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    w = torch.randn(4, 3, *(3,) * dims, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    conv = {1: F.conv1d, 3: F.conv3d}[dims]
+    ref = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=padding)
+    out = nearest_up_conv(x, w, b, padding)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    assert_close_lists(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g),
+                       rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_nearest_upsampler_takes_the_four_phase_route_with_the_same_result(mixed_precision):
     up = InterpolateConv("nearest", 8, "same")

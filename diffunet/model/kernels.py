@@ -1,5 +1,6 @@
 """CPU kernels the building blocks call: ``Dropout`` (cheaper CPU dropout), ``attend`` (attention by the faster
-route for the device), ``nearest_up_conv`` (nearest 2x upsampling + 3x3 conv at the low resolution). ``nn.py``
+route for the device), ``nearest_up_conv`` (nearest 2x upsampling + 3x3 conv at the low resolution, in 1D, 2D and
+3D). ``nn.py``
 builds the architecture from these; nothing here knows the U-Net. Travels inside exported folders."""
 
 from __future__ import annotations
@@ -54,11 +55,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 # 2i + a (a = 0, 1: the row's phase), only two distinct input rows, each under a sum of the kernel's rows r0, r1, r2:
 # with padding 1, phase 0 reads rows i-1, i with (r0, r1 + r2) and phase 1 rows i, i+1 with (r0 + r1, r2);
 # unpadded ("valid"), both phases read rows i, i+1, phase 0 with (r0 + r1, r2) and phase 1 with (r0, r1 + r2).
-# The same holds for columns.
+# The same holds along every axis: 2 phases along a signal, 4 in an image, 8 in a volume.
 
-# Below this input size the four-phase conv is not faster on CPU (measured there: 1.0x at 4x4, 1.4-2x from 8x8 up;
-# not tuned on GPUs).
+# Below this input size the phased conv is not faster on CPU (measured there in 2D: 1.0x at 4x4, 1.4-2x from 8x8
+# up; not tuned on GPUs).
 FOUR_PHASE_MIN_SIZE = 8
+
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+FUNCTIONAL_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
 def fold_taps(weight: torch.Tensor, dim: int, padding: int) -> torch.Tensor:
@@ -69,34 +73,50 @@ def fold_taps(weight: torch.Tensor, dim: int, padding: int) -> torch.Tensor:
     return torch.stack(phases if padding else phases[::-1])
 
 
-def four_phase_kernel(weight: torch.Tensor, padding: int) -> torch.Tensor:
-    """(C, C_in, 3, 3) -> (4C, C_in, 2, 2): the 2x2 kernel of each output phase (row phase, column phase, channel).
-    The taps are summed in fp32 at least and rounded to the weight's dtype once (bf16 weights lose no more)."""
+def phase_kernel(weight: torch.Tensor, padding: int) -> torch.Tensor:
+    """(C, C_in, 3, ...) -> (2^N C, C_in, 2, ...): the 2-tap kernel of each output phase (phase per axis, first
+    axis slowest, then channel). The taps are summed in fp32 at least and rounded to the weight's dtype once (bf16
+    weights lose no more)."""
     exact = weight.to(torch.promote_types(weight.dtype, torch.float32))
-    kernel = fold_taps(fold_taps(exact, 2, padding), 4, padding).transpose(0, 1)     # (2, 2, C, C_in, 2, 2)
-    return kernel.reshape(-1, weight.shape[1], 2, 2).to(weight.dtype)
+    dims = weight.ndim - 2
+    for axis in range(dims):                          # each fold puts its phase first: the last axis's ends first
+        exact = fold_taps(exact, 2 * axis + 2, padding)                      # axis's taps, moved by earlier folds
+    kernel = exact.permute(*reversed(range(dims)), *range(dims, exact.ndim))      # (2, ..., C, C_in, 2, ...)
+    return kernel.reshape(-1, weight.shape[1], *(2,) * dims).to(weight.dtype)
+
+
+def four_phase_kernel(weight: torch.Tensor, padding: int) -> torch.Tensor:
+    """(C, C_in, 3, 3) -> (4C, C_in, 2, 2): ``phase_kernel`` of an image's conv (row phase, column phase, channel)."""
+    return phase_kernel(weight, padding)
 
 
 def nearest_up_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
-    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding)`` for a 3x3 ``weight``,
-    computed at the input's resolution: one 2x2 conv with four output phases, then the phases interleaved.
+    """``convNd(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding)`` for a 3x3(x3) ``weight``,
+    computed at the input's resolution: one 2-tap conv with 2^N output phases, then the phases interleaved.
 
-    4 instead of 9 multiply-adds per output pixel (with padding 1 the 2x2 conv covers one extra row and column,
-    which the phases drop: (H+1)(W+1)/HW more, 13 % at 16x16), and the backward pass keeps ``x`` rather than its
-    4x upsampled copy. Equal up to float rounding; the output has the plain path's dtype and memory format."""
-    b, _, h, w = x.shape
-    c = weight.shape[0]
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    kernel = four_phase_kernel(weight, padding)
+    2^N instead of 3^N multiply-adds per output position (4 of 9 in an image, 8 of 27 in a volume; with padding 1
+    the 2-tap conv covers one extra row per axis, which the phases drop: (H+1)(W+1)/HW more, 13 % at 16x16), and
+    the backward pass keeps ``x`` rather than its 2^N times larger upsampled copy. Equal up to float rounding; the
+    output has the plain path's dtype and memory format."""
+    b, dims, c = x.shape[0], x.ndim - 2, weight.shape[0]
+    memory_format = CHANNELS_LAST.get(x.ndim)
+    channels_last = memory_format is not None and x.is_contiguous(memory_format=memory_format) and not x.is_contiguous()
+    kernel = phase_kernel(weight, padding)
     if channels_last:
-        kernel = kernel.contiguous(memory_format=torch.channels_last)
-    phases = F.conv2d(x, kernel, None if bias is None else bias.expand(4, c).reshape(-1), padding=padding)
-    # phases[n, (i, j, k), i*padding + r, j*padding + s] is output pixel (n, k, 2r + i, 2s + j): one strided view
-    # (B, C, rows, 2, cols, 2) of it, then a single copy into place.
-    rows, cols = h - 1 + padding, w - 1 + padding
-    sn, sk, sr, ss = phases.stride()
-    phase_i, phase_j = 2 * c * sk + padding * sr, c * sk + padding * ss         # steps to the next phase
-    view = phases.as_strided((b, c, rows, 2, cols, 2), (sn, sk, sr, phase_i, ss, phase_j))
+        kernel = kernel.contiguous(memory_format=memory_format)
+    phases = FUNCTIONAL_CONV[x.ndim](x, kernel, None if bias is None else bias.expand(2**dims, c).reshape(-1),
+                                     padding=padding)
+    # phases[n, (a_1 .. a_N, k), a_1*padding + r_1, ...] is output position (n, k, 2 r_1 + a_1, ...): one strided
+    # view (B, C, r_1, 2, r_2, 2, ...) of it, then a single copy into place.
+    sizes = [n - 1 + padding for n in x.shape[2:]]
+    sn, sk, *spatial = phases.stride()
+    shape, strides = [b, c], [sn, sk]
+    for axis, (n, step) in enumerate(zip(sizes, spatial)):
+        shape += [n, 2]
+        strides += [step, 2 ** (dims - 1 - axis) * c * sk + padding * step]     # to the next phase along this axis
+    view = phases.as_strided(shape, strides)
+    axes = " ".join(f"r{i} a{i}" for i in range(dims))
+    merged = " ".join(f"(r{i} a{i})" for i in range(dims))
     if channels_last:
-        return rearrange(view, "n k r i s j -> n (r i) (s j) k").permute(0, 3, 1, 2)
-    return rearrange(view, "n k r i s j -> n k (r i) (s j)")
+        return rearrange(view, f"n k {axes} -> n {merged} k").movedim(-1, 1)
+    return rearrange(view, f"n k {axes} -> n k {merged}")
