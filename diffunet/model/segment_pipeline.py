@@ -28,7 +28,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline import check_output_type, denoise, from_folder, to_model_space
+from .pipeline import KINDS, check_output_type, denoise, from_folder, to_model_space
 from .tiles import predict_tiled
 
 OUTPUT_TYPES = ("np", "pt", "pil")
@@ -126,7 +126,8 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
         x = to_model_space(image, unet.dims, self.image_processor).to(device, torch.float32)   # (B, C, *S), [-1, 1]
         channels = unet.config.in_channels if self.deterministic else unet.config.cond_channels
         if x.shape[1] != channels:
-            raise ValueError(f"image has {x.shape[1]} channel(s); this model segments {channels}-channel images")
+            raise ValueError(f"image has {x.shape[1]} channel(s); this model segments {channels}-channel "
+                             f"{KINDS[unet.dims]}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         if self.deterministic and num_samples > 1:
