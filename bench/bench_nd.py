@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -180,7 +181,6 @@ def estimated_peak(size: int, bf16: bool) -> float:
     tensors: every allocation of the step counted, nothing computed."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
-    import warnings
     tracker = MemTracker()
     with FakeTensorMode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")                    # MemTracker's "Module is None" notes under checkpointing

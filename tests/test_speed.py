@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import tiny
-from diffunet.model.kernels import CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, Dropout, attend, cpu_dropout, four_phase_kernel, nearest_up_conv
+from diffunet.model.kernels import CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, Dropout, attend, cpu_dropout, nearest_up_conv, phase_kernel
 from diffunet.training.precision import apply_fast_paths, autocast, compiler_missing
 from diffunet.model.nn import InterpolateConv
 
@@ -147,10 +147,10 @@ def test_four_phase_kernels_are_the_tap_sums_rounded_once(padding):
     rows = torch.tensor([[[1.0, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float64)   # [phase, tap, row]
     rows = rows if padding else rows.flip(0)
     ref = torch.einsum("akr,bls,ocrs->abockl", rows, rows, w).reshape(16, 3, 2, 2)
-    torch.testing.assert_close(four_phase_kernel(w, padding), ref, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(phase_kernel(w, padding), ref, rtol=1e-15, atol=1e-15)
     # bf16 weights (a pipeline loaded with torch_dtype=bfloat16): summed in fp32, rounded once
     w16 = w.to(torch.bfloat16)
-    assert torch.equal(four_phase_kernel(w16, padding), four_phase_kernel(w16.double(), padding).to(torch.bfloat16))
+    assert torch.equal(phase_kernel(w16, padding), phase_kernel(w16.double(), padding).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("padding, size", [("valid", (12, 16)), ("same", (32, 48))])   # upsampler inputs >= 8

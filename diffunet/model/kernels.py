@@ -62,7 +62,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 FOUR_PHASE_MIN_SIZE = 8
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-FUNCTIONAL_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+FUNCTIONAL_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}     # by spatial dims
 
 
 def fold_taps(weight: torch.Tensor, dim: int, padding: int) -> torch.Tensor:
@@ -85,11 +85,6 @@ def phase_kernel(weight: torch.Tensor, padding: int) -> torch.Tensor:
     return kernel.reshape(-1, weight.shape[1], *(2,) * dims).to(weight.dtype)
 
 
-def four_phase_kernel(weight: torch.Tensor, padding: int) -> torch.Tensor:
-    """(C, C_in, 3, 3) -> (4C, C_in, 2, 2): ``phase_kernel`` of an image's conv (row phase, column phase, channel)."""
-    return phase_kernel(weight, padding)
-
-
 def nearest_up_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
     """``convNd(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding)`` for a 3x3(x3) ``weight``,
     computed at the input's resolution: one 2-tap conv with 2^N output phases, then the phases interleaved.
@@ -104,7 +99,7 @@ def nearest_up_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     kernel = phase_kernel(weight, padding)
     if channels_last:
         kernel = kernel.contiguous(memory_format=memory_format)
-    phases = FUNCTIONAL_CONV[x.ndim](x, kernel, None if bias is None else bias.expand(2**dims, c).reshape(-1),
+    phases = FUNCTIONAL_CONV[dims](x, kernel, None if bias is None else bias.expand(2**dims, c).reshape(-1),
                                      padding=padding)
     # phases[n, (a_1 .. a_N, k), a_1*padding + r_1, ...] is output position (n, k, 2 r_1 + a_1, ...): one strided
     # view (B, C, r_1, 2, r_2, 2, ...) of it, then a single copy into place.

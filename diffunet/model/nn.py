@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .kernels import FOUR_PHASE_MIN_SIZE, Dropout, attend, nearest_up_conv
+from .kernels import FOUR_PHASE_MIN_SIZE, FUNCTIONAL_CONV, Dropout, attend, nearest_up_conv
 from .tables import choose
 
 
@@ -30,7 +30,6 @@ CONV_TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTrans
 BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
-FUNCTIONAL_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 # "bilinear" names the interpolation of its dimensionality: linear along a signal, trilinear in a volume
 LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
 

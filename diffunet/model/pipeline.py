@@ -11,8 +11,8 @@ Image i draws all its randomness (initial noise and every noise draw of a stocha
 ``generator[i]`` when ``generator`` is a list, so an image depends on its own generator only, never on the batch
 it was drawn in: ``diffunet.sampling`` seeds one generator per image index on top of this.
 
-This file travels inside exported pipeline folders, which load without diffunet installed: it imports torch and
-diffusers only.
+This file travels inside exported pipeline folders, which load without diffunet installed: it imports torch,
+diffusers and its own folder's ``unet`` only.
 """
 
 import inspect
@@ -28,13 +28,14 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, RePaintScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from .unet import KINDS, LETTERS
+
+
 class ResizeWarning(UserWarning):
     """A condition of another size than the model's, resized to it (``sample.py --cond`` counts them)."""
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")   # "latent": the raw final sample, model space (~[-1, 1]), float32
-KINDS = {1: "signals", 2: "images", 3: "volumes"}
-LETTERS = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
 def check_output_type(output_type: str | None, dims: int, types=OUTPUT_TYPES) -> str:

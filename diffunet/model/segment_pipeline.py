@@ -28,8 +28,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline import KINDS, check_output_type, denoise, from_folder, to_model_space
+from .pipeline import check_output_type, denoise, from_folder, to_model_space
 from .tiles import predict_tiled
+from .unet import KINDS
 
 OUTPUT_TYPES = ("np", "pt", "pil")
 

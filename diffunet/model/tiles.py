@@ -38,7 +38,8 @@ Box = tuple[slice, ...]            # one slice per axis: (rows, cols) in an imag
 def tile_boxes(size, tile, overlap: int = 0) -> list[tuple[Box, Box]]:
     """The tiles of an input of ``size`` (one size per axis), each as (output box, read box), in its pixels.
 
-    The read box is the ``tile`` (one size per axis, or an int) the network sees, and every read box has that size. With ``overlap=0``
+    The read box is the ``tile`` (one size per axis, or an int) the network sees, and every read box has that
+    size. With ``overlap=0``
     tiles start every ``tile`` pixels, the last one in each axis shifted back to end at the image border, and
     the output boxes cover every pixel exactly once (the shifted tile writes only what its predecessor left).
     With an overlap, tiles are spread evenly from border to border, neighbours sharing at least ``overlap``

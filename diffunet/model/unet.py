@@ -331,8 +331,8 @@ class UNet(ModelMixin, ConfigMixin):
     def forward(self, sample: torch.Tensor, timestep=None, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True, *, cond: torch.Tensor | None = None,
                 cond_dropped: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None):
-        """Predict from ``sample`` (B, C, H, W), (B, C, L) or (B, C, D, H, W) (``spatial_dims``) at ``timestep``: the forms UNet2DModel takes, a number, a 0-d, a (1,)
-        or a (B,) tensor, int or float, on any device. Unlike UNet2DModel, a fractional Python float is used as
+        """Predict from ``sample`` (B, C, H, W), (B, C, L) or (B, C, D, H, W) (``spatial_dims``) at ``timestep``:
+        the forms UNet2DModel takes, a number, a 0-d, a (1,) or a (B,) tensor, int or float, on any device. Unlike UNet2DModel, a fractional Python float is used as
         is (UNet2DModel truncates a Python number to an int; it keeps tensors' fractions, as we do).
 
         ``cond`` (B, cond_channels, *spatial): the image condition of a model built with ``cond_channels``; None, or
@@ -504,7 +504,7 @@ class UNet(ModelMixin, ConfigMixin):
     @property
     def dims(self) -> int:
         """The spatial axes of the data: 1 signals (B, C, L), 2 images (B, C, H, W), 3 volumes (B, C, D, H, W)."""
-        return self.config.get("spatial_dims", 2)
+        return self.config.spatial_dims
 
     @property
     def timed(self) -> bool:
