@@ -214,19 +214,23 @@ def import_peer():
     at module level for its image-folder Trainer only, which this bench does not use; torchvision's wheel would
     pull a CUDA torch, so an empty stand-in module takes its place for the import."""
     import types
+    stand_in = {}
     if "torchvision" not in sys.modules:
         try:
             import torchvision  # noqa: F401
         except ImportError:
             tv = types.ModuleType("torchvision")
             tv.transforms, tv.utils = types.ModuleType("torchvision.transforms"), types.ModuleType("torchvision.utils")
-            sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms,
-                                "torchvision.utils": tv.utils})
+            stand_in = {"torchvision": tv, "torchvision.transforms": tv.transforms, "torchvision.utils": tv.utils}
+            sys.modules.update(stand_in)
     try:
         import denoising_diffusion_pytorch
     except ImportError as e:
         raise SystemExit(f"--peer needs denoising-diffusion-pytorch: pip install --no-deps "
                          f"denoising-diffusion-pytorch ema-pytorch ({e})") from None
+    finally:    # gone once imported: a later find_spec("torchvision") (HF datasets does one) must see none
+        for name in stand_in:
+            sys.modules.pop(name, None)
     return denoising_diffusion_pytorch
 
 
