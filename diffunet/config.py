@@ -62,6 +62,18 @@ class DiffusionConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Joint augmentation of a sample with its condition and mask, every task, 1D / 2D / 3D
+    (diffunet/data/transforms.py); off by default."""
+    flip: bool = False                          # random flips along every spatial axis
+    rot90: bool = False                         # quarter turns in a plane of equal sides (2D, 3D)
+    rotate: float = 0.0                         # small rotations up to this many degrees (3D: about each axis)
+    shift: int = 0                              # integer shifts up to this many pixels / voxels per axis
+    intensity: float = 0.0                      # the sample's values x e^a + b, a, b ~ N(0, intensity^2)
+    p: float = 0.5                              # each transform applied to each sample with this probability
+
+
+@dataclass
 class DataConfig:
     source: str = "digits"                      # a name in data.SOURCES ("digits", "cells", "cifar10") | a folder
                                                 # path | "hf:<name or path>"
@@ -78,7 +90,14 @@ class DataConfig:
     cond_column: Optional[str] = None           # HF datasets: column of conditioning images (low-res inputs)
     mask_column: Optional[str] = None           # HF datasets: column of inpainting masks (white/1: to fill), or of
                                                 # segmentation masks (class ids; 0/255 read as 0/1)
-    num_crops: int = 1000                       # data.source=cells: training crops of sample_size (diffunet.data.cells)
+    num_crops: int = 1000                       # data.source=cells: training crops of sample_size (diffunet.data.cells);
+                                                # signals: signals; cells3d: volumes of twice sample_size
+    intensity: str = "percentile"               # signal / volume files, each to [-1, 1]: "percentile" (of its own
+                                                # values) | "fixed" (intensity_range are values, e.g. CT's HU) | "none"
+    intensity_range: list[float] = field(default_factory=lambda: [0.5, 99.5])   # percentiles or values -> -1, 1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)    # joint flips, turns, rotations, shifts
+    pos_ratio: float = 0.5                      # 3D / 1D segmentation: patches centred on a labelled voxel (the rest
+                                                # anywhere), as MONAI's RandCropByPosNegLabel
 
 
 @dataclass

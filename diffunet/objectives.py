@@ -99,9 +99,14 @@ def diffusion_loss(model, sched: DDPMScheduler, x0: torch.Tensor, cond: dict | N
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     x_t = sched.add_noise(x0, noise, t)
     pred = model(x_t, t, **(cond or {})).sample
-    per_sample = (pred.float() - target.of(sched, x0, noise, t).float()).square().mean(dim=(1, 2, 3))
+    per_sample = (pred.float() - target.of(sched, x0, noise, t).float()).square().mean(dim=tuple(range(1, x0.ndim)))
     weights = weights_of(sched, t, target, gamma)
     return (per_sample if weights is None else per_sample * weights).mean()
+
+
+def per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ...) broadcasting against ``x`` (B, C, *spatial) of any dimensionality."""
+    return values.view(-1, *(1,) * (x.ndim - 1))
 
 
 def flow_loss(model, sched: FlowMatchEulerDiscreteScheduler, x0: torch.Tensor, cond: dict | None = None, *,
@@ -111,7 +116,7 @@ def flow_loss(model, sched: FlowMatchEulerDiscreteScheduler, x0: torch.Tensor, c
     (The scheduler's ``scale_noise`` is this line, but it looks t up in its table of discrete sigmas.)"""
     t = choose(FLOW_TIMES, cfg.time_sampling, "diffusion.time_sampling")(x0.shape[0], cfg, generator, x0.device)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    s = t.view(-1, 1, 1, 1).to(x0.dtype)
+    s = per_sample(t, x0).to(x0.dtype)
     pred = model((1 - s) * x0 + s * noise, t * sched.config.num_train_timesteps, **(cond or {})).sample
     return (pred.float() - (noise - x0).float()).square().mean()
 
@@ -127,7 +132,7 @@ class EDMPrecond(torch.nn.Module):
         self.unet, self.scheduler = unet, scheduler
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        s = sigma.view(-1, 1, 1, 1)
+        s = per_sample(sigma, x)
         out = self.unet(self.scheduler.precondition_inputs(x, s), self.scheduler.precondition_noise(sigma),
                         **cond).sample
         return self.scheduler.precondition_outputs(x, out.float(), s)
@@ -140,9 +145,9 @@ def edm_loss(model, sched: EDMEulerScheduler, x0: torch.Tensor, cond: dict | Non
     b, sd = x0.shape[0], sched.config.sigma_data
     sigma = (cfg.p_mean + cfg.p_std * torch.randn(b, generator=generator, device=x0.device)).exp()
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    denoised = EDMPrecond(model, sched)(x0 + sigma.view(-1, 1, 1, 1).to(x0.dtype) * noise, sigma, **(cond or {}))
+    denoised = EDMPrecond(model, sched)(x0 + per_sample(sigma, x0).to(x0.dtype) * noise, sigma, **(cond or {}))
     weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
-    return (weight * (denoised.float() - x0.float()).square().mean(dim=(1, 2, 3))).mean()
+    return (weight * (denoised.float() - x0.float()).square().mean(dim=tuple(range(1, x0.ndim)))).mean()
 
 
 # ---------------------------------------------------------------------------------------- the table

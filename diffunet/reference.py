@@ -98,6 +98,10 @@ def page() -> str:
     out = [HEADER, "## Top level", "", *rows(config.Config, inspect.getsource(config.Config), ""), ""]
     for name, (schema, source, what) in sections().items():
         out += [f"## `{name}`: {what}", "", *rows(schema, source, f"{name}."), ""]
+        for field, sub in typing.get_type_hints(schema).items():       # a section within it: data.augment
+            if dataclasses.is_dataclass(sub):
+                doc = " ".join((sub.__doc__ or field).split()).rstrip(".")
+                out += [f"### `{name}.{field}`: {doc}", "", *rows(sub, inspect.getsource(sub), f"{name}.{field}."), ""]
     out += ["## Keys that moved", "", "Still read at their old place for a release (a value other than the default "
             "says the new name once):", "", "| old key | now |", "|---|---|",
             *(f"| `{old}` | `{new}` |" for old, new in config.MOVED.items()), ""]

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from diffunet import DiffunetPipeline, DiffunetSegmentationPipeline, UNet, export
 from diffunet.config import build_model
-from diffunet.errors import ConfigError
+from diffunet.errors import ConfigError, DataError
 from diffunet.plan import format_plan
 from diffunet.training.loop import validate
 from diffunet.model.tiles import predict_tiled
@@ -308,8 +308,9 @@ print("diffunet imported:", "diffunet" in sys.modules)
 
 def test_train_py_refuses_a_3d_model_on_image_data_before_any_compute(tmp_path):
     cfg = fast_cfg(tmp_path, "model.spatial_dims=3", "model.sample_size=8", "model.attention_resolutions=[]")
-    with pytest.raises(ConfigError, match=r"^model.spatial_dims=3: train.py's data sources \(data.source=digits\) "
-                                          r"give 2D images; .* or set model.spatial_dims=2$"):
+    with pytest.raises(DataError, match=r"^data.source=digits holds 2D samples but the model is 3D "
+                                        r"\(model.spatial_dims=3\); use data.source=cells3d, or set "
+                                        r"model.spatial_dims=2$"):
         validate(cfg)
     assert not (tmp_path / "run").exists()
 

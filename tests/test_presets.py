@@ -47,13 +47,13 @@ def test_every_preset_runs_a_forward_pass_at_a_tiny_size(name):
     model = model_from_preset(name, zero_init=False).eval()   # random, not zero, output: finiteness means something
     c = model.config
     n = 2 ** (len(c.channel_mult) - 1)                        # the smallest side "same" takes; "valid" mirror-pads
-    x = torch.randn(2, c.in_channels, n, n)
+    x = torch.randn(2, c.in_channels, *(n,) * model.dims)   # (B, C, L), (B, C, H, W) or (B, C, D, H, W)
     labels = torch.tensor([0, model.null_class]) if model.null_class else None
     timed = c.time_condition != "none"                       # a segmentation preset has no time: model(x)
     with torch.no_grad():
         out = model(x, torch.tensor([10, 900]), labels).sample if timed else model(x).sample
         other = model(x, torch.tensor([500, 500]), labels).sample if timed else model(x.flip(0)).sample.flip(0)
-    assert out.shape == (2, c.out_channels or c.in_channels, n, n)           # the input's shape where out = in
+    assert out.shape == (2, c.out_channels or c.in_channels, *(n,) * model.dims)   # the input's shape
     assert torch.isfinite(out).all() and out.abs().max() > 0
     if timed:
         assert not torch.allclose(out, other)                       # the time conditioning reaches the output

@@ -7,6 +7,9 @@
 - ``seg_masks``: segmentation targets: class ids, instances, the 2015 U-Net weight map, borders, object counts.
 - ``inpaint_masks``: the inpainting masks drawn per batch (``MASKS``).
 - ``cells``: procedural microscopy-like cells from a seed (``python -m diffunet.cells OUT``).
+- ``arrays``: signal and volume files (NIfTI, TIFF stacks, .npy/.npz, .csv), their metadata, intensities.
+- ``patches``: signal and volume datasets, cropped to the model's size in patches from a seeded draw.
+- ``synthetic``: the embedded 1D signals and 3D nuclei, from a seed.
 - ``augment``: EDM's non-leaky augmentation for small datasets.
 
 Here: ``build_dataset`` (the dataset ``data.source`` names) and the fixed subset and held-out split of it.
@@ -31,6 +34,7 @@ from ..errors import DataError
 from ..model.tables import as_size
 from .files import (PIL_MODES, apply_bad_image_policy, files_by_stem, image_path, load_image, match_channels,
                     no_images, read_image, save_grid, to_uint8, write_image)
+from .patches import ArrayFolder, PairedArrays
 from .folders import ImageFolder, PairedFolder, pair_files, paired_kind, read_class_mask, read_mask
 from .sources import SOURCES, HFDataset, Source, digits_arrays, source_of
 
@@ -52,6 +56,15 @@ class DatasetPart(Subset):
         self.num_classes = getattr(dataset, "num_classes", None)
         self.condition = getattr(dataset, "condition", None)
         self.root = getattr(dataset, "root", None)
+        self.keyed = getattr(dataset, "keyed", False)       # patches: a key is (index, draw), data.patches
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return self.dataset[(self.indices[key[0]], key[1])]
+        return super().__getitem__(key)
+
+    def __getitems__(self, keys):           # what the DataLoader calls for a batch (torch >= 2.2)
+        return [self[key] for key in keys]
 
 
 def take_subset(dataset: Dataset, n: int) -> Dataset:
@@ -92,16 +105,23 @@ def build_dataset(data_cfg, sample_size, channels: int, *, mask_classes: int | N
     weights:      (w0, sigma): items gain the U-Net weight map of their mask, (image, label, mask, weight); the
                   cells always carry it
     """
-    size = as_size(sample_size)
+    size = as_size(sample_size) if isinstance(sample_size, int) else tuple(sample_size)     # (H, W), (L,), (D, H, W)
     source = str(data_cfg.source)
     segment = dict(mask_classes=mask_classes, weights=weights)
     named = source_of(source)
+    if named is not None and named.dims != len(size):
+        fits = ", ".join(f"data.source={name}" for name, s in SOURCES.items() if s.dims == len(size))
+        raise DataError(f"data.source={source} holds {named.dims}D samples but the model is {len(size)}D "
+                        f"(model.spatial_dims={len(size)}); use {fits or 'a folder'}, or set "
+                        f"model.spatial_dims={named.dims}")
     if named is not None:
         if not named.masks and (mask_classes is not None or weights is not None):
             with_masks = ", ".join(f"data.source={name}" for name, s in SOURCES.items() if s.masks)
             raise DataError(f"data.source={source} has no masks to segment; use {with_masks}, a folder of "
                             f"images/ and masks/, or hf:... with data.mask_column")
         return named.build(data_cfg, size, channels, **segment)
+    if len(size) != 2:
+        return array_dataset(data_cfg, source, size, channels, **segment)
     if source.startswith("hf:"):
         return HFDataset(source[3:], size, channels, data_cfg.image_column, data_cfg.label_column, data_cfg.split,
                          data_cfg.cond_column, data_cfg.mask_column, **segment)
@@ -111,3 +131,22 @@ def build_dataset(data_cfg, sample_size, channels: int, *, mask_classes: int | N
     if not Path(source).is_dir():
         raise DataError(f"data.source {source} is not a folder (nor {', '.join(map(repr, SOURCES))} or 'hf:<name>')")
     return ImageFolder(source, size, channels)
+
+
+def array_dataset(data_cfg, source: str, size: tuple[int, ...], channels: int, mask_classes: int | None = None,
+                  weights=None) -> Dataset:
+    """The signals or volumes of a folder (``patches``): paired (images/ with masks/ or conds/) or not."""
+    if source.startswith("hf:"):
+        raise DataError(f"data.source={source}: Hugging Face datasets give 2D images here; save the signals or "
+                        f"volumes as files (.npy, .nii.gz, .tif, .csv) in a folder and give its path")
+    if weights is not None:
+        raise DataError("the 2015 U-Net weight maps are 2D; for signals and volumes use segment.loss=dice_ce or ce")
+    if not Path(source).is_dir():
+        raise DataError(f"data.source {source} is not a folder (nor "
+                        f"{', '.join(repr(n) for n, s in SOURCES.items() if s.dims == len(size))})")
+    intensity = (str(data_cfg.intensity), tuple(data_cfg.intensity_range))
+    if (Path(source) / "images").is_dir():
+        return PairedArrays(source, size, channels, intensity, mask_classes, data_cfg.pos_ratio)
+    if mask_classes is not None:
+        raise DataError(f"{source} has no masks to segment: give a folder of images/ and masks/")
+    return ArrayFolder(source, size, channels, intensity)

@@ -3,6 +3,7 @@
 
 One mask is (H, W) bool, True where a pixel is unknown, to be filled (diffusers' convention: white = repaint).
 Each entry draws one image's mask from the generator, in stream order, and keeps some pixels of each kind.
+Signals and volumes draw from ``MASKS_ND`` by the same names (a signal's ``gaps``: missing stretches).
 """
 
 from __future__ import annotations
@@ -93,16 +94,64 @@ def mixed_mask(size: tuple[int, int], g) -> torch.Tensor:
 MASKS = {"box": box_mask, "stroke": stroke_mask, "half": half_mask, "mixed": mixed_mask}   # inpainting.mask
 
 
+# ------------------------------------------------------------------------------------------ signals and volumes
+# The same names for 1D and 3D masks, each (*S) bool; strokes are 2D, so a signal's "stroke" is its gaps (the
+# missing stretches of a recording) and a volume's a box.
+
+def box_mask_nd(size: tuple[int, ...], g) -> torch.Tensor:
+    """One axis-aligned box at a random place covering 10-60 % of the signal or volume, its share split
+    unevenly across the axes; at least one sample (voxel) along the first axis stays known."""
+    area, weights = _uniform(g, 0.1, 0.6), torch.rand(len(size), generator=g) + 0.2
+    fractions = area ** (weights / weights.sum())
+    sides = [min(n - (a == 0), max(1, round(float(f) * n))) for a, (n, f) in enumerate(zip(size, fractions))]
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[tuple(slice(start, start + side) for start, side in
+               ((_randint(g, n - side + 1), side) for n, side in zip(size, sides)))] = True
+    return mask
+
+
+def gaps_mask(size: tuple[int, ...], g) -> torch.Tensor:
+    """1-3 missing stretches along the first axis, each 5-20 % of it (a signal's dropouts), the rest known."""
+    n = size[0]
+    mask = torch.zeros(size, dtype=torch.bool)
+    for _ in range(1 + _randint(g, 3)):
+        length = max(1, round(_uniform(g, 0.05, 0.2) * n))
+        start = _randint(g, n - length + 1)
+        mask[start:start + length] = True
+    if mask.all():
+        mask[_randint(g, n)] = False
+    return mask
+
+
+def half_mask_nd(size: tuple[int, ...], g) -> torch.Tensor:
+    """The first or second half along a random axis."""
+    axis, second = _randint(g, len(size)), _randint(g, 2)
+    n = size[axis]
+    index = [slice(None)] * len(size)
+    index[axis] = slice(n - n // 2, n) if second else slice(0, n // 2)
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[tuple(index)] = True
+    return mask
+
+
+def mixed_mask_nd(size: tuple[int, ...], g) -> torch.Tensor:
+    """Per sample, a box, gaps or a half, uniformly."""
+    return (box_mask_nd, gaps_mask, half_mask_nd)[_randint(g, 3)](size, g)
+
+
+MASKS_ND = {"box": box_mask_nd, "stroke": gaps_mask, "gaps": gaps_mask, "half": half_mask_nd, "mixed": mixed_mask_nd}
+
+
 def draw_masks(name: str, batch: int, size, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """``batch`` inpainting masks of the kind ``MASKS[name]``: (B, 1, H, W) float32, exactly 1. where a pixel is
     unknown (to be filled) and 0. where it is known. Drawn on the CPU from ``generator`` (a CPU generator; the
     global one if None) image after image, so one seed and batch size give the same masks; then moved to
     ``device``."""
-    draw = choose(MASKS, name, "inpainting.mask")
-    size = as_size(size)
+    size = as_size(size) if isinstance(size, int) else tuple(size)
+    draw = choose(MASKS if len(size) == 2 else MASKS_ND, name, "inpainting.mask")
     if min(size) < 2:
-        raise DataError(f"inpainting masks need images of at least 2x2 pixels, not {size[1]}x{size[0]}")
-    masks = torch.zeros(batch, 1, *size)                                       # (B, 1, H, W) float32
+        raise DataError(f"inpainting masks need at least 2 pixels along each axis, not {'x'.join(map(str, size))}")
+    masks = torch.zeros(batch, 1, *size)                                       # (B, 1, *S) float32
     for mask in masks:
         mask[0] = draw(size, generator)
     return masks.to(device)

@@ -105,9 +105,10 @@ def carve_borders(instances: np.ndarray) -> np.ndarray:
 
 
 def count_objects(binary_mask: np.ndarray) -> int:
-    """Connected components of a binary mask, 4-connectivity: cells touching only at a corner count as two,
-    so a predicted one-pixel gap between touching cells is enough to separate them."""
-    return int(ndimage.label(np.asarray(binary_mask) > 0, FOUR)[1])
+    """Connected components of a binary mask (any dimensionality), face connectivity (4 in 2D, 6 in 3D): cells
+    touching only at a corner count as two, so a predicted one-pixel gap between touching cells separates them."""
+    mask = np.asarray(binary_mask) > 0
+    return int(ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, 1))[1])
 
 
 class WeightMaps:

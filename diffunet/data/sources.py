@@ -20,9 +20,10 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..model.tables import as_size
-from . import cells
+from . import cells, synthetic
 from .files import _wxh, resize_note, to_model_tensor
 from .folders import image_array, paired_item, pairing
+from .patches import ArraySamples
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,6 +99,34 @@ def cells_source(n: int, size: tuple[int, int], channels: int, mask_classes: int
     options = dict(zip(("w0", "sigma"), weights)) if weights is not None else {}
     # crops tile 256 px images (cells_arrays' default); a larger crop needs images that hold it
     return cells.cells_dataset(n, crop=size[0], seed=0, source=max(256, size[0]), **options)
+
+
+def signals_source(n: int, size: tuple[int], channels: int, mask_classes: int | None, weights) -> ArraySamples:
+    """``data.source=signals``: ``n`` signals of the embedded family (``synthetic.signals_arrays``, seed 0), four
+    classes in turn, at the model's length."""
+    if channels != 1:
+        raise DataError("data.source=signals is 1-channel: set model.in_channels=1 (and model.out_channels)")
+    signals, labels = synthetic.signals_arrays(n, size[0], seed=0)
+    return ArraySamples(signals, labels, size, len(synthetic.SIGNAL_CLASSES))
+
+
+def cells3d_source(n: int, size: tuple[int, int, int], channels: int, mask_classes: int | None, weights,
+                   pos_ratio: float = 0.0) -> ArraySamples:
+    """``data.source=cells3d``: ``n`` nuclei volumes (``synthetic.nuclei_arrays``, seed 0) of twice the model's
+    size per axis (at least 32), cropped to it in random patches; their masks ride along (segmentation), or stay
+    behind (generation, super-resolution, inpainting: ``mask_classes`` None)."""
+    if channels != 1:
+        raise DataError("data.source=cells3d is 1-channel: set model.in_channels=1")
+    if mask_classes not in (None, 2):
+        raise DataError(f"data.source=cells3d has 2 classes (background, nucleus) but the model has {mask_classes};"
+                        f" set model.out_channels=2")
+    if weights is not None:
+        raise DataError("data.source=cells3d has no 2015 U-Net weight maps (they are 2D); use segment.loss=dice_ce "
+                        "or ce")
+    images, masks = synthetic.nuclei_arrays(n, tuple(max(32, 2 * s) for s in size), seed=0)
+    segment = mask_classes is not None
+    return ArraySamples(images * 2 - 1, np.full(n, -1), size, None, masks if segment else None,
+                        "masks" if segment else None, pos_ratio)
 
 
 class HFDataset(Dataset):
@@ -204,6 +233,7 @@ class Source:
     masks: bool = False                 # it has masks to segment
     reference: Callable | None = None   # () -> (N, H, W, C) uint8: the name is an FID reference (metrics, evaluate)
     classifier: str | None = None       # the offline classifier of its classes (a name in metrics.EXTRACTORS)
+    dims: int = 2                       # the spatial dimensionality of its samples (model.spatial_dims)
 
 
 SOURCES = {     # the names data.source takes; every other value is "hf:<name>" or a folder
@@ -212,6 +242,11 @@ SOURCES = {     # the names data.source takes; every other value is "hf:<name>" 
     "cifar10": Source(lambda cfg, size, channels, **_: cifar10_dataset(size, channels)),
     "cells": Source(lambda cfg, size, channels, **segment: cells_source(cfg.num_crops, size, channels, **segment),
                     masks=True),
+    "signals": Source(lambda cfg, size, channels, **segment: signals_source(cfg.num_crops, size, channels, **segment),
+                      dims=1),
+    "cells3d": Source(lambda cfg, size, channels, **segment: cells3d_source(cfg.num_crops, size, channels,
+                                                                          pos_ratio=cfg.pos_ratio, **segment),
+                      masks=True, dims=3),
 }
 
 

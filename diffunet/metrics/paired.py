@@ -148,3 +148,29 @@ def paired_scores(outputs, truth, *, mask=None, labels=None, classifier: str | P
         out["lpips"] = lpips_net.compute().item()
     out["num_images"] = n
     return dict(out, notes=notes) if notes else out
+
+
+def array_scores(outputs: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """PSNR and mean absolute error of signals or volumes (N, C, *S) in [-1, 1] against their truth, on the
+    [0, 1] scale the image scores use; SSIM for volumes (torchmetrics' 3D SSIM, the window of ``ssim_kernel`` for
+    the smallest side); with ``mask`` (N, 1, *S), 1 where a value was filled, the same on the filled
+    region alone (``psnr_masked``, ``mae_masked``): what inpainting and imputation are scored by."""
+    if outputs.shape != truth.shape:
+        raise ValueError(f"outputs {tuple(outputs.shape)} and truth {tuple(truth.shape)} differ in shape")
+    o, t = ((x.float().cpu() + 1) / 2 for x in (outputs, truth))
+    spatial = tuple(range(1, o.ndim))
+    err = (o - t).abs()
+    out = {"psnr": peak_signal_noise_ratio(o, t, data_range=1.0, reduction="none", dim=spatial)
+           .clamp(max=PSNR_CAP).mean().item(), "mae": err.mean().item()}
+    if o.ndim == 5:
+        kernel, sigma = ssim_kernel(min(o.shape[2:]), min(o.shape[2:]))
+        out["ssim"] = structural_similarity_index_measure(o, t, data_range=1.0, kernel_size=kernel,
+                                                          sigma=sigma).item()
+    if mask is not None:
+        m = mask.float().cpu().expand_as(o)
+        filled = m.sum(spatial).clamp(min=1)
+        mse = ((o - t) ** 2 * m).sum(spatial) / filled
+        out["psnr_masked"] = (-10 * torch.log10(mse.clamp(min=1e-10))).clamp(max=PSNR_CAP).mean().item()
+        out["mae_masked"] = ((err * m).sum(spatial) / filled).mean().item()
+    out["num_images"] = len(o)
+    return out

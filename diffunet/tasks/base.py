@@ -15,9 +15,11 @@ import torch
 
 from .. import objectives
 from ..data.augment import AUGMENT_DIM
+from ..data.transforms import active, joint_augment
 from ..data.sources import source_of
 from ..errors import ConfigError
 from ..model.pipeline import DiffunetPipeline
+from ..model.unet import KINDS
 from ..sampling import sample_with
 
 
@@ -147,11 +149,25 @@ def check_classes(cfg, model, dataset) -> None:
 
 
 def flip(cfg, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Random horizontal flips if ``data.hflip``, one draw per image, the same for an image and its condition."""
+    """Random flips of the last axis (an image's width, a signal's time) if ``data.hflip``, one draw per
+    sample, the same for a sample and its condition."""
     if not cfg.data.hflip:
         return images
     flipped = torch.rand(images[0].shape[0], device=images[0].device) < 0.5
-    return tuple(torch.where(flipped[:, None, None, None], x.flip(-1), x) for x in images)
+    return tuple(torch.where(flipped.view(-1, *(1,) * (x.ndim - 1)), x.flip(-1), x) for x in images)
+
+
+def augment_jointly(cfg, *tensors: torch.Tensor, masks: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
+    """``data.augment``'s joint transforms (``data.transforms``) of a batch's tensors, the sample first; those at
+    the positions ``masks`` (masks, weight maps) by nearest neighbour and without intensity changes."""
+    if not active(cfg.data.augment):
+        return tensors
+    return tuple(joint_augment(cfg.data.augment, list(tensors), [i in masks for i in range(len(tensors))]))
+
+
+def of_what(unet, channels: int | None = None) -> str:
+    """What a model's card says it takes: "1-channel images", "2-channel volumes"."""
+    return f"{unet.config.in_channels if channels is None else channels}-channel {KINDS[unet.dims]}"
 
 
 def labels(y: torch.Tensor, model, cfg) -> dict:

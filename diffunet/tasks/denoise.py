@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import of_what
 from .image import ImageConditioned
 
 
@@ -34,7 +35,7 @@ class Denoise(ImageConditioned):
         return {"image": (noisy + 1) / 2, "cond": noisy}
 
     def card(self, cfg, unet) -> tuple[str, str]:
-        return (f"A denoising diffusion model of {unet.config.in_channels}-channel images (trained on noise of std "
+        return (f"A denoising diffusion model of {of_what(unet)} (trained on noise of std "
                 f"{cfg.denoise.sigma:g} in [-1, 1])", "clean = pipe(image=noisy_images).images")
 
     @staticmethod

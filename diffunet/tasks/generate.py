@@ -9,7 +9,8 @@ from ..data.augment import augment
 from ..errors import ConfigError
 from ..metrics import ExtractorUnavailable, evaluate, load_extractor
 from ..model.pipeline import DiffunetPipeline
-from .base import TaskSampler, Task, check_classes, eval_reference, flip, labels, needs_time, sample_keywords
+from ..model.unet import KINDS
+from .base import TaskSampler, Task, augment_jointly, check_classes, eval_reference, flip, labels, needs_time, of_what, sample_keywords
 
 
 class Generate(Task):
@@ -25,6 +26,9 @@ class Generate(Task):
         needs_time(cfg, model)
         check_classes(cfg, model, dataset)
         if cfg.train.eval_every > 0:
+            if model.dims != 2:
+                raise ConfigError(f"train.eval_every: the Frechet distance of generated {KINDS[model.dims]} is not "
+                                  f"built yet; set train.eval_every=0 and look at the sample grids")
             if eval_reference(cfg) is None:
                 raise ConfigError(f"train.eval_every needs train.eval_reference (a folder, an .npz or 'digits') "
                                   f"for data.source={cfg.data.source}")
@@ -35,10 +39,11 @@ class Generate(Task):
 
     def training_batch(self, batch, model, cfg) -> tuple[torch.Tensor, dict]:
         """(x0, the model's conditioning keywords) from a loader batch (images, labels) on the device: random
-        horizontal flips if ``data.hflip``, then label dropout (one uniform draw per image for each), then the
+        horizontal flips if ``data.hflip`` and ``data.augment``'s transforms, then label dropout (one uniform draw per image for each), then the
         non-leaky augmentation (``train.augment_p``) with its ``augment_labels``."""
         x, y = batch[:2]
-        x, keywords = flip(cfg, x)[0], labels(y, model, cfg)
+        x = augment_jointly(cfg, *flip(cfg, x))[0]
+        keywords = labels(y, model, cfg)
         if cfg.train.augment_p > 0:
             x, keywords["augment_labels"] = augment(x, cfg.train.augment_p)
         return x, keywords
@@ -56,7 +61,7 @@ class Generate(Task):
         kind = f"class-conditional ({c.num_classes} classes)" if c.num_classes else "unconditional"
         usage = (f"images = pipe(class_labels=list(range({c.num_classes})), guidance_scale=2.0).images"
                  if c.num_classes else "images = pipe(batch_size=16).images")
-        return f"A {kind} diffusion model of {c.in_channels}-channel images", usage
+        return f"A {kind} diffusion model of {of_what(unet)}", usage
 
     def grid(self, model, n: int, sample: TaskSampler, held, cfg) -> tuple[torch.Tensor, int | None]:
         """``n`` samples: balanced classes, one per column."""

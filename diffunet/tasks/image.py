@@ -8,20 +8,20 @@ import torch
 import torch.nn.functional as F
 
 from ..data import to_uint8
-from ..data.inpaint_masks import MASKS, draw_masks
+from ..data.inpaint_masks import MASKS, MASKS_ND, draw_masks
 from ..data.sources import source_of
 from ..errors import ConfigError
-from ..metrics import paired_scores
+from ..metrics.paired import array_scores, paired_scores
 from ..model.pipeline import IMAGE_TASKS, ImageTask, inpainting_condition, upsample_condition
 from ..model.tables import choose
-from .base import TaskSampler, check_classes, check_cond_dropout, condition, flip, labels, needs_time
+from .base import TaskSampler, augment_jointly, check_classes, check_cond_dropout, condition, flip, labels, needs_time, of_what
 from .generate import Generate
 
 
 def degrade(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Super-resolution's input: (B, C, H, W) -> (B, C, H/f, W/f) by area averaging (each low-resolution pixel
-    the mean of its f x f block, as a sensor with bigger pixels would see it)."""
-    return F.interpolate(x, size=(x.shape[-2] // factor, x.shape[-1] // factor), mode="area")
+    """Super-resolution's input: (B, C, *S) -> (B, C, *S/f) by area averaging (each low-resolution pixel or
+    voxel the mean of its f x f (x f) block, as a sensor with bigger pixels would see it)."""
+    return F.interpolate(x, size=tuple(s // factor for s in x.shape[2:]), mode="area")
 
 
 class ImageConditioned(Generate):
@@ -58,7 +58,7 @@ class ImageConditioned(Generate):
 
     def card(self, cfg, unet) -> tuple[str, str]:
         mask = ", mask_image=masks" if self.image_task(cfg).takes_mask else ""
-        return (f"A {self.name.replace('_', '-')} diffusion model of {unet.config.in_channels}-channel images",
+        return (f"A {self.name.replace('_', '-')} diffusion model of {of_what(unet)}",
                 f"outputs = pipe(image=inputs{mask}).images")
 
     def known(self, x: torch.Tensor, given: list, cfg, held_out: bool = False) -> dict:
@@ -69,8 +69,10 @@ class ImageConditioned(Generate):
 
     def training_batch(self, batch, model, cfg) -> tuple[torch.Tensor, dict]:
         """(x0, {"cond": ..., "cond_dropped": ...} and the class labels) from a loader batch; flips apply to an
-        image and its condition together. Draws: flips, then label dropout, then condition dropout."""
+        image and its condition together. Draws: ``data.augment``'s transforms of the image (and a given
+        condition), the condition's own (inpainting masks), flips, then label dropout, then condition dropout."""
         x, y, *given = batch
+        x, *given = augment_jointly(cfg, x, *given, masks=(1,) if self.paired == "masks" else ())
         cond = self.known(x, given, cfg)["cond"]
         x, cond = flip(cfg, x, cond)
         keywords = labels(y, model, cfg)
@@ -102,6 +104,8 @@ class ImageConditioned(Generate):
         """PSNR / SSIM (/ LPIPS) against the truth of ``train.eval_num_images`` held-out images; for a source
         with a classifier of its own (the digits) also the class accuracy of the outputs under it."""
         x, y, known, out = self.outputs(model, sample, held, cfg.train.eval_num_images, cfg)
+        if model.dims != 2:                     # signals and volumes: PSNR, MAE (and SSIM in 3D) of the values
+            return array_scores(out, x, mask=known.get("mask_image"))
         named = source_of(str(cfg.data.source))
         classifier = named.classifier if named is not None else None
         return paired_scores(to_uint8(out), to_uint8(x), mask=known.get("mask_image"),
@@ -120,21 +124,22 @@ class SuperResolution(ImageConditioned):
 
     def check(self, cfg, model, dataset) -> None:
         super().check(cfg, model, dataset)
-        f, (h, w) = cfg.super_resolution.factor, model.image_size
-        if f < 2 or h % f or w % f:
-            raise ConfigError(f"super_resolution.factor={f} must be at least 2 and divide the model's size {h}x{w}")
+        f, size = cfg.super_resolution.factor, model.image_size
+        if f < 2 or any(s % f for s in size[::-1]):
+            raise ConfigError(f"super_resolution.factor={f} must be at least 2 and divide the model's size "
+                              f"{'x'.join(map(str, size[::-1]))}")
 
     def pipeline_options(self, cfg) -> dict:
         return {**super().pipeline_options(cfg), "sr_factor": cfg.super_resolution.factor}
 
     def known(self, x, given, cfg, held_out: bool = False) -> dict:
-        size = x.shape[-2:]
+        size = x.shape[2:]
         low = given[0] if given else degrade(x, cfg.super_resolution.factor)     # (B, C, H/f, W/f), or as given
         return {"image": (low + 1) / 2, "cond": upsample_condition(low, size), "low": low}
 
     @staticmethod
     def shown(known, x, out) -> dict:
-        size = x.shape[-2:]
+        size = x.shape[2:]
         return {"input": F.interpolate(known["low"], size=size, mode="nearest"), "bicubic": known["cond"],
                 "output": out, "truth": x}
 
@@ -153,8 +158,9 @@ class Inpainting(ImageConditioned):
     def check(self, cfg, model, dataset) -> None:
         super().check(cfg, model, dataset)
         try:
-            choose(MASKS, cfg.inpainting.mask, "inpainting.mask")
-            choose(MASKS, cfg.inpainting.eval_mask, "inpainting.eval_mask")
+            table = MASKS if model.dims == 2 else MASKS_ND
+            choose(table, cfg.inpainting.mask, "inpainting.mask")
+            choose(table, cfg.inpainting.eval_mask, "inpainting.eval_mask")
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -162,10 +168,10 @@ class Inpainting(ImageConditioned):
         if given:
             mask = given[0]
         elif held_out:                      # inpainting.eval_mask, seeded: the same masks at every evaluation
-            mask = draw_masks(cfg.inpainting.eval_mask, x.shape[0], tuple(x.shape[-2:]), device=x.device,
+            mask = draw_masks(cfg.inpainting.eval_mask, x.shape[0], tuple(x.shape[2:]), device=x.device,
                               generator=torch.Generator().manual_seed(cfg.sample.seed))
         else:
-            mask = draw_masks(cfg.inpainting.mask, x.shape[0], tuple(x.shape[-2:]), device=x.device)
+            mask = draw_masks(cfg.inpainting.mask, x.shape[0], tuple(x.shape[2:]), device=x.device)
         return {"image": (x + 1) / 2, "mask_image": mask, "cond": inpainting_condition(x, mask)}
 
     @staticmethod

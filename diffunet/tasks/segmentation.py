@@ -19,19 +19,21 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.segmentation.utils import distance_transform, mask_edges
+from scipy import ndimage
+from torchmetrics.functional.segmentation.utils import mask_edges
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from ..data.seg_masks import count_objects
 from ..errors import ConfigError
 from ..model.segment_pipeline import DiffunetSegmentationPipeline, mask_classes, mask_to_sample
 from ..model.tables import choose
-from .base import TaskSampler, Task, condition, flip, needs_time, sample_keywords
+from .base import TaskSampler, Task, augment_jointly, condition, flip, needs_time, of_what, sample_keywords
 
 
-def class_ids(target: torch.Tensor, classes: int) -> torch.Tensor:
-    """(B, 1, H, W) or (B, H, W) class ids -> (B, H, W) long; ValueError for an id outside 0..classes-1."""
-    target = target[:, 0] if target.ndim == 4 else target
+def class_ids(target: torch.Tensor, classes: int, dims: int = 2) -> torch.Tensor:
+    """(B, 1, *S) or (B, *S) class ids of ``dims``-D masks -> (B, *S) long; ValueError for an id outside
+    0..classes-1."""
+    target = target[:, 0] if target.ndim == dims + 2 else target
     target = target.long()
     if target.numel() and not (0 <= int(target.min()) and int(target.max()) < classes):
         raise ValueError(f"mask ids must be in 0..{classes - 1} for a {classes}-class output, got "
@@ -42,9 +44,10 @@ def class_ids(target: torch.Tensor, classes: int) -> torch.Tensor:
 def soft_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """1 - mean soft Dice over the foreground classes (1..K-1) and the batch: 2 |p t| / (|p| + |t|) of the softmax
     probabilities p and the one-hot target t, per image and class (eps keeps empty classes at Dice 1)."""
-    p = logits.float().softmax(1)[:, 1:]                                # (B, K, H, W) -> (B, K-1, H, W)
-    t = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
-    inter, total = (p * t).sum((2, 3)), (p + t).sum((2, 3))            # (B, K-1)
+    p = logits.float().softmax(1)[:, 1:]                                # (B, K, *S) -> (B, K-1, *S)
+    t = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].float()
+    spatial = tuple(range(2, logits.ndim))
+    inter, total = (p * t).sum(spatial), (p + t).sum(spatial)          # (B, K-1)
     return 1 - ((2 * inter + eps) / (total + eps)).mean()
 
 
@@ -80,32 +83,36 @@ def segmentation_loss(name: str, logits: torch.Tensor, target: torch.Tensor,
     if logits.shape[1] < 2:
         raise ValueError(f"segmentation needs at least 2 output channels (background and foreground), got "
                          f"{logits.shape[1]}; set model.out_channels=2 for a binary mask")
-    return loss(logits, class_ids(target, logits.shape[1]), weight)
+    return loss(logits, class_ids(target, logits.shape[1], logits.ndim - 2), weight)
 
 
 # ------------------------------------------------------------------------------------------ scores
 
-def hd95(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    """The 95 % Hausdorff distance (pixels) between two binary masks (H, W): the larger of the two directed 95th
-    percentiles of edge-to-edge distances (torchmetrics' surface distances; the definition MONAI uses), nan if
-    either mask is empty. torchmetrics' own HausdorffDistance is the 100 % one, which a single stray pixel sets."""
+def hd95(pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[float, ...] | None = None) -> float:
+    """The 95 % Hausdorff distance between two binary masks (H, W) or (D, H, W), in pixels or, with ``spacing``
+    (the voxel size per axis), in its units: the larger of the two directed 95th percentiles of edge-to-edge
+    distances (torchmetrics' surface distances; the definition MONAI uses), nan if either mask is empty.
+    torchmetrics' own HausdorffDistance is the 100 % one, which a single stray pixel sets."""
     if not pred.any() or not truth.any():
         return float("nan")
-    # torchmetrics' edges; its distance transform through scipy: the default ("pytorch") engine compares every
-    # pixel with every edge pixel at once, ~36 GB for a 512 x 512 mask
+    # torchmetrics' edges (2D and 3D); scipy's exact Euclidean distance transform, which torchmetrics'
+    # distance_transform wraps for 2D only (its default "pytorch" engine compares every pixel with every edge
+    # pixel at once, ~36 GB for a 512 x 512 mask)
     edges_pred, edges_truth = (e.bool() for e in mask_edges(pred.bool(), truth.bool()))
-    there = torch.as_tensor(distance_transform((~edges_truth).float(), engine="scipy"))[edges_pred]
-    back = torch.as_tensor(distance_transform((~edges_pred).float(), engine="scipy"))[edges_truth]
+    there = torch.as_tensor(ndimage.distance_transform_edt((~edges_truth).numpy(), spacing))[edges_pred]
+    back = torch.as_tensor(ndimage.distance_transform_edt((~edges_pred).numpy(), spacing))[edges_truth]
     return max(float(torch.quantile(there.float(), 0.95)), float(torch.quantile(back.float(), 0.95)))
 
 
-def segmentation_scores(pred: torch.Tensor, truth: torch.Tensor, num_classes: int = 2) -> dict:
+def segmentation_scores(pred: torch.Tensor, truth: torch.Tensor, num_classes: int = 2, dims: int = 2,
+                        spacing: tuple[float, ...] | None = None) -> dict:
     """Dice, IoU (foreground classes, macro, per image then averaged: torchmetrics) and the mean 95 % Hausdorff
-    distance over images and foreground classes present in both, of class-id masks (N, H, W) or (N, 1, H, W)."""
-    pred, truth = class_ids(pred, num_classes), class_ids(truth, num_classes)
+    distance (``hd95``, in ``spacing``'s units if given) over items and foreground classes present in both, of
+    class-id masks (N, *S) or (N, 1, *S), ``dims``-D."""
+    pred, truth = class_ids(pred, num_classes, dims), class_ids(truth, num_classes, dims)
     dice = DiceScore(num_classes, include_background=False, input_format="index")(pred, truth)
     iou = MeanIoU(num_classes, include_background=False, input_format="index")(pred, truth)
-    distances = [hd95(p == c, t == c) for p, t in zip(pred, truth) for c in range(1, num_classes)]
+    distances = [hd95(p == c, t == c, spacing) for p, t in zip(pred, truth) for c in range(1, num_classes)]
     finite = [d for d in distances if d == d]
     return {"dice": float(dice), "iou": float(iou),
             "hd95": sum(finite) / len(finite) if finite else float("nan"), "num_images": len(pred)}
@@ -168,7 +175,7 @@ class Segmentation(Task):
     def training_batch(self, batch, model, cfg) -> tuple[torch.Tensor, dict]:
         """(the mask (B, 1, H, W) class ids, {"image": ..., "weight": ...}): flips apply to all three alike."""
         x, _, mask, *weight = batch
-        x, mask, *weight = flip(cfg, x, mask, *weight)
+        x, mask, *weight = augment_jointly(cfg, *flip(cfg, x, mask, *weight), masks=(1, 2))
         return mask, {"image": x, "weight": weight[0] if weight else None}
 
     def loss(self, model, noise_scheduler, mask, inputs, cfg) -> torch.Tensor:
@@ -178,8 +185,8 @@ class Segmentation(Task):
         return DiffunetSegmentationPipeline(unet=unet, scheduler=None)
 
     def card(self, cfg, unet) -> tuple[str, str]:
-        return (f"A deterministic segmentation model ({self.classes(unet)} classes) of "
-                f"{unet.config.in_channels}-channel images", "masks = pipe(image=images, tile=128).masks")
+        return (f"A deterministic segmentation model ({self.classes(unet)} classes) of {of_what(unet)}",
+                "masks = pipe(image=images, tile=128).masks")
 
     def segment(self, sample: TaskSampler, x: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(class ids (B, H, W), the uncertainty map (B, H, W) or None) of images ``x`` (B, C, H, W) in [-1, 1]."""
@@ -199,16 +206,16 @@ class Segmentation(Task):
         k, c = self.classes(model), x.shape[1]
         shown = {"image": x}
         for row, ids in (("truth", truth), ("output", masks)):           # class ids -> gray in [-1, 1]
-            shown[row] = (ids[:, None].float() * 2 / (k - 1) - 1).expand(-1, c, -1, -1)
+            shown[row] = (ids[:, None].float() * 2 / (k - 1) - 1).expand(-1, c, *ids.shape[1:])
         if std is not None:                                              # 4 std: 0.25 and above is white
-            shown["std"] = (std[:, None] * 4 - 1).clamp(-1, 1).expand(-1, c, -1, -1)
+            shown["std"] = (std[:, None] * 4 - 1).clamp(-1, 1).expand(-1, c, *std.shape[1:])
         return torch.cat([shown[row] for row in self.rows]), len(x)
 
     def evaluate(self, model, sample: TaskSampler, held, cfg) -> dict:
         """Dice, IoU, HD95 (``segmentation_scores``) of ``train.eval_num_images`` held-out images, and the mean
         number of objects (4-connected components of the foreground) in prediction and truth."""
         x, truth, masks, std = self.outputs(model, sample, held, cfg.train.eval_num_images, cfg)
-        scores = segmentation_scores(masks.cpu(), truth.cpu(), self.classes(model))
+        scores = segmentation_scores(masks.cpu(), truth.cpu(), self.classes(model), model.dims)
         for name, ids in (("objects", masks), ("objects_truth", truth)):
             scores[name] = sum(count_objects(m > 0) for m in ids.cpu().numpy()) / len(ids)
         if std is not None:                                              # does the uncertainty mean something?
@@ -246,7 +253,7 @@ class SegmentationDiffusion(Segmentation):
     def training_batch(self, batch, model, cfg) -> tuple[torch.Tensor, dict]:
         """(x0: the mask as a sample in [-1, 1], {"cond": the image[, "cond_dropped": ...]})."""
         x, _, mask = batch[:3]
-        x, mask = flip(cfg, x, mask)
+        x, mask = augment_jointly(cfg, *flip(cfg, x, mask), masks=(1,))
         return mask_to_sample(mask, self.classes(model), model.dims), condition(x, cfg)
 
     def pipeline(self, unet, scheduler, cfg):
@@ -255,7 +262,7 @@ class SegmentationDiffusion(Segmentation):
 
     def card(self, cfg, unet) -> tuple[str, str]:
         return (f"A diffusion segmentation model ({self.classes(unet)} classes) of "
-                f"{unet.config.cond_channels}-channel images",
+                f"{of_what(unet, unet.config.cond_channels)}",
                 "out = pipe(image=images, num_samples=8, tile=128)   # out.masks, out.std")
 
     def segment(self, sample: TaskSampler, x, cfg):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import objectives
 from ..config import build_model, to_dict
+from ..data.views import pictures
 from ..data import apply_bad_image_policy, build_dataset, save_grid, split_holdout, take_subset, to_uint8
 from ..errors import ConfigError, DataError, PosthocEMAError, TrainingError
 from ..export import write_folder
@@ -48,8 +49,10 @@ class EpochSampler(Sampler):
     here differs per process) plus epoch bookkeeping in the loop, about as much code as this class.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int, start: int = 0):
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int, start: int = 0,
+                 keyed: bool = False):
         self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.keyed = keyed      # a patch dataset (data.patches): keys (index, (seed, batch, rank, place)) seed its crops
         self.per_epoch = size // (batch_size * world)               # incomplete last batches are dropped
         self.start = start
 
@@ -62,7 +65,8 @@ class EpochSampler(Sampler):
                 epoch = e
                 perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
             lo = i * span + self.rank * self.batch_size
-            yield perm[lo:lo + self.batch_size].tolist()
+            indices = perm[lo:lo + self.batch_size].tolist()
+            yield [(k, (self.seed, batch, self.rank, j)) for j, k in enumerate(indices)] if self.keyed else indices
             batch += 1
 
 
@@ -104,10 +108,6 @@ def validate(cfg: DictConfig) -> tuple[UNet, torch.utils.data.Dataset]:
     if len(set(cfg.train.phema_sigma_rels)) < len(cfg.train.phema_sigma_rels):
         raise ConfigError(f"train.phema_sigma_rels has a length twice ({list(cfg.train.phema_sigma_rels)}): the "
                           f"reconstruction needs distinct profiles")
-    if model.dims != 2:                         # the model takes signals and volumes; the data sources do not yet
-        raise ConfigError(f"model.spatial_dims={model.dims}: train.py's data sources (data.source={cfg.data.source}) "
-                          f"give 2D images; train a {model.dims}D UNet from your own loop for now (UNet, its "
-                          f"pipelines and predict_tiled take {model.dims}D data), or set model.spatial_dims=2")
     dataset = build_dataset(cfg.data, model.image_size, **task.dataset_options(cfg, model))
     task.check(cfg, model, dataset)
     check_augment(cfg, model, task)
@@ -186,7 +186,8 @@ class Trainer:
         self.resume_from = ckpt.find_resume(t.resume, self.ckpt_root, warn=acc.print)
 
         self.world = acc.num_processes
-        self.sampler = EpochSampler(len(dataset), t.batch_size, t.seed, acc.process_index, self.world)
+        self.sampler = EpochSampler(len(dataset), t.batch_size, t.seed, acc.process_index, self.world,
+                                    keyed=getattr(dataset, "keyed", False))
         if self.sampler.per_epoch == 0:
             raise ConfigError(f"the dataset has {len(dataset)} images, fewer than one global batch "
                               f"({t.batch_size} x {self.world} processes); lower train.batch_size")
@@ -459,7 +460,7 @@ class Trainer:
         with self._ema_weights() as model:
             sample = self._sampler(model, seed=self.cfg.sample.seed, batch_size=max(n, 1))
             images, nrow = self.task.grid(model, n, sample, self.held, self.cfg)
-        return save_grid(to_uint8(images), self.out / "samples" / f"{name}.png", nrow=nrow)
+        return save_grid(to_uint8(pictures(images)), self.out / "samples" / f"{name}.png", nrow=nrow)
 
     def evaluate(self) -> dict | None:
         """The task's scores of EMA samples (``train.eval_num_images``), logged and appended to ``eval.jsonl``.
