@@ -5,10 +5,13 @@
     python sample.py runs/digits-sr/pipeline --cond lowres/ --out runs/digits-sr/sharp [--num-per-cond 4]
     python sample.py runs/cells-seg/pipeline --cond images/ --out runs/cells-seg/masks [--tile 128]
     python sample.py runs/cells-segdiff/pipeline --cond images/ --out runs/cells-segdiff/masks --num-per-cond 8
+    python sample.py runs/signals/pipeline --out runs/signals/samples --num-images 40      # 000000.npy, ...
+    python sample.py runs/cells3d-seg/pipeline --cond volumes/ --out masks/ --tile 32      # NIfTI in, NIfTI out
 
 Every option is a keyword of ``diffunet.sample_folders.sample_to_folder`` or, with --cond,
 ``diffunet.sample_folders.sample_conditioned`` (``segment_to_folder`` for a segmentation pipeline): the one
-``RUNNERS`` names for the folder; see docs/sampling.md.
+``RUNNERS`` names for the folder; for a model of signals or volumes ``diffunet.sample_arrays``' (``ARRAY_RUNNERS``);
+see docs/sampling.md.
 """
 
 import argparse
@@ -21,6 +24,7 @@ from diffunet.errors import CheckpointError
 from diffunet.objectives import OBJECTIVES, TARGETS
 from diffunet.pretrained import is_deterministic, pipeline_class
 from diffunet.training.precision import ALIASES, PRECISION
+from diffunet.sample_arrays import ARRAY_RUNNERS, FORMATS, model_dims, segment_arrays
 from diffunet.sample_folders import DIFFUSION_ONLY, RUNNERS, segment_to_folder
 from diffunet.sampling import SCHEDULERS
 
@@ -33,7 +37,9 @@ AS_THE_RUN = "default: as the run sampled (its pipeline folder says), else {}"
 def runner(args: dict):
     """The function of this model folder and these options (``RUNNERS``: by the folder's pipeline class and
     ``--cond``). A segmentation model without ``--cond`` has nothing to segment: one line."""
-    run = RUNNERS.get((pipeline_class(args["model"]), "cond" in args))
+    kind = pipeline_class(args["model"])                   # first: its errors name a folder that is none
+    table = RUNNERS if model_dims(args["model"]) == 2 else ARRAY_RUNNERS      # images, or signals and volumes
+    run = table.get((kind, "cond" in args))
     if run is None:
         raise ValueError(f"{args['model']} is a segmentation model: pass --cond DIR, the images to segment "
                          f"(python -m diffunet.cells DIR makes test images)")
@@ -81,20 +87,24 @@ def parse(argv=None) -> argparse.Namespace:
                    help="a ddpm model's target, for such a bare model folder (or to override a recorded one)")
     p.add_argument("--npz", nargs="?", const="samples.npz", default=GIVEN,
                    help="also write the images as uint8 in an .npz (default name samples.npz, in --out)")
+    p.add_argument("--format", dest="array_format", choices=list(FORMATS), default=GIVEN,
+                   help="a model of signals or volumes: the files of its samples (default .npy for signals, "
+                        ".nii.gz for volumes)")
     p.add_argument("--no-grid", dest="grid", action="store_false", default=GIVEN)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=GIVEN)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     try:
         run = runner(vars(args))
-        deterministic = run is segment_to_folder and is_deterministic(args.model)
+        segmenting = run in (segment_to_folder, segment_arrays)
+        deterministic = segmenting and is_deterministic(args.model)
     except (CheckpointError, ValueError) as e:
         p.error(str(e))
     takes = set(inspect.signature(run).parameters) - set(DIFFUSION_ONLY if deterministic else ())
     wrong = [name for name in vars(args) if name not in takes]
     if wrong:                                   # one rule: every option given that this mode has no use for
         where = ("not for a deterministic segmentation model (one forward pass, no scheduler)" if deterministic else
-                 "not for a segmentation model" if run is segment_to_folder else
+                 "not for a segmentation model" if segmenting else
                  "not with --cond" if "cond" in vars(args) else "only with --cond")
         p.error(f"{', '.join(typed(p, name, argv) for name in wrong)}: {where}")
     return args

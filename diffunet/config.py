@@ -150,6 +150,8 @@ class SuperResolutionConfig:
     """the super_resolution task: how much smaller its inputs are."""
     factor: int = 4                             # the condition is x0 area-downsampled by this (2 or more, dividing
                                                 # the model's size); paired data's conds/ are this much smaller
+    factors: Optional[list[int]] = None         # per axis instead, e.g. [2, 1, 1]: a volume's thick slices to
+                                                # isotropic voxels (through-plane); None: factor along every axis
 
 
 @dataclass

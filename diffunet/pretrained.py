@@ -206,12 +206,19 @@ def pipeline_options(path) -> dict:
     if not saved and is_conditioned(path):
         raise CheckpointError(f"{path} takes an image condition (model.cond_channels) but does not say for which "
                               f"task (super-resolution, inpainting, ...): sample the pipeline folder it came from")
-    options = {key: saved.get(key, default) for key, default in PIPELINE_OPTIONS.items()}
+    # the keys of signals and volumes (intensity, sr_factors) only where the folder has them: an image
+    # pipeline's options stay {"task", "sr_factor"}
+    options = {key: saved.get(key, default) for key, default in PIPELINE_OPTIONS.items()
+               if default is not None or saved.get(key) is not None}
     task, factor = options["task"], options["sr_factor"]
     if task not in IMAGE_TASKS:
         raise CheckpointError(f"{where} names task {task!r}; this diffunet knows {', '.join(IMAGE_TASKS)}")
     if type(factor) is not int or factor < 1:
         raise CheckpointError(f"{where} has sr_factor {factor!r}; it must be a positive integer")
+    factors = options.get("sr_factors")
+    if factors is not None and not (isinstance(factors, list) and all(type(f) is int and f >= 1 for f in factors)):
+        raise CheckpointError(f"{where} has sr_factors {factors!r}; it must be a list of positive integers, one per "
+                              f"axis")
     return options
 
 

@@ -116,10 +116,12 @@ def class_labels_for(classes, indices: Sequence[int], num_classes: int | None) -
 
 # ------------------------------------------------------------------------------------------- the loop
 
-def pipeline_for(unet, scheduler, device=None, task: str = "generate", sr_factor: int = 1) -> DiffunetPipeline:
+def pipeline_for(unet, scheduler, device=None, task: str = "generate", sr_factor: int = 1,
+                 intensity: list | None = None, sr_factors: list | None = None) -> DiffunetPipeline:
     """The pipeline that runs the loop (``DiffunetPipeline.__call__``) for ``task``, on ``device`` if given (the
     U-Net is moved there), without its per-step progress bar: ``pipe_batches`` counts images."""
-    pipe = DiffunetPipeline(unet=unet, scheduler=scheduler, task=task, sr_factor=sr_factor)
+    pipe = DiffunetPipeline(unet=unet, scheduler=scheduler, task=task, sr_factor=sr_factor, intensity=intensity,
+                            sr_factors=sr_factors)
     pipe.set_progress_bar_config(disable=True)
     return pipe if device is None else pipe.to(device)
 

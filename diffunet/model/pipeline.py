@@ -191,7 +191,8 @@ class DiffunetPipeline(DiffusionPipeline):
     # The keywords' annotations are real classes, not strings (no `from __future__ import annotations` here):
     # diffusers >= 0.33 looks each one up to type-check what model_index.json gives.
     def __init__(self, unet, scheduler, task: str = "generate", sr_factor: int = 1, sample_scheduler: str = "auto",
-                 sample_steps: int = 50, sample_guidance_scale: float = 1.0):
+                 sample_steps: int = 50, sample_guidance_scale: float = 1.0, intensity: list = None,
+                 sr_factors: list = None):
         super().__init__()
         if task not in IMAGE_TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {', '.join(IMAGE_TASKS)}")
@@ -200,6 +201,10 @@ class DiffunetPipeline(DiffusionPipeline):
         # without num_inference_steps / guidance_scale and diffunet's sample.py reuse
         self.register_to_config(task=task, sr_factor=sr_factor, sample_scheduler=sample_scheduler,
                                 sample_steps=sample_steps, sample_guidance_scale=sample_guidance_scale)
+        if intensity is not None:               # signals and volumes: how files map to [-1, 1] (data.arrays)
+            self.register_to_config(intensity=list(intensity))
+        if sr_factors is not None:              # super-resolution by axis, e.g. [2, 1, 1]: thick slices to thin
+            self.register_to_config(sr_factors=[int(f) for f in sr_factors])
         self.image_processor = VaeImageProcessor(do_normalize=True)    # [-1, 1] <-> [0, 1], tensors <-> PIL / np
         # conditions keep their size (the default processor rounds sizes to multiples of 8, a VAE's factor)
         self.cond_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
@@ -332,8 +337,7 @@ class DiffunetPipeline(DiffusionPipeline):
         if mask_image is not None and not takes_mask:
             raise ValueError(f"mask_image= given, but a {self.config.task} model takes no mask")
         size, dims = self.unet.image_size, self.unet.dims
-        scale = 1 if repaint else task.scale(self.config.sr_factor)
-        low = tuple(n // scale for n in size)                           # super-resolution: also taken upsampled
+        low = tuple(n // f for n, f in zip(size, (1,) * dims if repaint else self.input_factors))   # SR: smaller
         known = self.fit(to_model_space(image, dims, self.cond_processor), (low, size), "image", SMOOTH[dims])
         if known.shape[1] != self.unet.config.in_channels or len(known) != batch:
             raise ValueError(f"image= holds {len(known)} image(s) of {known.shape[1]} channel(s); this call makes "
@@ -347,6 +351,15 @@ class DiffunetPipeline(DiffusionPipeline):
                 raise ValueError(f"mask_image= holds {len(mask)} mask(s) of {mask.shape[1]} channel(s); "
                                  f"expected {batch} of 1")
         return known.to(device), None if mask is None else mask.to(device)
+
+    @property
+    def input_factors(self) -> tuple[int, ...]:
+        """How many times smaller than the model's size the ``image`` of this task is, per axis: super-resolution's
+        ``sr_factors`` (by axis) or ``sr_factor`` (every axis); 1 for the other tasks."""
+        factors = self.config.get("sr_factors")
+        if factors is None or self.config.task != "super_resolution":
+            return (self.image_task.scale(self.config.sr_factor),) * self.unet.dims
+        return tuple(factors)
 
     @staticmethod
     def fit(x: torch.Tensor, sizes: tuple, name: str, mode: str) -> torch.Tensor:

@@ -82,11 +82,13 @@ class DiffunetSegmentationPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _optional_components = ["scheduler"]        # None for a deterministic model (saved as [null, null])
 
-    def __init__(self, unet, scheduler, sample_scheduler: str = "auto", sample_steps: int = 50):
+    def __init__(self, unet, scheduler, sample_scheduler: str = "auto", sample_steps: int = 50, intensity: list = None):
         super().__init__()                      # scheduler: no default, diffusers takes keywords with one for options
         self.register_modules(unet=unet, scheduler=scheduler)
         if unet.timed:                          # a diffusion model: how the run sampled
             self.register_to_config(sample_scheduler=sample_scheduler, sample_steps=sample_steps)
+        if intensity is not None:               # signals and volumes: how files map to [-1, 1] (data.arrays)
+            self.register_to_config(intensity=list(intensity))
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)   # [0, 1] -> [-1, 1]
 
     @classmethod

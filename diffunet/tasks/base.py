@@ -113,8 +113,12 @@ class Task:
 
 def sample_keywords(cfg, keys=("scheduler", "steps", "guidance_scale")) -> dict:
     """The run's ``sample.*`` as the pipelines' ``sample_*`` keywords: saved in its folder, so that sample.py
-    and a call without steps or guidance sample as the run did."""
-    return {f"sample_{key}": cfg.sample[key] for key in keys}
+    and a call without steps or guidance sample as the run did; for signals and volumes also ``intensity``, how
+    their files map to [-1, 1] (``data.intensity`` and its range), which sample.py applies to what it reads."""
+    keywords = {f"sample_{key}": cfg.sample[key] for key in keys}
+    if cfg.model.spatial_dims != 2:
+        keywords["intensity"] = [str(cfg.data.intensity), *map(float, cfg.data.intensity_range)]
+    return keywords
 
 
 def check_augment(cfg, model, task: Task) -> None:

@@ -18,10 +18,18 @@ from .base import TaskSampler, augment_jointly, check_classes, check_cond_dropou
 from .generate import Generate
 
 
-def degrade(x: torch.Tensor, factor: int) -> torch.Tensor:
+def degrade(x: torch.Tensor, factor) -> torch.Tensor:
     """Super-resolution's input: (B, C, *S) -> (B, C, *S/f) by area averaging (each low-resolution pixel or
-    voxel the mean of its f x f (x f) block, as a sensor with bigger pixels would see it)."""
-    return F.interpolate(x, size=tuple(s // factor for s in x.shape[2:]), mode="area")
+    voxel the mean of its block, as a sensor with bigger pixels would see it); ``factor`` one int, or one per
+    axis ((2, 1, 1): thick slices)."""
+    factors = (factor,) * (x.ndim - 2) if isinstance(factor, int) else tuple(factor)
+    return F.interpolate(x, size=tuple(s // f for s, f in zip(x.shape[2:], factors)), mode="area")
+
+
+def sr_factors(cfg, dims: int) -> tuple[int, ...]:
+    """Super-resolution's factor per axis: ``super_resolution.factors``, else ``factor`` along every axis."""
+    sr = cfg.super_resolution
+    return tuple(int(f) for f in sr.factors) if sr.factors is not None else (int(sr.factor),) * dims
 
 
 class ImageConditioned(Generate):
@@ -124,17 +132,29 @@ class SuperResolution(ImageConditioned):
 
     def check(self, cfg, model, dataset) -> None:
         super().check(cfg, model, dataset)
-        f, size = cfg.super_resolution.factor, model.image_size
+        size, given = model.image_size, cfg.super_resolution.factors
+        if given is not None:
+            factors = tuple(given)
+            if len(factors) != model.dims or min(factors) < 1 or max(factors) < 2 or \
+                    any(s % f for s, f in zip(size, factors)):
+                raise ConfigError(f"super_resolution.factors={list(factors)} must give {model.dims} factors, one per "
+                                  f"axis of {'x'.join(map(str, size))}, each dividing its size, at least one 2 or "
+                                  f"more (e.g. [2, 1, 1] for thick slices)")
+            return
+        f = cfg.super_resolution.factor
         if f < 2 or any(s % f for s in size[::-1]):
             raise ConfigError(f"super_resolution.factor={f} must be at least 2 and divide the model's size "
                               f"{'x'.join(map(str, size[::-1]))}")
 
     def pipeline_options(self, cfg) -> dict:
-        return {**super().pipeline_options(cfg), "sr_factor": cfg.super_resolution.factor}
+        options = {**super().pipeline_options(cfg), "sr_factor": cfg.super_resolution.factor}
+        if cfg.super_resolution.factors is not None:
+            options["sr_factors"] = [int(f) for f in cfg.super_resolution.factors]
+        return options
 
     def known(self, x, given, cfg, held_out: bool = False) -> dict:
         size = x.shape[2:]
-        low = given[0] if given else degrade(x, cfg.super_resolution.factor)     # (B, C, H/f, W/f), or as given
+        low = given[0] if given else degrade(x, sr_factors(cfg, x.ndim - 2))    # (B, C, H/f, W/f), or as given
         return {"image": (low + 1) / 2, "cond": upsample_condition(low, size), "low": low}
 
     @staticmethod

@@ -182,7 +182,7 @@ class Segmentation(Task):
         return segmentation_loss(cfg.segment.loss, model(inputs["image"]).sample, mask, inputs["weight"])
 
     def pipeline(self, unet, scheduler, cfg):
-        return DiffunetSegmentationPipeline(unet=unet, scheduler=None)
+        return DiffunetSegmentationPipeline(unet=unet, scheduler=None, **sample_keywords(cfg, ()))
 
     def card(self, cfg, unet) -> tuple[str, str]:
         return (f"A deterministic segmentation model ({self.classes(unet)} classes) of {of_what(unet)}",
