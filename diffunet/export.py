@@ -109,6 +109,15 @@ def last_metrics(run: Path, step: int) -> dict | None:
     return found
 
 
+def intensity_line(cfg) -> str:
+    """What a signal or volume model's card says of its inputs' intensities (``data.intensity``)."""
+    mode, (lo, hi) = str(cfg.data.intensity), cfg.data.intensity_range
+    how = {"percentile": f"each file's {lo:g}th and {hi:g}th percentiles (per channel) to -1 and 1, clipped",
+           "fixed": f"the values {lo:g} and {hi:g} to -1 and 1, clipped", "none": "as stored (in [-1, 1])"}[mode]
+    return (f"Intensities (`data.intensity={mode}`): {how}; `sample.py` maps its inputs the same way and its "
+            f"outputs back to their inputs' units.")
+
+
 def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: bool, modules: list[str],
                entry: str) -> str:
     """README.md of a pipeline folder: what the model is, how to load it, its data, steps, metrics and samples,
@@ -131,6 +140,7 @@ def model_card(cfg: DictConfig, unet, step: int, metrics: dict | None, grid: boo
         f"{what} on {size} {kind}: diffunet's U-Net ({params / 1e6:.2f}M parameters, EMA weights) trained for "
         f"{step} steps on `{cfg.data.source}`{schedule}.",
         "",
+        *([intensity_line(cfg), ""] if unet.dims != 2 else []),
         "## Load it",
         "",
         f"The folder carries its code: the entry files `{entry}.py` and `unet/diffunet_unet.py` and, "

@@ -79,7 +79,8 @@ def test_class_conditional_signals_train_and_sample(tmp_path):
     pipe = DiffunetPipeline.from_pretrained(pipe_dir)
     out = pipe(class_labels=[0, 3], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 1, 32)
-    assert "1-channel signals" in (pipe_dir / "README.md").read_text()
+    card = (pipe_dir / "README.md").read_text()
+    assert "1-channel signals" in card and "Intensities (`data.intensity=percentile`): each file's 0.5th and 99.5th" in card
 
 
 def test_generation_of_volumes_refuses_an_evaluation_it_cannot_make(tmp_path):

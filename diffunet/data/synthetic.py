@@ -12,13 +12,12 @@ the instances come from the geometry, before blur and noise, so the masks are ex
 
 Seeds: the training items of ``seed`` are seeded ``(seed, 1, k)``, held-out ones ``(seed, 2, k)``: never the same.
 
-    python -m diffunet.data.synthetic volumes OUT --num 3 --size 64     # OUT/images/*.nii.gz + OUT/masks/
-    python -m diffunet.data.synthetic signals OUT --num 40 --length 256  # OUT/<class>/*.npy
+    python -m diffunet.synthetic volumes OUT --num 3 --size 64     # OUT/images/*.nii.gz + OUT/masks/
+    python -m diffunet.synthetic signals OUT --num 40 --length 256  # OUT/<class>/*.npy
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -170,21 +169,3 @@ def write_signals(out: str | Path, n: int = 40, length: int = 256, seed: int = 0
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / f"{k:06d}.npy", signal)
     return out
-
-
-def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m diffunet.data.synthetic", description=__doc__.splitlines()[0])
-    p.add_argument("kind", choices=("volumes", "signals"))
-    p.add_argument("out")
-    p.add_argument("--num", type=int, default=None, help="items (default: 3 volumes, 40 signals)")
-    p.add_argument("--size", type=int, default=64, help="volumes: the side of each cube")
-    p.add_argument("--length", type=int, default=256, help="signals: samples per signal")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.kind == "volumes":
-        return write_volumes(args.out, args.num or 3, args.size, args.seed)
-    return write_signals(args.out, args.num or 40, args.length, args.seed)
-
-
-if __name__ == "__main__":
-    print(main())
