@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from diffunet.config import ConfigError, load_config
 from diffunet.data.transforms import joint_augment
+from diffunet.metrics.paired import cubic_upsample, linear_fill
 from diffunet.training.loop import train
 
 TINY = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.norm_groups=4", "model.num_heads=2",
@@ -116,6 +117,19 @@ def test_image_conditioned_jobs_on_signals_and_volumes_are_scored(tmp_path, job)
     assert {"psnr", "mae"} <= scores.keys()
     assert ("mae_masked" in scores) == ("task=inpainting" in job)
     assert ("ssim" in scores) == ("model.spatial_dims=3" in job)
+    baselines = {"mae_masked_linear"} if "task=inpainting" in job else {"psnr_linear", "psnr_cubic", "ssim_cubic"}
+    assert baselines <= scores.keys()
+
+
+def test_the_classical_baselines_are_exact_where_they_should_be():
+    ramp = torch.linspace(-1, 1, 40).repeat(2, 1, 1)                       # (2, 1, 40)
+    gaps = torch.zeros(2, 1, 40)
+    gaps[0, 0, 5:15], gaps[1, 0, 30:40] = 1, 1
+    filled = linear_fill(ramp * (1 - gaps), gaps)
+    assert torch.allclose(filled[0], ramp[0], atol=1e-6)                   # inside a gap: the line, exactly
+    assert torch.allclose(filled[1, 0, 30:], ramp[1, 0, 29].expand(10))    # past the last known: held
+    flat = torch.full((1, 1, 4, 8, 8), 0.25)
+    assert torch.allclose(cubic_upsample(flat, (8, 8, 8)), torch.full((1, 1, 8, 8, 8), 0.25), atol=1e-6)
 
 
 def test_a_3d_patch_run_resumes_bitwise(tmp_path):

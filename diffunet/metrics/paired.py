@@ -150,11 +150,14 @@ def paired_scores(outputs, truth, *, mask=None, labels=None, classifier: str | P
     return dict(out, notes=notes) if notes else out
 
 
-def array_scores(outputs: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+def array_scores(outputs: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None,
+                 baselines: dict[str, torch.Tensor] | None = None) -> dict:
     """PSNR and mean absolute error of signals or volumes (N, C, *S) in [-1, 1] against their truth, on the
     [0, 1] scale the image scores use; SSIM for volumes (torchmetrics' 3D SSIM, the window of ``ssim_kernel`` for
     the smallest side); with ``mask`` (N, 1, *S), 1 where a value was filled, the same on the filled
-    region alone (``psnr_masked``, ``mae_masked``): what inpainting and imputation are scored by."""
+    region alone (``psnr_masked``, ``mae_masked``): what inpainting and imputation are scored by. ``baselines``
+    (name -> outputs of a classical method, e.g. "linear" interpolation) are scored alike, as ``psnr_<name>``,
+    ``mae_masked_<name>``, ..., so that a log line says what the model adds."""
     if outputs.shape != truth.shape:
         raise ValueError(f"outputs {tuple(outputs.shape)} and truth {tuple(truth.shape)} differ in shape")
     o, t = ((x.float().cpu() + 1) / 2 for x in (outputs, truth))
@@ -172,5 +175,32 @@ def array_scores(outputs: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor 
         mse = ((o - t) ** 2 * m).sum(spatial) / filled
         out["psnr_masked"] = (-10 * torch.log10(mse.clamp(min=1e-10))).clamp(max=PSNR_CAP).mean().item()
         out["mae_masked"] = ((err * m).sum(spatial) / filled).mean().item()
+    for name, values in (baselines or {}).items():
+        scored = array_scores(values, truth, mask)
+        out.update({f"{key}_{name}": v for key, v in scored.items() if key != "num_images"})
     out["num_images"] = len(o)
     return out
+
+
+def linear_fill(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Signals (N, C, L) with the samples where ``mask`` (N, 1, L) is 1 replaced by linear interpolation between
+    the known ones (constant beyond the first and last): imputation's classical baseline."""
+    out = x.detach().float().cpu().numpy().copy()
+    unknown = mask.cpu().numpy()[:, 0] > 0
+    at = np.arange(x.shape[-1])
+    for n in range(len(out)):
+        gaps, known = unknown[n], ~unknown[n]
+        if gaps.any() and known.any():
+            for c in range(out.shape[1]):
+                out[n, c, gaps] = np.interp(at[gaps], at[known], out[n, c, known])
+    return torch.from_numpy(out)
+
+
+def cubic_upsample(low: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(N, C, *s) -> (N, C, *size) by cubic spline interpolation (scipy's ``zoom``, order 3, pixel centres
+    aligned as ``align_corners=False`` aligns them): tricubic for volumes, which torch's ``interpolate`` lacks."""
+    from scipy import ndimage
+
+    arr = low.detach().float().cpu().numpy()
+    zoom = [1, 1] + [t / s for t, s in zip(size, arr.shape[2:])]
+    return torch.from_numpy(ndimage.zoom(arr, zoom, order=3, mode="nearest", grid_mode=True)).clamp(-1, 1)

@@ -11,7 +11,7 @@ from ..data import to_uint8
 from ..data.inpaint_masks import MASKS, MASKS_ND, draw_masks
 from ..data.sources import source_of
 from ..errors import ConfigError
-from ..metrics.paired import array_scores, paired_scores
+from ..metrics.paired import array_scores, cubic_upsample, linear_fill, paired_scores
 from ..model.pipeline import IMAGE_TASKS, ImageTask, inpainting_condition, upsample_condition
 from ..model.tables import choose
 from .base import TaskSampler, augment_jointly, check_classes, check_cond_dropout, condition, flip, labels, needs_time, of_what
@@ -59,6 +59,11 @@ class ImageConditioned(Generate):
         if given not in (None, self.paired):
             raise ConfigError(f"data.source={cfg.data.source} pairs its images with {given}, but task={self.name} "
                               f"takes {self.paired} (or none: they are made from the images)")
+
+    @staticmethod
+    def baselines(known, x) -> dict:
+        """Outputs of classical methods for these inputs, scored beside the model's (signals and volumes)."""
+        return {}
 
     def image_task(self, cfg) -> ImageTask:
         """How the saved pipeline builds this task's condition (``IMAGE_TASKS``, by the pipeline's ``task``)."""
@@ -113,7 +118,7 @@ class ImageConditioned(Generate):
         with a classifier of its own (the digits) also the class accuracy of the outputs under it."""
         x, y, known, out = self.outputs(model, sample, held, cfg.train.eval_num_images, cfg)
         if model.dims != 2:                     # signals and volumes: PSNR, MAE (and SSIM in 3D) of the values
-            return array_scores(out, x, mask=known.get("mask_image"))
+            return array_scores(out, x, mask=known.get("mask_image"), baselines=self.baselines(known, x))
         named = source_of(str(cfg.data.source))
         classifier = named.classifier if named is not None else None
         return paired_scores(to_uint8(out), to_uint8(x), mask=known.get("mask_image"),
@@ -158,6 +163,12 @@ class SuperResolution(ImageConditioned):
         return {"image": (low + 1) / 2, "cond": upsample_condition(low, size), "low": low}
 
     @staticmethod
+    def baselines(known, x) -> dict:
+        """What the classical methods give for these inputs: linear (the model's own condition: linear or
+        trilinear) and cubic spline upsampling, scored beside the model's outputs."""
+        return {"linear": known["cond"], "cubic": cubic_upsample(known["low"], tuple(x.shape[2:]))}
+
+    @staticmethod
     def shown(known, x, out) -> dict:
         size = x.shape[2:]
         return {"input": F.interpolate(known["low"], size=size, mode="nearest"), "bicubic": known["cond"],
@@ -193,6 +204,11 @@ class Inpainting(ImageConditioned):
         else:
             mask = draw_masks(cfg.inpainting.mask, x.shape[0], tuple(x.shape[2:]), device=x.device)
         return {"image": (x + 1) / 2, "mask_image": mask, "cond": inpainting_condition(x, mask)}
+
+    @staticmethod
+    def baselines(known, x) -> dict:
+        """Signals: linear interpolation across each gap, imputation's classical baseline."""
+        return {"linear": linear_fill(x, known["mask_image"])} if x.ndim == 3 else {}
 
     @staticmethod
     def shown(known, x, out) -> dict:
