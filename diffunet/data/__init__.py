@@ -146,7 +146,9 @@ def array_dataset(data_cfg, source: str, size: tuple[int, ...], channels: int, m
                         f"{', '.join(repr(n) for n, s in SOURCES.items() if s.dims == len(size))})")
     intensity = (str(data_cfg.intensity), tuple(data_cfg.intensity_range))
     if (Path(source) / "images").is_dir():
-        return PairedArrays(source, size, channels, intensity, mask_classes, data_cfg.pos_ratio)
+        # patches centred on labelled voxels for segmentation only (an inpainting mask is no structure to find)
+        return PairedArrays(source, size, channels, intensity, mask_classes,
+                            data_cfg.pos_ratio if mask_classes is not None else 0.0)
     if mask_classes is not None:
         raise DataError(f"{source} has no masks to segment: give a folder of images/ and masks/")
     return ArrayFolder(source, size, channels, intensity)
