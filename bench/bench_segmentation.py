@@ -86,16 +86,28 @@ def train_peer(models: dict, data, steps: int, batch_size: int, lr: float, seed:
     ``data`` is a cells dataset (image in [-1, 1], label, mask 0/1, weight). Returns each model's seconds per
     step (its own forward, loss, backward and AdamW step only)."""
     generator = torch.Generator().manual_seed(seed)
+
+    def batches():
+        order = torch.empty(0, dtype=torch.long)
+        for _ in range(steps):
+            if len(order) < batch_size:                                  # epochs of a fixed random order
+                order = torch.cat([order, torch.randperm(len(data), generator=generator)])
+            idx, order = order[:batch_size], order[batch_size:]
+            yield data.images[idx], data.masks[idx]                      # (B, 1, 64, 64) each
+
+    return train_in_turns(models, batches(), lr)
+
+
+def train_in_turns(models: dict, batches, lr: float) -> dict[str, float]:
+    """Train every model in ``models`` in place on each (image, mask) batch of ``batches``, turn by turn, with
+    AdamW at ``lr`` and the ``dice_ce`` loss; each model's seconds per step (its own forward, loss, backward and
+    step only). bench_volumes.py trains its 3D peers with it too."""
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=lr) for name, m in models.items()}
-    seconds = dict.fromkeys(models, 0.0)
+    seconds, steps = dict.fromkeys(models, 0.0), 0
     for m in models.values():
         m.train()
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch_size:                                      # epochs of a fixed random order
-            order = torch.cat([order, torch.randperm(len(data), generator=generator)])
-        idx, order = order[:batch_size], order[batch_size:]
-        x, mask = data.images[idx], data.masks[idx]                      # (B, 1, 64, 64) each
+    for x, mask in batches:
+        steps += 1
         for name, m in models.items():
             start = time.perf_counter()
             loss = segmentation_loss("dice_ce", logits(m, x), mask)

@@ -41,6 +41,9 @@ from diffunet.data.synthetic import nuclei_arrays                       # noqa: 
 from diffunet.model.tiles import predict_tiled                          # noqa: E402
 from diffunet.tasks.segmentation import segmentation_loss, segmentation_scores  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))                # its neighbour, bench_segmentation.py
+from bench_segmentation import logits, parameters, train_in_turns       # noqa: E402
+
 try:
     import monai
     from monai.inferers import sliding_window_inference
@@ -49,15 +52,6 @@ except ImportError:                                                     # the be
     monai = None
 
 QUICK = dict(steps=6, volumes=4, test=1, big=48, repeats=1)
-
-
-def logits(model, x: torch.Tensor) -> torch.Tensor:
-    y = model(x)
-    return y.sample if hasattr(y, "sample") else y
-
-
-def parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def build_models(features=(8, 8, 16, 32, 64, 8)) -> dict:
@@ -84,22 +78,6 @@ def batches(images, masks, steps: int, batch_size: int, patch: int, pos_ratio: f
         yield torch.from_numpy(np.stack(xs)) * 2 - 1, torch.from_numpy(np.stack(ms))
 
 
-def train_peers(models: dict, data, steps: int, batch_size: int, lr: float, patch: int, seed: int) -> dict:
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=lr) for name, m in models.items()}
-    seconds = dict.fromkeys(models, 0.0)
-    for m in models.values():
-        m.train()
-    for x, mask in batches(*data, steps, batch_size, patch, 0.5, seed):
-        for name, m in models.items():
-            start = time.perf_counter()
-            loss = segmentation_loss("dice_ce", logits(m, x), mask)
-            optimizers[name].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[name].step()
-            seconds[name] += time.perf_counter() - start
-    for m in models.values():
-        m.eval()
-    return {name: s / max(steps, 1) for name, s in seconds.items()}
 
 
 @torch.no_grad()
@@ -187,7 +165,7 @@ def main(argv=None) -> int:
     test = nuclei_arrays(args.test, 64, seed=args.seed, part=2)
     models = build_models()
     params = {name: parameters(m) for name, m in models.items()}
-    step_s = train_peers(models, data, args.steps, args.batch_size, args.lr, 32, args.seed)
+    step_s = train_in_turns(models, batches(*data, args.steps, args.batch_size, 32, 0.5, args.seed), args.lr)
     ours, theirs = models["ours"], models["MONAI"]
     scores = {"ours": scores_of(lambda x: logits(ours, x), *test), "MONAI": scores_of(lambda x: logits(theirs, x), *test),
               "ours, tiled": scores_of(tiled_ours(ours, args.tile, args.overlap, args.tile_batch), *test)}

@@ -34,8 +34,8 @@ from .data.views import pictures
 from .model.pipeline import DiffunetPipeline
 from .model.segment_pipeline import DiffunetSegmentationPipeline, mask_classes
 from .objectives import SAMPLERS
-from .pretrained import is_deterministic, model_config, pipeline_options, pipeline_record
-from .sample_folders import DIFFUSION_ONLY, GRID_COLUMNS, GRID_MAX, fill_folder
+from .pretrained import model_config, pipeline_options, pipeline_record
+from .sample_folders import GRID_COLUMNS, GRID_MAX, fill_folder, segmentation_pipeline
 from .sampling import class_labels_for, image_generator, load_for_processes, pipe_batches, pipeline_for
 
 FORMATS = {"npy": ".npy", "nii.gz": ".nii.gz"}           # sample.py --format: a generating model's files
@@ -248,20 +248,10 @@ def segment_arrays(model: str | Path, cond: str | Path, out: str | Path, *, tile
     voxels per axis) by a segmentation pipeline: ``out/a/x.nii.gz`` for ``cond/a/x.nii.gz``, class ids (uint8)
     in the input's format and space (its affine, header, resolution); an ensemble of N > 1 writes its std map
     as ``x_std`` (float32). Options, seeds and resuming as ``sample_folders.segment_to_folder``."""
-    given = dict(scheduler=scheduler, steps=steps, eta=eta, seed=seed, prediction_type=prediction_type,
-                 objective=objective)
-    if is_deterministic(model):
-        wrong = [f"--{name.replace('_', '-')}" for name in DIFFUSION_ONLY if given[name] is not None]
-        wrong += ["--num-per-cond > 1"] if num_per_cond > 1 else []
-        if wrong:
-            raise ValueError(f"{', '.join(wrong)}: not for a deterministic segmentation model (one forward pass, "
-                             f"no scheduler, one mask per input)")
-    state, unet, sched, settings = load_for_processes(model, dtype, device, scheduler=scheduler, steps=steps,
-                                                      guidance_scale=1.0, prediction_type=prediction_type,
-                                                      objective=objective)
-    eta, seed = SampleConfig.eta if eta is None else eta, SampleConfig.seed if seed is None else seed
-    pipe = DiffunetSegmentationPipeline(unet=unet, scheduler=sched if unet.timed else None)
-    pipe.set_progress_bar_config(disable=True)
+    state, pipe, steps, eta, seed = segmentation_pipeline(model, num_per_cond, dtype, device, scheduler=scheduler,
+                                                          steps=steps, eta=eta, seed=seed,
+                                                          prediction_type=prediction_type, objective=objective)
+    unet = pipe.unet
     classes, dims, intensity = mask_classes(unet), unet.dims, intensity_of(model)
     channels = unet.config.cond_channels if unet.timed else unet.config.in_channels
     out, items = Path(out), array_conditions(cond, None, dims)
@@ -275,7 +265,7 @@ def segment_arrays(model: str | Path, cond: str | Path, out: str | Path, *, tile
             key, path, _ = items[i]
             image, _, meta = read_input(path, dims, channels, intensity)
             try:
-                result = pipe(image=image, num_samples=num_per_cond, num_inference_steps=settings["steps"], eta=eta,
+                result = pipe(image=image, num_samples=num_per_cond, num_inference_steps=steps, eta=eta,
                               generator=image_generator(seed, (zlib.crc32(key.encode()),)), tile=tile,
                               overlap=overlap, tile_batch_size=batch_size, output_type="np")
             except ValueError as e:

@@ -244,6 +244,28 @@ def std_image(std: np.ndarray) -> np.ndarray:
 DIFFUSION_ONLY = ("scheduler", "steps", "eta", "seed", "prediction_type", "objective")
 
 
+def segmentation_pipeline(model, num_per_cond: int, dtype: str, device: str | None, **given):
+    """(process state, the segmentation pipeline of folder ``model`` on this process's device, and its steps, eta
+    and seed, each as given or as the run did / the defaults): what ``segment_to_folder`` and
+    ``sample_arrays.segment_arrays`` start with. ``given`` are the options of ``DIFFUSION_ONLY``; a deterministic
+    model given any of them, or ``num_per_cond`` > 1, is one ValueError line."""
+    if is_deterministic(model):
+        wrong = [f"--{name.replace('_', '-')}" for name in DIFFUSION_ONLY if given[name] is not None]
+        wrong += ["--num-per-cond > 1"] if num_per_cond > 1 else []
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: not for a deterministic segmentation model (one forward pass, "
+                             f"no scheduler, one mask per image)")
+    state, unet, sched, settings = load_for_processes(model, dtype, device, scheduler=given["scheduler"],
+                                                      steps=given["steps"], guidance_scale=1.0,
+                                                      prediction_type=given["prediction_type"],
+                                                      objective=given["objective"])
+    eta = SampleConfig.eta if given["eta"] is None else given["eta"]
+    seed = SampleConfig.seed if given["seed"] is None else given["seed"]
+    pipe = DiffunetSegmentationPipeline(unet=unet, scheduler=sched if unet.timed else None)
+    pipe.set_progress_bar_config(disable=True)
+    return state, pipe, settings["steps"], eta, seed
+
+
 def segment_to_folder(model: str | Path, cond: str | Path, out: str | Path, *, tile: int | None = None,
                       overlap: int | None = None, num_per_cond: int = 1, scheduler: str | None = None,
                       steps: int | None = None, eta: float | None = None,
@@ -258,22 +280,10 @@ def segment_to_folder(model: str | Path, cond: str | Path, out: str | Path, *, t
     files and the processes. Existing outputs are skipped (a run resumes); under ``accelerate launch`` the images
     are split between processes. Every file is read once before any compute, so an unreadable one stops the run
     naming it. A deterministic model takes none of ``DIFFUSION_ONLY`` (nor ``num_per_cond`` > 1): one line."""
-    given = dict(scheduler=scheduler, steps=steps, eta=eta, seed=seed, prediction_type=prediction_type,
-                 objective=objective)
-    if is_deterministic(model):
-        wrong = [f"--{name.replace('_', '-')}" for name in DIFFUSION_ONLY if given[name] is not None]
-        wrong += ["--num-per-cond > 1"] if num_per_cond > 1 else []
-        if wrong:
-            raise ValueError(f"{', '.join(wrong)}: not for a deterministic segmentation model (one forward pass, "
-                             f"no scheduler, one mask per image)")
-    state, unet, sched, settings = load_for_processes(model, dtype, device, scheduler=scheduler, steps=steps,
-                                                      guidance_scale=1.0, prediction_type=prediction_type,
-                                                      objective=objective)
-    steps = settings["steps"]
-    eta, seed = SampleConfig.eta if eta is None else eta, SampleConfig.seed if seed is None else seed
-    pipe = DiffunetSegmentationPipeline(unet=unet, scheduler=sched if unet.timed else None)
-    pipe.set_progress_bar_config(disable=True)
-    classes = mask_classes(unet)
+    state, pipe, steps, eta, seed = segmentation_pipeline(model, num_per_cond, dtype, device, scheduler=scheduler,
+                                                          steps=steps, eta=eta, seed=seed,
+                                                          prediction_type=prediction_type, objective=objective)
+    unet, classes = pipe.unet, mask_classes(pipe.unet)
     channels = unet.config.cond_channels if unet.timed else unet.config.in_channels
     out, items = Path(out), conditions(cond)
     names = {key: [key + ".png"] + ([key + "_std.png"] if num_per_cond > 1 else []) for key, _, _ in items}

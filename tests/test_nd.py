@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from diffunet import DiffunetPipeline, DiffunetSegmentationPipeline, UNet, export
 from diffunet.config import build_model
-from diffunet.errors import ConfigError, DataError
+from diffunet.errors import DataError
 from diffunet.plan import format_plan
 from diffunet.training.loop import validate
 from diffunet.model.tiles import predict_tiled
