@@ -3,6 +3,12 @@ by diffusion), super-resolution and inpainting in 1D and 3D from the embedded da
 augmentation that moves a sample and its mask together, and a 3D patch run that resumes bitwise."""
 
 import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +21,7 @@ from diffunet.config import ConfigError, load_config
 from diffunet.data.transforms import joint_augment
 from diffunet.metrics.paired import cubic_upsample, linear_fill
 from diffunet.training.loop import train
+from diffunet.training.state import step_dir
 
 TINY = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.norm_groups=4", "model.num_heads=2",
         "model.attention_resolutions=[]", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1",
@@ -140,3 +147,34 @@ def test_a_3d_patch_run_resumes_bitwise(tmp_path):
     _run(tmp_path, "halves", *common, "train.max_steps=4", "train.resume=latest")
     a, b = (load_file(tmp_path / r / "checkpoints" / "step_000004" / "model.safetensors") for r in ("straight", "halves"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_of_a_3d_patch_run_at_a_random_moment_then_resume_is_bitwise_a_straight_run(tmp_path):
+    """The issue's reliability target: three train.py processes (one thread each, so the kernels sum alike), a
+    straight run; a run killed with SIGKILL at a random moment after its first checkpoint; its resume. The
+    resumed run's last weights equal the straight run's bit for bit."""
+    root = Path(__file__).resolve().parents[1]
+    common = [*TINY, *VOLUMES, *SEGMENT, "model.num_classes=null", "train.num_threads=1", "train.checkpoint_every=1",
+              "train.keep_checkpoints=2", "train.lr_scheduler=constant_with_warmup", "train.max_steps=30",
+              "data.augment.flip=true", "data.augment.rotate=10", "data.augment.intensity=0.1"]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+
+    def launch(name, *extra):
+        return subprocess.Popen([sys.executable, str(root / "train.py"), *common, f"output_dir={tmp_path / name}",
+                                 *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    straight = launch("straight")
+    killed = launch("killed")
+    first = step_dir(tmp_path / "killed" / "checkpoints", 1)
+    end = time.time() + 300
+    while not (first / "model.safetensors").exists() and time.time() < end and killed.poll() is None:
+        time.sleep(0.05)
+    moment = random.uniform(0.0, 1.5)
+    time.sleep(moment)
+    killed.kill()
+    assert killed.wait() == -9, "the run ended before it was killed"              # killed mid-run, not after
+    assert straight.wait() == 0, straight.stderr.read()
+    resumed = launch("killed", "train.resume=latest")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    a, b = (load_file(step_dir(tmp_path / r / "checkpoints", 30) / "model.safetensors") for r in ("straight", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed {moment:.2f} s after step 1"

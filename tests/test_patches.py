@@ -149,3 +149,14 @@ def test_the_embedded_data_is_made_from_a_seed():
     signals, labels = signals_arrays(8, 64)
     assert labels.tolist() == [0, 1, 2, 3] * 2 and signals.shape == (8, 1, 64)
     assert not np.array_equal(signals, signals_arrays(8, 64, part=2)[0])
+
+
+def test_a_paired_folder_of_only_lone_files_says_so(tmp_path):
+    root = tmp_path / "d"
+    _nifti(root / "images" / "a.nii.gz", np.zeros((8, 8, 8), np.float32))
+    _nifti(root / "masks" / "b.nii.gz", np.zeros((8, 8, 8), np.uint8))
+    ds = build_dataset(load_config(None, [f"data.source={root}"]).data, (8, 8, 8), 1, mask_classes=2)
+    bad = ds.preflight()
+    assert len(bad) == 2 and len(ds) == 0
+    with pytest.raises(DataError, match="no readable images left"):
+        apply_bad_image_policy(ds, bad, "skip", warn=lambda _: None)

@@ -206,10 +206,9 @@ class PairedArrays(ArrayFolder):
     def preflight(self, progress: bool = False) -> list[tuple[str, str]]:
         bad = self.unpaired()
         lone = {p for p, _ in bad}
-        self.files, self.labels, self.partners = zip(*[(f, y, q) for f, y, q in
-                                                      zip(self.files, self.labels, self.partners)
-                                                      if str(f) not in lone]) or ((), (), ())
-        self.files, self.labels, self.partners = list(self.files), list(self.labels), list(self.partners)
+        kept = [i for i, f in enumerate(self.files) if str(f) not in lone]     # read the pairs only
+        self.files, self.labels = [self.files[i] for i in kept], [self.labels[i] for i in kept]
+        self.partners = [self.partners[i] for i in kept]
         return bad + super().preflight(progress)
 
     def _check(self, path: Path) -> tuple[int, ...]:
