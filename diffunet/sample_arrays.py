@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .config import SampleConfig
+from .config import DataConfig, SampleConfig
 from .data import DataError, save_grid, to_uint8
 from .errors import CheckpointError
 from .data.arrays import Meta, denormalise, intensity_window, normalise, read_array, suffix_of, write_array
@@ -35,12 +35,12 @@ from .model.pipeline import DiffunetPipeline
 from .model.segment_pipeline import DiffunetSegmentationPipeline, mask_classes
 from .objectives import SAMPLERS
 from .pretrained import model_config, pipeline_options, pipeline_record
-from .sample_folders import GRID_COLUMNS, GRID_MAX, fill_folder, segmentation_pipeline
-from .sampling import class_labels_for, image_generator, load_for_processes, pipe_batches, pipeline_for
+from .sample_folders import GRID_COLUMNS, GRID_MAX, fill_folder, segment_file, segmentation_pipeline
+from .sampling import class_labels_for, load_for_processes, pipe_batches, pipeline_for
 
 FORMATS = {"npy": ".npy", "nii.gz": ".nii.gz"}           # sample.py --format: a generating model's files
 DEFAULT_FORMAT = {1: ".npy", 3: ".nii.gz"}
-DEFAULT_INTENSITY = ["percentile", 0.5, 99.5]            # data.intensity's default, for a folder that records none
+DEFAULT_INTENSITY = [DataConfig.intensity, *DataConfig().intensity_range]   # for a folder that records none
 
 
 def model_dims(path) -> int:
@@ -253,6 +253,8 @@ def segment_arrays(model: str | Path, cond: str | Path, out: str | Path, *, tile
                                                           prediction_type=prediction_type, objective=objective)
     unet = pipe.unet
     classes, dims, intensity = mask_classes(unet), unet.dims, intensity_of(model)
+    if classes > 255:
+        raise ValueError(f"{classes} classes do not fit the uint8 masks written")
     channels = unet.config.cond_channels if unet.timed else unet.config.in_channels
     out, items = Path(out), array_conditions(cond, None, dims)
     for _, path, _ in items:                                    # every file checked before any compute
@@ -264,13 +266,8 @@ def segment_arrays(model: str | Path, cond: str | Path, out: str | Path, *, tile
         for i in mine:
             key, path, _ = items[i]
             image, _, meta = read_input(path, dims, channels, intensity)
-            try:
-                result = pipe(image=image, num_samples=num_per_cond, num_inference_steps=steps, eta=eta,
-                              generator=image_generator(seed, (zlib.crc32(key.encode()),)), tile=tile,
-                              overlap=overlap, tile_batch_size=batch_size, output_type="np")
-            except ValueError as e:
-                hint = "" if tile or "does not fit" not in str(e) else "; or pass --tile T, which takes any size"
-                raise ValueError(f"{path}: {e}{hint}") from None
+            result = segment_file(pipe, image, key, path, num_per_cond=num_per_cond, steps=steps, eta=eta,
+                                  seed=seed, tile=tile, overlap=overlap, batch_size=batch_size)
             target = out / names[key][0]
             target.parent.mkdir(parents=True, exist_ok=True)
             write_array(np.asarray(result.masks[0])[None].astype(np.uint8), target, meta)
@@ -278,8 +275,6 @@ def segment_arrays(model: str | Path, cond: str | Path, out: str | Path, *, tile
                 write_array(np.asarray(result.std[0])[None].astype(np.float32), out / names[key][1], meta)
             yield 1
 
-    if classes > 255:
-        raise ValueError(f"{classes} classes do not fit the uint8 masks written")
     return fill_folder(state, out, list(range(len(items))), lambda i: [out / n for n in names[items[i][0]]], work,
                        desc="segmenting", progress=progress, made="segmented")
 

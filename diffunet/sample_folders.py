@@ -266,6 +266,20 @@ def segmentation_pipeline(model, num_per_cond: int, dtype: str, device: str | No
     return state, pipe, settings["steps"], eta, seed
 
 
+def segment_file(pipe: DiffunetSegmentationPipeline, image: torch.Tensor, key: str, path: Path, *,
+                 num_per_cond: int, steps: int, eta: float, seed: int, tile, overlap, batch_size: int):
+    """The pipeline's masks of one input file (``image``, (1, C, *S) in [0, 1]) whose key is ``key``: drawn from
+    ``image_generator(seed, (crc32(key),))``, whole or by tiles; a ValueError names ``path`` (and, for a size the
+    network cannot take whole, suggests --tile)."""
+    try:
+        return pipe(image=image, num_samples=num_per_cond, num_inference_steps=steps, eta=eta,
+                    generator=image_generator(seed, (zlib.crc32(key.encode()),)), tile=tile, overlap=overlap,
+                    tile_batch_size=batch_size, output_type="np")
+    except ValueError as e:                                     # a size the network cannot take whole, say
+        hint = "" if tile or "does not fit" not in str(e) else "; or pass --tile T, which takes any size"
+        raise ValueError(f"{path}: {e}{hint}") from None
+
+
 def segment_to_folder(model: str | Path, cond: str | Path, out: str | Path, *, tile: int | None = None,
                       overlap: int | None = None, num_per_cond: int = 1, scheduler: str | None = None,
                       steps: int | None = None, eta: float | None = None,
@@ -294,13 +308,8 @@ def segment_to_folder(model: str | Path, cond: str | Path, out: str | Path, *, t
         for i in mine:
             key, path, _ = items[i]
             image = torch.from_numpy(match_channels(load_image(path), channels, str(path))).permute(2, 0, 1)[None]
-            try:
-                result = pipe(image=image, num_samples=num_per_cond, num_inference_steps=steps, eta=eta,
-                              generator=image_generator(seed, (zlib.crc32(key.encode()),)), tile=tile,
-                              overlap=overlap, tile_batch_size=batch_size)
-            except ValueError as e:                             # a size the network cannot take whole, say
-                hint = "" if tile or "does not fit" not in str(e) else "; or pass --tile T, which takes any size"
-                raise ValueError(f"{path}: {e}{hint}") from None
+            result = segment_file(pipe, image, key, path, num_per_cond=num_per_cond, steps=steps, eta=eta,
+                                  seed=seed, tile=tile, overlap=overlap, batch_size=batch_size)
             target = out / names[key][0]
             target.parent.mkdir(parents=True, exist_ok=True)
             write_image(mask_image(result.masks[0], classes)[..., None], target)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..model.unet import KINDS
 
 MEDICAL = "pip install 'diffunet[medical]'"
 
@@ -202,7 +203,7 @@ def read_array(path: str | Path, dims: int) -> tuple[np.ndarray, Meta]:
     DataError naming the file: an unknown suffix, a missing reader, a corrupt file, the wrong number of axes."""
     path = Path(path)
     entry = FORMATS.get(suffix_of(path))
-    kind = {1: "signal", 3: "volume"}[dims]
+    kind = KINDS[dims][:-1]
     if entry is None or dims not in entry.dims:
         raise DataError(f"{path}: {suffix_of(path) or 'no suffix'} is not a {kind} file; diffunet reads "
                         f"{', '.join(sorted(suffixes(dims)))}")
@@ -214,10 +215,11 @@ def read_array(path: str | Path, dims: int) -> tuple[np.ndarray, Meta]:
         reason = str(e).splitlines()[0] if str(e) else "unreadable"
         raise DataError(f"cannot read {path}: {type(e).__name__}: {reason}") from None
     if data.ndim != dims + 1:
-        shape = "x".join(map(str, data.shape[1:] if data.shape[0] == 1 else data.shape))
-        raise DataError(f"{path} is {data.ndim - 1 if data.shape[0] == 1 else data.ndim}D (shape {shape}) but "
+        single = data.shape[0] == 1                                     # read as one channel: its own dims
+        shape = "x".join(map(str, data.shape[1:] if single else data.shape))
+        raise DataError(f"{path} is {data.ndim - 1 if single else data.ndim}D (shape {shape}) but "
                         f"the model takes {dims}D {kind}s; give {kind}s {'(L,) or (C, L)' if dims == 1 else '(D, H, W)'}"
-                        f" or build the model with model.spatial_dims={data.ndim - 1 if data.shape[0] == 1 else 2}")
+                        f" or build the model with model.spatial_dims={data.ndim - 1 if single else 2}")
     if not np.isfinite(data).all():
         raise DataError(f"{path} holds NaN or infinite values; fill them before training")
     return data, meta
@@ -237,21 +239,21 @@ def write_array(array: np.ndarray, path: str | Path, meta: Meta | None = None) -
     A single channel is written without its channel axis."""
     path = Path(path)
     suffix, part = suffix_of(path), _part(path)
+    meta = meta if meta is not None else Meta(suffix)
     data = array[0] if array.shape[0] == 1 else array
     if suffix in (".nii", ".nii.gz"):
         nib = _need("nibabel", path)
         data = data if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
-        header = meta.header.copy() if meta is not None and meta.header is not None else None
-        affine = meta.affine if meta is not None and meta.affine is not None else np.diag(
-            [*(meta.spacing if meta is not None and meta.spacing else (1.0, 1.0, 1.0)), 1.0])
+        header = meta.header.copy() if meta.header is not None else None
+        affine = meta.affine if meta.affine is not None else np.diag([*(meta.spacing or (1.0, 1.0, 1.0)), 1.0])
         image = nib.Nifti1Image(data, affine, header)
         image.header.set_data_dtype(data.dtype)
-        if meta is not None and meta.spacing:
+        if meta.spacing:
             image.header.set_zooms(tuple(meta.spacing) + tuple(image.header.get_zooms()[3:]))
         nib.save(image, str(part))
     elif suffix in (".tif", ".tiff"):
         tifffile = _need("tifffile", path)
-        tiff = meta.tiff if meta is not None else {}
+        tiff = meta.tiff
         imagej = {k: tiff[k] for k in ("spacing", "unit") if k in tiff}
         axes = "ZYX" if array.shape[0] == 1 else "ZCYX"
         stack = data if array.shape[0] == 1 else np.moveaxis(array, 0, 1)

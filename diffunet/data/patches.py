@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..model.unet import KINDS
 from .arrays import Meta, intensity_window, normalise, read_array, stem_of, suffix_of, suffixes
 from .seg_masks import class_ids, class_values_problem
 
-KIND = {1: "signal", 3: "volume"}
+KIND = {dims: kinds[:-1] for dims, kinds in KINDS.items()}      # "signal", "image", "volume"
 
 
 def _shape(shape) -> str:
@@ -155,9 +156,10 @@ class ArrayFolder(Patches):
         from tqdm.auto import tqdm
 
         bad, small = [], []
-        for path in tqdm(self.files, desc=f"checking {KIND[self.dims]}s", disable=not progress, leave=False):
+        for i, path in enumerate(tqdm(self.files, desc=f"checking {KIND[self.dims]}s", disable=not progress,
+                                      leave=False)):
             try:
-                shape = self._check(path)
+                shape = self._check(i)
             except DataError as e:
                 bad.append((str(path), str(e)))
                 continue
@@ -166,8 +168,9 @@ class ArrayFolder(Patches):
         self.size_note = pad_note(self.root, self.size, small, len(self.files) - len(bad), KIND[self.dims])
         return bad
 
-    def _check(self, path: Path) -> tuple[int, ...]:
-        return self._read(path)[0].shape[1:]
+    def _check(self, i: int) -> tuple[int, ...]:
+        """The spatial shape of item ``i``, read (and checked) as training will read it."""
+        return self._read(self.files[i])[0].shape[1:]
 
     def drop(self, paths: set[str]) -> None:
         keep = [i for i, p in enumerate(self.files) if str(p) not in paths]
@@ -211,8 +214,8 @@ class PairedArrays(ArrayFolder):
         self.partners = [self.partners[i] for i in kept]
         return bad + super().preflight(progress)
 
-    def _check(self, path: Path) -> tuple[int, ...]:
-        return self._pair(self.files.index(path))[0].shape[1:]
+    def _check(self, i: int) -> tuple[int, ...]:
+        return self._pair(i)[0].shape[1:]
 
     def drop(self, paths: set[str]) -> None:
         partner_of = dict(zip(self.files, self.partners))
