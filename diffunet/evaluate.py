@@ -9,6 +9,14 @@ or, with ``--segmentation``, masks against their truth masks: Dice, IoU, HD95 (`
 SAMPLES and REFERENCE: a folder of images, an .npz of uint8 images, or ``digits`` (the embedded set). The
 extractor defaults to the offline digits classifier when REFERENCE is ``digits`` and to Inception otherwise.
 
+Signals and volumes (``metrics.frechet``): SAMPLES a folder of .npy / .csv signals or .nii.gz / .tif / .npy
+volumes, REFERENCE such a folder or ``signals`` / ``cells3d`` (held-out embedded items at the samples' size);
+``--dims`` where a folder of .npy files does not say. Signals: the Frechet distance on the shipped signals
+classifier, and its class accuracy where a ``labels.csv`` lies beside the samples; volumes: the tri-planar
+distance (MAISI's protocol), per plane and their mean.
+
+    python -m diffunet.evaluate SAMPLES signals|cells3d|FOLDER [--dims 1|3] [--intensity none|percentile|fixed]
+
 OUTPUTS and TRUTH (``--paired``): folders of images at any depth, paired by path without suffix (``a/x.png``
 with ``a/x.jpg``); ``x_3.png`` (one of several outputs per condition) pairs with ``x`` unless TRUTH has an
 ``x_3`` itself, and ``x_mean`` / ``x_std`` (the per-pixel statistics sample.py writes) are skipped.
@@ -25,10 +33,13 @@ import numpy as np
 import torch
 
 from .cli import ArgumentParser
-from .config import EvalConfig
+from .config import DataConfig, EvalConfig
 from .data import DataError, files_by_stem, read_class_mask, read_image, read_mask, source_of
+from .data.arrays import INTENSITY, suffix_of
 from .data.seg_masks import count_objects
 from .metrics import EXTRACTORS, IMAGE_SUFFIXES, ExtractorUnavailable, classify, evaluate, paired_scores
+from .metrics.frechet import array_files, evaluate_arrays
+from .model.unet import KINDS
 from .tasks.segmentation import segmentation_scores
 
 SAMPLE_K = re.compile(r"(.+)_\d+")                  # stem_k: the k-th output for the condition `stem`
@@ -177,15 +188,40 @@ def evaluate_segmentation(outputs: str | Path, truth: str | Path, classes: int =
     return dict(mean, num_images=len(rows), **(dict(num_unpaired=len(unpaired)) if skip_unpaired else {}))
 
 
-def floor_note(result: dict, reference: str, draws: int) -> str:
+def floor_note(result: dict, reference: str, draws: int, noun: str = "images") -> str:
     """The line that says what the FID is to be read against: the floor, real images against their reference."""
     n = result["num_fake"]
     if "fid_floor" in result:
-        return (f"fid is read against fid_floor, not 0: {n} real images of {reference} score "
+        return (f"fid is read against fid_floor, not 0: {n} real {noun} of {reference} score "
                 f"{result['fid_floor']:.4g} against all {result['num_real']} (mean of {draws} draws); "
                 f"fid / fid_floor = {result['fid'] / result['fid_floor']:.2f}")
-    why = "--floor-draws 0" if draws < 1 else f"the reference holds {result['num_real']} images, not more than {n}"
-    return f"no fid_floor ({why}): FID depends on the number of images, so compare only scores of {n} images"
+    why = "--floor-draws 0" if draws < 1 else f"the reference holds {result['num_real']} {noun}, not more than {n}"
+    return f"no fid_floor ({why}): FID depends on the number of {noun}, so compare only scores of {n} {noun}"
+
+
+def array_dims(samples, reference) -> int:
+    """2 for images; 1 or 3 where REFERENCE names embedded signals / volumes or SAMPLES holds NIfTI, TIFF or .csv
+    files (a folder of .npy arrays is images unless --dims says otherwise)."""
+    named = source_of(reference)
+    if named is not None:
+        return named.dims
+    folder = Path(samples)
+    found = {suffix_of(p) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+    if found & {".nii", ".nii.gz", ".tif", ".tiff"}:
+        return 3
+    return 1 if ".csv" in found else 2
+
+
+def evaluate_array_folder(samples, reference, dims: int, intensity, **options) -> dict:
+    """``metrics.frechet.evaluate_arrays`` of a folder of signals or volumes; class-conditional samples (a
+    ``labels.csv`` beside them, as sample.py writes) also get the signals classifier's ``accuracy``."""
+    labels, table = None, Path(samples) / "labels.csv"
+    if table.is_file() and dims == 1:
+        by_name = dict(line.split(",") for line in table.read_text().split())
+        files = array_files(samples, dims)
+        if all(p.name in by_name for p in files):
+            labels = [int(by_name[p.name]) for p in files]
+    return evaluate_arrays(samples, reference, dims, labels=labels, intensity=intensity, **options)
 
 
 def main(argv=None) -> dict:
@@ -203,6 +239,14 @@ def main(argv=None) -> dict:
                    help="fid_floor: the mean FID of this many draws of as many real images as samples (0: none)")
     p.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the reference's features")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    arrays = p.add_argument_group("signals and volumes (metrics.frechet: the signals classifier, tri-planar slices)")
+    arrays.add_argument("--dims", type=int, choices=(1, 2, 3), default=None,
+                        help="1 signals, 3 volumes (default: from a named reference or the files' suffixes)")
+    arrays.add_argument("--intensity", choices=INTENSITY, default="none",
+                        help="data.intensity applied to every file read, both folders (default none: the values "
+                             "as they are, what sample.py writes)")
+    arrays.add_argument("--intensity-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="its bounds (default: data.intensity_range's)")
     paired = p.add_argument_group("paired metrics (--paired)")
     paired.add_argument("--paired", action="store_true", help="PSNR, SSIM, LPIPS of outputs against their truth")
     paired.add_argument("--mask", metavar="DIR", help="masks paired with the truth by name: adds psnr_masked")
@@ -228,6 +272,13 @@ def main(argv=None) -> dict:
             result = evaluate_paired(args.samples, args.reference, args.mask, classifier=args.classifier,
                                      skip_unpaired=args.skip_unpaired, lpips=args.lpips, batch_size=args.batch_size,
                                      device=args.device)
+        elif (dims := args.dims or array_dims(args.samples, args.reference)) != 2:
+            bounds = tuple(args.intensity_range or DataConfig().intensity_range)
+            result = evaluate_array_folder(args.samples, args.reference, dims, (args.intensity, bounds),
+                                           batch_size=args.batch_size, device=args.device, seed=args.seed,
+                                           kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
+                                           floor_draws=args.floor_draws)
+            result["notes"] = [floor_note(result, args.reference, args.floor_draws, KINDS[dims])]
         else:
             named = source_of(args.reference)      # a named reference is scored by its own classifier's features
             extractor = args.inception_weights or args.extractor or (
@@ -237,7 +288,7 @@ def main(argv=None) -> dict:
                               kid_subsets=args.kid_subsets, cache=args.cache, seed=args.seed,
                               floor_draws=args.floor_draws)
             result["notes"] = [floor_note(result, args.reference, args.floor_draws)]
-    except (ExtractorUnavailable, FileNotFoundError, PairingError, DataError) as e:
+    except (ExtractorUnavailable, FileNotFoundError, PairingError, DataError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.json:
         print(json.dumps(result))

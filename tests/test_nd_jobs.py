@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffunet.config import ConfigError, load_config
+from diffunet.config import load_config
 from diffunet.data.transforms import joint_augment
 from diffunet.metrics.paired import cubic_upsample, linear_fill
 from diffunet.training.loop import train
@@ -91,9 +91,15 @@ def test_class_conditional_signals_train_and_sample(tmp_path):
     assert "1-channel signals" in card and "Intensities (`data.intensity=percentile`): each file's 0.5th and 99.5th" in card
 
 
-def test_generation_of_volumes_refuses_an_evaluation_it_cannot_make(tmp_path):
-    with pytest.raises(ConfigError, match="Frechet distance of generated volumes is not built yet"):
-        _run(tmp_path, "gen", *VOLUMES, "train.max_steps=1", "train.eval_every=1")
+@pytest.mark.parametrize("job", [[*SIGNALS, "model.num_classes=4"], VOLUMES])
+def test_generation_of_signals_and_volumes_is_scored_by_its_frechet_distance(tmp_path, job):
+    _, run = _run(tmp_path, "gen", *job, "train.max_steps=2", "train.eval_every=2", "train.eval_num_images=8")
+    scores = _scores(run)[-1]
+    assert scores["fid"] > 0 and scores["fid_floor"] > 0
+    if "data.source=signals" in job:
+        assert 0 <= scores["accuracy"] <= 1                   # class-conditional: read by the held-out classifier
+    else:
+        assert {"fid_xy", "fid_zx", "fid_yz"} <= scores.keys()
 
 
 def test_3d_segmentation_trains_on_patches_and_is_scored(tmp_path):

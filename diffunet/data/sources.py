@@ -234,6 +234,8 @@ class Source:
     reference: Callable | None = None   # () -> (N, H, W, C) uint8: the name is an FID reference (metrics, evaluate)
     classifier: str | None = None       # the offline classifier of its classes (a name in metrics.EXTRACTORS)
     dims: int = 2                       # the spatial dimensionality of its samples (model.spatial_dims)
+    held_out: Callable | None = None    # (n, size) -> (n, C, *size) float32 in [-1, 1]: real signals / volumes
+                                        # no run trains on, the Frechet reference (metrics.frechet)
 
 
 SOURCES = {     # the names data.source takes; every other value is "hf:<name>" or a folder
@@ -243,10 +245,10 @@ SOURCES = {     # the names data.source takes; every other value is "hf:<name>" 
     "cells": Source(lambda cfg, size, channels, **segment: cells_source(cfg.num_crops, size, channels, **segment),
                     masks=True),
     "signals": Source(lambda cfg, size, channels, **segment: signals_source(cfg.num_crops, size, channels, **segment),
-                      dims=1),
+                      dims=1, held_out=lambda n, size: synthetic.signals_arrays(n, size[0], seed=0, part=2)[0]),
     "cells3d": Source(lambda cfg, size, channels, **segment: cells3d_source(cfg.num_crops, size, channels,
                                                                           pos_ratio=cfg.pos_ratio, **segment),
-                      masks=True, dims=3),
+                      masks=True, dims=3, held_out=lambda n, size: synthetic.nuclei_crops(n, size, seed=0, part=2)),
 }
 
 

@@ -142,6 +142,19 @@ def nuclei_arrays(n: int, size=(48, 48, 48), seed: int = 0, part: int = 1) -> tu
             np.stack([(instances > 0)[None] for _, instances in made]).astype(np.float32))
 
 
+def nuclei_crops(n: int, size, seed: int = 0, part: int = 2) -> np.ndarray:
+    """``n`` patches (n, 1, *size) in [-1, 1] as ``data.source=cells3d`` trains on them: two seeded random crops
+    of each of n / 2 volumes of twice ``size`` per axis (at least 32), seeded (seed, part, k)."""
+    full = tuple(max(32, 2 * s) for s in size)
+    images, _ = nuclei_arrays((n + 1) // 2, full, seed, part)
+    rng = np.random.default_rng((seed, part, 0, 1))
+    crops = []
+    for k in range(n):
+        corner = [rng.integers(0, f - s + 1) for f, s in zip(full, size)]
+        crops.append(images[k // 2][(slice(None),) + tuple(slice(c, c + s) for c, s in zip(corner, size))])
+    return np.stack(crops) * 2 - 1
+
+
 # ------------------------------------------------------------------------------------------ files
 
 def write_volumes(out: str | Path, n: int = 3, size: int = 64, seed: int = 0, part: int = 2) -> Path:

@@ -295,16 +295,18 @@ def fid_floor(real: torch.Tensor, n: int, draws: int = EvalConfig.floor_draws) -
     """The FID that ``n`` real images score against the reference they come from: the mean over ``draws`` fixed
     draws (``numpy.random.default_rng(d)``, d = 0 .. draws - 1, without replacement) of ``n`` rows of the
     reference's features ``real`` against all of them. A score of ``n`` samples is read against this, not
-    against 0: FID is biased by the set's size. None where the reference holds no more than ``n`` images."""
+    against 0: FID is biased by the set's size. None where the reference holds no more than ``n`` images.
+    ``real`` (N, S, d) holds S features per item (the slices of a volume): items are drawn whole."""
     if draws < 1 or n >= len(real):
         return None
     key = (real.shape, float(real.sum()), float(real.square().sum()), n, draws)    # the same features, n, draws
     if key not in _FLOORS:
-        fid = FrechetInceptionDistance(feature=Precomputed(real.shape[1]), reset_real_features=False)
-        fid.update(real, real=True)                                     # the reference's statistics, once
+        fid = FrechetInceptionDistance(feature=Precomputed(real.shape[-1]), reset_real_features=False)
+        fid.update(real.flatten(0, -2), real=True)                      # the reference's statistics, once
         fids = []
         for d in range(draws):
-            fid.update(real[torch.from_numpy(np.random.default_rng(d).choice(len(real), n, replace=False))], real=False)
+            drawn = real[torch.from_numpy(np.random.default_rng(d).choice(len(real), n, replace=False))]
+            fid.update(drawn.flatten(0, -2), real=False)
             fids.append(fid.compute().item())
             fid.reset()                                                 # the draw's features go, the reference stays
         _FLOORS[key] = float(np.mean(fids))

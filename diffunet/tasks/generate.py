@@ -8,8 +8,9 @@ from ..data import to_uint8
 from ..data.augment import augment
 from ..errors import ConfigError
 from ..metrics import ExtractorUnavailable, evaluate, load_extractor
+from ..metrics.frechet import ARRAY_EXTRACTORS, evaluate_arrays
 from ..model.pipeline import DiffunetPipeline
-from ..model.unet import KINDS
+from ..sampling import class_labels_for
 from .base import TaskSampler, Task, augment_jointly, check_classes, eval_reference, flip, labels, needs_time, of_what, sample_keywords
 
 
@@ -26,14 +27,11 @@ class Generate(Task):
         needs_time(cfg, model)
         check_classes(cfg, model, dataset)
         if cfg.train.eval_every > 0:
-            if model.dims != 2:
-                raise ConfigError(f"train.eval_every: the Frechet distance of generated {KINDS[model.dims]} is not "
-                                  f"built yet; set train.eval_every=0 and look at the sample grids")
-            if eval_reference(cfg) is None:
+            if eval_reference(cfg) is None:                 # 2D only: signals and volumes come from folders
                 raise ConfigError(f"train.eval_every needs train.eval_reference (a folder, an .npz or 'digits') "
                                   f"for data.source={cfg.data.source}")
             try:
-                load_extractor(cfg.train.eval_extractor)
+                load_extractor(cfg.train.eval_extractor) if model.dims == 2 else ARRAY_EXTRACTORS[model.dims]()
             except ExtractorUnavailable as e:
                 raise ConfigError(f"train.eval_extractor: {e}") from None
 
@@ -73,5 +71,10 @@ class Generate(Task):
     def evaluate(self, model, sample: TaskSampler, held, cfg) -> dict:
         """FID / KID (and IS where the extractor has one) of ``train.eval_num_images`` samples, every class
         equally often, against the reference."""
-        images = sample(cfg.train.eval_num_images, class_labels="all" if model.config.num_classes else None)
+        classes = "all" if model.config.num_classes else None
+        images = sample(cfg.train.eval_num_images, class_labels=classes)
+        if model.dims != 2:                     # signals and volumes: metrics.frechet's extractors
+            labels = class_labels_for(classes, range(len(images)), model.config.num_classes)
+            return evaluate_arrays(images, eval_reference(cfg), model.dims, labels=labels, seed=cfg.sample.seed,
+                                   intensity=(cfg.data.intensity, tuple(cfg.data.intensity_range)))
         return evaluate(to_uint8(images), eval_reference(cfg), cfg.train.eval_extractor, seed=cfg.sample.seed)
