@@ -87,7 +87,7 @@ def lucidrains(args) -> dict:
     net = Unet1D(dim=24, dim_mults=(1, 2, 4, 8), channels=1)
     diffusion = GaussianDiffusion1D(net, seq_length=length, timesteps=1000, sampling_timesteps=cfg.sample.steps)
     x, _ = signals_arrays(cfg.data.num_crops, length, seed=0)         # what data.source=signals trains on
-    x = torch.from_numpy(x)
+    x = (torch.from_numpy(x) + 1) / 2                                 # it takes [0, 1] and maps it to [-1, 1]
     t = cfg.train
     opt = torch.optim.AdamW(diffusion.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     lr = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=min(50, args.steps // 5), num_training_steps=args.steps)
@@ -99,7 +99,7 @@ def lucidrains(args) -> dict:
         lo = step * t.batch_size % len(x)
         if lo + t.batch_size > len(x):
             order, lo = torch.randperm(len(x), generator=gen), 0
-        loss = diffusion(x[order[lo:lo + t.batch_size]])                # it maps [0, 1] data to [-1, 1] itself
+        loss = diffusion(x[order[lo:lo + t.batch_size]])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(diffusion.parameters(), t.grad_clip)

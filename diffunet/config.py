@@ -152,6 +152,8 @@ class SuperResolutionConfig:
                                                 # the model's size); paired data's conds/ are this much smaller
     factors: Optional[list[int]] = None         # per axis instead, e.g. [2, 1, 1]: a volume's thick slices to
                                                 # isotropic voxels (through-plane); None: factor along every axis
+    ensemble: int = 1                           # evaluation scores the mean of this many samples per input (what
+                                                # sample.py --num-per-cond N writes as x_mean)
 
 
 @dataclass
@@ -159,6 +161,8 @@ class InpaintingConfig:
     """the inpainting task: the masks drawn where the data pairs none."""
     mask: str = "mixed"                         # masks drawn per training batch: a name in data.inpaint_masks.MASKS
     eval_mask: str = "half"                     # masks of grids and evaluation (seeded by sample.seed)
+    ensemble: int = 1                           # evaluation scores the mean of this many samples per input (what
+                                                # sample.py --num-per-cond N writes as x_mean)
 
 
 @dataclass
@@ -166,6 +170,8 @@ class DenoiseConfig:
     """the denoise task: the noise made where the data pairs no noisy images."""
     sigma: float = 0.4                          # std of the Gaussian noise added to x0 in [-1, 1] (then clipped) to
                                                 # make the condition, where the data pairs no noisy images
+    ensemble: int = 1                           # evaluation scores the mean of this many samples per input (what
+                                                # sample.py --num-per-cond N writes as x_mean)
 
 
 @dataclass

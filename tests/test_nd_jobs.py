@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffunet.config import load_config
+from diffunet.config import ConfigError, load_config
 from diffunet.data.transforms import joint_augment
 from diffunet.metrics.paired import cubic_upsample, linear_fill
 from diffunet.training.loop import train
@@ -132,6 +132,18 @@ def test_image_conditioned_jobs_on_signals_and_volumes_are_scored(tmp_path, job)
     assert ("ssim" in scores) == ("model.spatial_dims=3" in job)
     baselines = {"mae_masked_linear"} if "task=inpainting" in job else {"psnr_linear", "psnr_cubic", "ssim_cubic"}
     assert baselines <= scores.keys()
+
+
+def test_an_ensemble_is_scored_by_its_mean_and_a_bad_size_is_refused(tmp_path):
+    job = [*SIGNALS, "task=inpainting", "model.cond_channels=2", "inpainting.mask=gaps", "inpainting.eval_mask=gaps",
+           "train.max_steps=1", "train.eval_every=1", "data.holdout=2", "train.eval_num_images=2"]
+    _, single = _run(tmp_path, "one", *job)
+    _, mean = _run(tmp_path, "three", *job, "inpainting.ensemble=3")
+    # one model (same seed, one step), two scores: the mean of three samples is not the first sample
+    assert _scores(mean)[-1]["mae_masked"] != _scores(single)[-1]["mae_masked"]
+    assert _scores(mean)[-1]["mae_masked_linear"] == _scores(single)[-1]["mae_masked_linear"]
+    with pytest.raises(ConfigError, match="inpainting.ensemble=0: evaluation averages"):
+        _run(tmp_path, "zero", *job, "inpainting.ensemble=0")
 
 
 def test_the_classical_baselines_are_exact_where_they_should_be():

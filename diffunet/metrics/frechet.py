@@ -167,8 +167,8 @@ def read_arrays(source, dims: int, intensity=("none", (-1.0, 1.0))) -> np.ndarra
     return np.stack(arrays)
 
 
-def reference_features(net: nn.Module, reference, dims: int, size: tuple[int, ...], intensity,
-                       batch_size: int = EvalConfig.batch_size, device=None) -> tuple[dict, int]:
+def reference_array_features(net: nn.Module, reference, dims: int, size: tuple[int, ...], intensity,
+                             batch_size: int = EvalConfig.batch_size, device=None) -> tuple[dict, int]:
     """``array_features`` of the real items and their number: an embedded source's held-out ones at ``size``
     (``Source.held_out``; made and extracted once per process, as a run's every evaluation reads the same), else
     the items of ``read_arrays``."""
@@ -188,7 +188,8 @@ _REFERENCES: dict = {}
 
 
 @torch.no_grad()
-def array_features(net: nn.Module, x, batch_size: int = EvalConfig.batch_size, device=None) -> dict:
+def array_features(net: nn.Module, x, batch_size: int = EvalConfig.batch_size,
+                   device=None) -> tuple[dict, torch.Tensor | None]:
     """Features of every item of ``x`` (N, C, *S): signals {"": (N, 1, d)} and their logits (N, k); volumes
     {plane: (N, slices, d)} for the three planes (``PLANES``), no logits. float64 on the CPU."""
     device = device or next(net.parameters()).device
@@ -234,7 +235,8 @@ def evaluate_arrays(fake, reference, dims: int, *, labels=None, intensity=("none
     device = _device(device)
     net = ARRAY_EXTRACTORS[dims]().to(device)
     fake = read_arrays(fake, dims, intensity)
-    real_f, num_real = reference_features(net, reference, dims, tuple(fake.shape[2:]), intensity, batch_size, device)
+    real_f, num_real = reference_array_features(net, reference, dims, tuple(fake.shape[2:]), intensity, batch_size,
+                                                device)
     fake_f, logits = array_features(net, fake, batch_size, device)
     if any(real_f[plane].shape[1] != fake_f[plane].shape[1] for plane in real_f):
         raise ValueError(f"the samples are {tuple(fake.shape[2:])} but the reference's items are another size; "

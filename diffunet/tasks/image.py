@@ -55,6 +55,9 @@ class ImageConditioned(Generate):
             raise ConfigError(f"train.eval_every needs held-out images for task={self.name}: set data.holdout "
                               f"(e.g. data.holdout=256)")
         check_cond_dropout(cfg)
+        if cfg[self.section].ensemble < 1:
+            raise ConfigError(f"{self.section}.ensemble={cfg[self.section].ensemble}: evaluation averages that many "
+                              f"samples per input; set 1 or more")
         given = getattr(dataset, "condition", None)
         if given not in (None, self.paired):
             raise ConfigError(f"data.source={cfg.data.source} pairs its images with {given}, but task={self.name} "
@@ -100,12 +103,16 @@ class ImageConditioned(Generate):
         given = [torch.stack([item[2] for item in items])] if len(items[0]) > 2 else []
         return x, y, given
 
-    def outputs(self, model, sample: TaskSampler, held, n: int, cfg):
+    def outputs(self, model, sample: TaskSampler, held, n: int, cfg, ensemble: int = 1):
+        """(x0, labels, the conditions, the outputs) of the first ``n`` held-out images; each output the mean of
+        ``ensemble`` samples (the minimum-squared-error estimate where there are several)."""
         x, y, given = self.examples(held, n)
         known = self.known(x, given, cfg, held_out=True)
-        conditions = {k: v for k, v in known.items() if k in ("image", "mask_image")}
-        labels_ = {"class_labels": y} if model.config.num_classes and bool((y >= 0).all()) else {}
-        return x, y, known, sample(len(x), **conditions, **labels_)
+        conditions = {k: v.repeat_interleave(ensemble, 0) for k, v in known.items() if k in ("image", "mask_image")}
+        labels_ = ({"class_labels": y.repeat_interleave(ensemble)} if model.config.num_classes and bool((y >= 0).all())
+                   else {})
+        out = sample(len(x) * ensemble, **conditions, **labels_)
+        return x, y, known, out.view(len(x), ensemble, *out.shape[1:]).mean(1)
 
     def grid(self, model, n: int, sample: TaskSampler, held, cfg) -> tuple[torch.Tensor, int]:
         """Up to 16 held-out images, one per column; rows: ``self.rows`` (input, ..., output, truth)."""
@@ -116,7 +123,8 @@ class ImageConditioned(Generate):
     def evaluate(self, model, sample: TaskSampler, held, cfg) -> dict:
         """PSNR / SSIM (/ LPIPS) against the truth of ``train.eval_num_images`` held-out images; for a source
         with a classifier of its own (the digits) also the class accuracy of the outputs under it."""
-        x, y, known, out = self.outputs(model, sample, held, cfg.train.eval_num_images, cfg)
+        x, y, known, out = self.outputs(model, sample, held, cfg.train.eval_num_images, cfg,
+                                        cfg[self.section].ensemble)
         if model.dims != 2:                     # signals and volumes: PSNR, MAE (and SSIM in 3D) of the values
             return array_scores(out, x, mask=known.get("mask_image"), baselines=self.baselines(known, x))
         named = source_of(str(cfg.data.source))
