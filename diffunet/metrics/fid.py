@@ -58,7 +58,20 @@ def _device(device) -> torch.device:
 
 # ------------------------------------------------------------------------------------------- extractors
 
-class DigitsClassifier(nn.Module):
+class ScaledFeatures(nn.Module):
+    """An extractor whose ``body`` maps ``prepare``'d input to features, multiplied by a ``feature_scale`` buffer
+    set after training (unit standard deviation on its training items: FID then lands in tens, not thousands, and
+    KID's kernel (x.y / d + 1)^3 sees O(1) values), and whose ``head`` maps the unscaled features to logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.prepare(x)) * self.feature_scale
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self(x)
+        return features, self.head(features / self.feature_scale)
+
+
+class DigitsClassifier(ScaledFeatures):
     """A small CNN on the embedded digits. Its 64-d pre-activation embedding is the feature space of FID / KID
     (pre-activation: no ReLU zeros, closer to the Gaussian FID assumes); its logits give IS (10 classes, so
     IS <= 10). Takes uint8 (N, C, H, W) of any size: RGB is averaged to gray, and the image is resized to 16x16."""
@@ -77,8 +90,6 @@ class DigitsClassifier(nn.Module):
             nn.Flatten(), nn.Linear(2 * w * 16, self.num_features),     # -> (B, 64)
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(self.num_features, num_classes))
-        # features are multiplied by this, set after training so that the digits' features have unit standard
-        # deviation: FID then lands in tens, not thousands, and KID's kernel (x.y / d + 1)^3 sees O(1) values
         self.register_buffer("feature_scale", torch.ones(()))
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,13 +100,6 @@ class DigitsClassifier(nn.Module):
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return x * 2 - 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.prepare(x)) * self.feature_scale
-
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self(x)
-        return features, self.head(features / self.feature_scale)
 
 
 class TorchScriptInception(nn.Module):

@@ -30,7 +30,7 @@ from torch import nn
 from ..config import EvalConfig
 from ..data.arrays import intensity_window, normalise, read_array, suffix_of, suffixes
 from ..data.sources import source_of
-from .fid import ASSETS, ExtractorUnavailable, _device, fid_floor, scores
+from .fid import ASSETS, ExtractorUnavailable, ScaledFeatures, _device, fid_floor, scores
 
 SIGNALS_WEIGHTS = ASSETS / "signals_classifier.safetensors"
 SLICES_WEIGHTS = ASSETS / "slices_encoder.safetensors"
@@ -38,7 +38,7 @@ PLANES = {"xy": 0, "zx": 1, "yz": 2}            # plane name -> the spatial axis
 REFERENCE_SIZE = {1: 1024, 3: 128}              # embedded reference items made per evaluation (signals, volumes)
 
 
-class SignalClassifier(nn.Module):
+class SignalClassifier(ScaledFeatures):
     """A small 1D CNN on the embedded signals: (N, C, L) float in [-1, 1] of any length (channels averaged,
     resampled to 256) -> 64-d features (pre-activation, scaled to unit std on its training signals) and logits
     of the four classes (``synthetic.SIGNAL_CLASSES``). A second head (training only) tells clean signals from
@@ -70,15 +70,8 @@ class SignalClassifier(nn.Module):
             x = F.interpolate(x, size=self.length, mode="linear", align_corners=False)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.prepare(x)) * self.feature_scale
 
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self(x)
-        return features, self.head(features / self.feature_scale)
-
-
-class SliceEncoder(nn.Module):
+class SliceEncoder(ScaledFeatures):
     """A small 2D CNN on slices of the embedded nuclei volumes: (N, C, H, W) float in [-1, 1] (channels
     averaged, resampled to 32x32) -> 64-d features; its heads (training only) name the slice's kind (``KINDS``)
     and regress its nucleus fraction."""
@@ -104,9 +97,6 @@ class SliceEncoder(nn.Module):
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.prepare(x)) * self.feature_scale
 
     def kinds_and_fraction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.head(self(x) / self.feature_scale)
