@@ -132,8 +132,10 @@ class TrainConfig:
     sample_every: int = 500                     # a grid of EMA samples every N updates (samples/step_*.png)
     eval_every: int = 0                         # FID/KID of EMA samples every N steps (0: off)
     eval_num_images: int = 256                  # samples (or held-out images) each evaluation scores
-    eval_extractor: str = "digits"              # "digits" (offline) | "inception" | a path to Inception weights
-    eval_reference: Optional[str] = None        # folder | .npz | "digits"; None: the training data
+    eval_extractor: str = "digits"              # "digits" (offline) | "inception" | a path to Inception weights;
+                                                # signals and volumes: metrics.frechet's own (offline)
+    eval_reference: Optional[str] = None        # folder | .npz | "digits" ("signals", "cells3d"); None: the
+                                                # training data
     resume: Optional[str] = None                # "latest" or a checkpoint folder
     init_from: Optional[str] = None             # start from these weights: a model or pipeline folder of ours, or a
                                                 # diffusers UNet2DModel one (converted); model.* must match it

@@ -78,6 +78,15 @@ def test_folders_and_the_command_line(tmp_path, capsys):
         np.save(samples / f"{i:06d}.npy", signal)
     (samples / "labels.csv").write_text("".join(f"{i:06d}.npy,{label}\n" for i, label in enumerate(y)))
     assert evaluate_main([str(samples), str(tmp_path / "real"), "--dims", "1"])["accuracy"] == 1.0
+    # a reference of larger volumes: their centre patches at the samples' size
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    for i, volume in enumerate(nuclei_crops(6, (12, 16, 16), seed=2)):
+        np.save(volumes / f"{i}.npy", volume)
+    patches = evaluate_arrays(nuclei_crops(3, (8, 8, 8), seed=4), volumes, 3)
+    assert patches["num_real"] == 6 and patches["fid"] > 0
+    with pytest.raises(ValueError, match="0.npy is \\(12, 16, 16\\), smaller than the samples' \\(16, 16, 16\\)"):
+        evaluate_arrays(nuclei_crops(3, (16, 16, 16), seed=4), volumes, 3)
     # signals of another length than the reference's: one line
     np.save(samples / "000000.npy", np.zeros((1, 32), np.float32))
     with pytest.raises(SystemExit, match="error: .*000000.npy is \\(1, 32\\)"):

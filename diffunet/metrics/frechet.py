@@ -140,16 +140,24 @@ def array_files(folder, dims: int) -> list[Path]:
     return files
 
 
-def read_arrays(source, dims: int, intensity=("none", (-1.0, 1.0))) -> np.ndarray:
+def read_arrays(source, dims: int, intensity=("none", (-1.0, 1.0)), size: tuple[int, ...] | None = None
+                ) -> np.ndarray:
     """(N, C, *S) float32 of ``source``: an array, or a folder of signal / volume files (any depth, sorted, of
     one shape), each through ``data.intensity``'s ``intensity`` (mode, bounds): "none" takes the values as they
-    are."""
+    are. ``size``: each file's centre patch of that size instead (files of any size at least that: a reference
+    of whole volumes for samples of a patch model)."""
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return np.asarray(source, np.float32)
     files = array_files(source, dims)
     arrays = []
     for path in files:
         array = read_array(path, dims)[0]
+        if size is not None:
+            if any(a < s for a, s in zip(array.shape[1:], size)):
+                raise ValueError(f"{path} is {array.shape[1:]}, smaller than the samples' {tuple(size)}; the "
+                                 f"reference needs items at least that large")
+            array = array[(slice(None),) + tuple(slice((a - s) // 2, (a - s) // 2 + s)
+                                                 for a, s in zip(array.shape[1:], size))]
         if arrays and array.shape != arrays[0].shape:
             raise ValueError(f"{path} is {array.shape} (C, *S) but {files[0]} is {arrays[0].shape}; the Frechet "
                              f"distance takes one shape")
@@ -161,14 +169,14 @@ def reference_array_features(net: nn.Module, reference, dims: int, size: tuple[i
                              batch_size: int = EvalConfig.batch_size, device=None) -> tuple[dict, int]:
     """``array_features`` of the real items and their number: an embedded source's held-out ones at ``size``
     (``Source.held_out``; made and extracted once per process, as a run's every evaluation reads the same), else
-    the items of ``read_arrays``."""
+    the centre patches of ``size`` of the items of ``read_arrays``."""
     named = source_of(reference) if isinstance(reference, str) else None
     if named is None:
-        real = read_arrays(reference, dims, intensity)
+        real = read_arrays(reference, dims, intensity, size)
         return array_features(net, real, batch_size, device)[0], len(real)
     if named.held_out is None or named.dims != dims:
         raise ValueError(f"{reference} has no {'signals' if dims == 1 else 'volumes'} to compare with")
-    key = (reference, size, type(net).__name__, float(sum(p.double().sum() for p in net.parameters())))
+    key = (reference, size, type(net).__name__, float(sum(p.detach().double().sum() for p in net.parameters())))
     if key not in _REFERENCES:
         _REFERENCES[key] = array_features(net, named.held_out(REFERENCE_SIZE[dims], size), batch_size, device)[0]
     return _REFERENCES[key], REFERENCE_SIZE[dims]
