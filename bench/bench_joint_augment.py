@@ -50,12 +50,9 @@ def held_out(cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 def moved(x: torch.Tensor, degrees: float, pixels: int, seed: int) -> torch.Tensor:
     """``x`` with every image rotated by up to ``degrees`` and shifted by up to ``pixels``, seeded."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
         return joint_augment(AugmentConfig(rotate=degrees, shift=pixels, p=1.0), [x], [False])[0]
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:

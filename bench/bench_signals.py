@@ -40,7 +40,7 @@ import torch                                                            # noqa: 
 from diffusers.optimization import get_scheduler                        # noqa: E402
 from diffusers.training_utils import EMAModel                           # noqa: E402
 
-from bench_recipes import import_peer                                   # noqa: E402
+from bench_recipes import _chunks, import_peer                          # noqa: E402
 from diffunet.config import load_config                                 # noqa: E402
 from diffunet.data.synthetic import SIGNAL_CLASSES, signals_arrays      # noqa: E402
 from diffunet.metrics.frechet import evaluate_arrays, signals_extractor  # noqa: E402
@@ -115,10 +115,6 @@ def lucidrains(args) -> dict:
     samples = samples * 2 - 1                                          # its [0, 1] back to the data's [-1, 1]
     return dict(evaluate_arrays(samples, "signals", 1), params=params(net), train_s=seconds,
                 classes=class_shares(samples))
-
-
-def _chunks(n: int, size: int) -> list[int]:
-    return [min(size, n - i) for i in range(0, n, size)]
 
 
 def main(argv=None) -> dict:

@@ -35,7 +35,7 @@ import torch
 from .cli import ArgumentParser
 from .config import DataConfig, EvalConfig
 from .data import DataError, files_by_stem, read_class_mask, read_image, read_mask, source_of
-from .data.arrays import INTENSITY, suffix_of
+from .data.arrays import INTENSITY, suffix_of, suffixes
 from .data.seg_masks import count_objects
 from .metrics import EXTRACTORS, IMAGE_SUFFIXES, ExtractorUnavailable, classify, evaluate, paired_scores
 from .metrics.frechet import array_files, evaluate_arrays
@@ -207,9 +207,9 @@ def array_dims(samples, reference) -> int:
         return named.dims
     folder = Path(samples)
     found = {suffix_of(p) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
-    if found & {".nii", ".nii.gz", ".tif", ".tiff"}:
+    if found & (suffixes(3) - suffixes(1)):         # the formats that hold volumes only (data.arrays.FORMATS)
         return 3
-    return 1 if ".csv" in found else 2
+    return 1 if found & (suffixes(1) - suffixes(3)) else 2
 
 
 def evaluate_array_folder(samples, reference, dims: int, intensity, **options) -> dict:

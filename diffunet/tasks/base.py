@@ -201,5 +201,5 @@ def eval_reference(cfg) -> str | None:
     if cfg.train.eval_reference:
         return cfg.train.eval_reference
     source, named = str(cfg.data.source), source_of(str(cfg.data.source))
-    named = named is not None and (named.reference or named.held_out) is not None
-    return source if named or Path(source).is_dir() else None
+    referenced = named is not None and (named.reference or named.held_out) is not None
+    return source if referenced or Path(source).is_dir() else None
