@@ -14,8 +14,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import tiny
-from diffunet.model.kernels import CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, Dropout, attend, cpu_dropout, nearest_up_conv, phase_kernel
+from diffunet.model.kernels import CPU_MATMUL_ATTENTION_TOKENS, FOUR_PHASE_MIN_SIZE, Conv3d, Dropout, attend, cpu_dropout, nearest_up_conv, phase_kernel
 from diffunet.training.precision import apply_fast_paths, autocast, compiler_missing
+from diffunet import UNet
 from diffunet.model.nn import InterpolateConv
 
 
@@ -228,6 +229,41 @@ def test_time_features_are_the_checkpoints_sinusoids_in_fp32_under_autocast():
     assert torch.equal(embed(t), torch.cat([args.cos(), args.sin()], dim=-1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert embed(torch.randint(0, 1000, (3,))).dtype == torch.float32
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("padding, bias", [(1, True), (0, False)])
+def test_3d_convs_backward_in_channels_last_gives_torchs_gradients(channels_last, padding, bias):
+    torch.manual_seed(0)
+    conv = Conv3d(6, 5, 3, padding=padding, bias=bias)
+    reference = torch.nn.Conv3d(6, 5, 3, padding=padding, bias=bias)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 6, 18, 16, 17)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    results = []
+    for layer in (conv, reference):
+        x_ = x.clone().requires_grad_()
+        out = layer(x_)
+        out.backward(torch.ones_like(out))
+        results.append([out, x_.grad, *(p.grad for p in layer.parameters())])
+    assert type(results[0][0].grad_fn).__name__ == "_ChannelsLastBackwardConv3dBackward"     # the route was taken
+    assert torch.equal(results[0][0], results[1][0])                                  # the forward is torch's
+    for ours, torchs in zip(results[0][1:], results[1][1:]):
+        assert ours.is_contiguous() == torchs.is_contiguous()                   # the caller's layout comes back
+        assert (ours - torchs).abs().max() <= 1e-5 * torchs.abs().max()       # fp32 sums in another order
+
+
+def test_3d_convs_keep_torchs_path_where_the_other_layout_is_not_faster():
+    small, single = torch.randn(1, 4, 8, 8, 8, requires_grad=True), torch.randn(1, 1, 32, 32, 32, requires_grad=True)
+    assert type(Conv3d(4, 4, 3, padding=1)(small).grad_fn).__name__ == "ConvolutionBackward0"
+    assert type(Conv3d(1, 4, 3, padding=1)(single).grad_fn).__name__ == "ConvolutionBackward0"
+    assert type(Conv3d(4, 4, 1)(small.repeat(1, 1, 2, 2, 2)).grad_fn).__name__ == "ConvolutionBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(Conv3d(4, 4, 3, padding=1)(small.repeat(1, 1, 2, 2, 2)).grad_fn).__name__ == "ConvolutionBackward0"
+    model = UNet(sample_size=8, spatial_dims=3, in_channels=1, base_channels=8, channel_mult=(1, 2), norm_groups=4,
+                 attention_levels=())
+    assert {type(m) for m in model.modules() if isinstance(m, torch.nn.Conv3d)} == {Conv3d}
 
 
 def test_fast_paths_keep_the_state_dict_and_the_class():
