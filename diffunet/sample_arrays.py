@@ -159,13 +159,16 @@ def condition_arrays(model: str | Path, cond: str | Path, out: str | Path, *, ma
                      eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size,
                      seed: int = SampleConfig.seed, classes=None, guidance_scale: float | None = None,
                      dtype: str = SampleConfig.dtype, device: str | None = None, prediction_type: str | None = None,
-                     objective: str | None = None, grid: bool = True, progress: bool = True) -> Path:
+                     objective: str | None = None, tile: int | None = None, overlap: int | None = None,
+                     grid: bool = True, progress: bool = True) -> Path:
     """``num_per_cond`` outputs of a super-resolution or inpainting model of signals or volumes for every file
     under ``cond``: ``out/a/x.nii.gz`` for ``cond/a/x.nii.gz`` (N > 1: ``x_0`` .. ``x_{N-1}``, ``x_mean``,
     ``x_std``), in the input's format and units, with its metadata (for super-resolution on the grid
-    its factors finer). An input is the model's size (super-resolution: that size over its factors);
-    inpainting keeps the known values of the input exactly. Seeds, resuming and processes as
-    ``sample_folders.sample_conditioned``; every file is read before any sampling."""
+    its factors finer). An input is the model's size (super-resolution: that size over its factors), or any size
+    with ``tile`` (the network run on tiles of that many output positions per axis at every step, blended where
+    ``overlap`` wide; ``DiffunetPipeline``'s ``tile``); inpainting keeps the known values of the input exactly.
+    Seeds, resuming and processes as ``sample_folders.sample_conditioned``; every file is read before any
+    sampling."""
     state, unet, sched, settings = load_for_processes(model, dtype, device, scheduler=scheduler, steps=steps,
                                                       guidance_scale=guidance_scale,
                                                       prediction_type=prediction_type, objective=objective)
@@ -182,9 +185,9 @@ def condition_arrays(model: str | Path, cond: str | Path, out: str | Path, *, ma
     read = {}
     for key, path, mask_path in items:                          # every file checked before any sampling
         x, window, meta = read_input(path, dims, channels, intensity)
-        if tuple(x.shape[2:]) != want:
+        if tuple(x.shape[2:]) != want and tile is None:
             raise DataError(f"{path} is {'x'.join(map(str, x.shape[2:]))} but this model takes inputs of "
-                            f"{'x'.join(map(str, want))}; crop or resample it to that size")
+                            f"{'x'.join(map(str, want))}; pass --tile T for inputs of any size, or crop it")
         fill = None if mask_path is None else read_mask_file(mask_path, dims, tuple(x.shape[2:]))
         original = None if fill is None else read_array(path, dims)[0]        # kept where nothing is filled
         read[key] = (x, fill, window, meta.resampled(factors), original)
@@ -193,16 +196,28 @@ def condition_arrays(model: str | Path, cond: str | Path, out: str | Path, *, ma
                    [f"{key}_{k}{suffix_of(path)}" for k in range(num_per_cond)]
                    + [f"{key}_{s}{suffix_of(path)}" for s in ("mean", "std")]) for key, path, _ in items}
 
+    def batches(mine: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
+        """Up to ``batch_size`` outputs at a time, of inputs of one size (with ``tile``, sizes differ)."""
+        batch = []
+        for item in mine:
+            if batch and (len(batch) == batch_size or read[items[item[0]][0]][0].shape
+                          != read[items[batch[0][0]][0]][0].shape):
+                yield batch
+                batch = []
+            batch.append(item)
+        if batch:
+            yield batch
+
     def work(mine: list[tuple[int, int]]) -> Iterator[int]:
-        for lo in range(0, len(mine), batch_size):
-            batch = mine[lo:lo + batch_size]
+        for batch in batches(mine):
             keys = [items[i][0] for i, _ in batch]
             image = torch.cat([read[key][0] for key in keys])
             fill = None if mask is None else torch.cat([read[key][1] for key in keys])
             seeds = [(zlib.crc32(key.encode()), k) for key, (_, k) in zip(keys, batch)]
             for _, _, samples in pipe_batches(pipe, seeds, seed=seed, classes=classes, steps=settings["steps"],
                                               guidance_scale=settings["guidance_scale"], eta=eta,
-                                              batch_size=len(batch), image=image, mask_image=fill):
+                                              batch_size=len(batch), image=image, mask_image=fill,
+                                              tile=tile, overlap=overlap):
                 for key, (_, k), x in zip(keys, batch, samples):
                     _, filled, window, meta, original = read[key]
                     values = denormalise(x.numpy(), window)
@@ -220,8 +235,8 @@ def condition_arrays(model: str | Path, cond: str | Path, out: str | Path, *, ma
                 meta = read[key][3]
                 write_array(stack.mean(0).astype(np.float32), out / names[key][-2], meta)
                 write_array(stack.std(0).astype(np.float32), out / names[key][-1], meta)
-        if grid:
-            shown = items[:GRID_COLUMNS]
+        if grid:                                # the first inputs of the first one's size (one grid, one size)
+            shown = [item for item in items if read[item[0]][0].shape == read[items[0][0]][0].shape][:GRID_COLUMNS]
             rows = []
             for key, _, _ in shown:
                 rows.append(read[key][0][0] * 2 - 1)

@@ -129,12 +129,13 @@ def pipeline_for(unet, scheduler, device=None, task: str = "generate", sr_factor
 def pipe_batches(pipe: DiffunetPipeline, indices: Sequence, *, seed: int = SampleConfig.seed, classes=None,
                  guidance_scale: float = SampleConfig.guidance_scale, steps: int = SampleConfig.steps,
                  eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size, device=None,
-                 progress: bool = False, image=None, mask_image=None
+                 progress: bool = False, image=None, mask_image=None, **tiles
                  ) -> Iterator[tuple[list, torch.Tensor | None, torch.Tensor]]:
     """Yield (indices, labels, images) batch by batch from ``pipe`` (any ``DiffunetPipeline``, built with its
     task and sr_factor; its per-step progress bar is turned off, and with ``device`` it is moved there) for any
     list of image indices (or keys that ``image_generator`` takes); see ``sample_with``. ``image`` /
-    ``mask_image``: image conditions, one per index (sliced with the batches)."""
+    ``mask_image``: image conditions, one per index (sliced with the batches); ``tiles``: the pipeline's
+    ``tile`` / ``overlap`` for conditions of any size."""
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe = pipe.to(device)
@@ -148,7 +149,7 @@ def pipe_batches(pipe: DiffunetPipeline, indices: Sequence, *, seed: int = Sampl
                           generator=[image_generator(seed, i) for i in idx], eta=eta,
                           image=None if image is None else image[part],
                           mask_image=None if mask_image is None else mask_image[part],
-                          output_type="latent").images
+                          output_type="latent", **tiles).images
             yield idx, labels, images.clamp(-1, 1).cpu()
             bar.update(len(idx))
 

@@ -1,5 +1,6 @@
-"""bench/bench_signals.py and bench/bench_joint_augment.py end to end at toy size: every arm trains, samples and
-is scored; the moved digits really move, and the peer's samples come back in the data's range."""
+"""bench/bench_signals.py, bench/bench_joint_augment.py and bench/bench_tiled_sr.py end to end at toy size: every
+arm trains (or reads its run), samples and is scored; the moved digits really move, the peer's samples come back
+in the data's range, and the oracle bound of super-resolution sits above the interpolations."""
 
 import importlib.util
 import json
@@ -12,6 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_joint_augment  # noqa: E402
 import bench_signals  # noqa: E402
+import bench_tiled_sr  # noqa: E402
+from test_nd_jobs import VOLUMES, _run  # noqa: E402
 
 
 def test_the_joint_augmentation_bench_at_toy_size(tmp_path):
@@ -36,3 +39,14 @@ def test_the_signals_bench_at_toy_size(tmp_path):
     for row in rows.values():
         assert row["fid"] > 0 and sum(row["classes"]) == pytest.approx(1.0)
     assert abs(rows["ours"]["params"] - rows["lucidrains Unet1D"]["params"]) < 0.05 * rows["ours"]["params"]
+
+
+def test_the_tiled_super_resolution_bench_at_toy_size(tmp_path):
+    pipe, _ = _run(tmp_path, "sr", *VOLUMES, "task=super_resolution", "model.cond_channels=1",
+                   "super_resolution.factors=[2,1,1]", "train.max_steps=1")
+    rows = bench_tiled_sr.main(["--pipeline", str(pipe), "--size", "24", "--num", "1", "--tile", "16",
+                                "--steps", "2", "--panel", str(tmp_path / "panel.png")])
+    assert set(rows) == {"trilinear", "tricubic", "oracle", "blended", "tiles apart"}
+    assert rows["oracle"]["psnr"] > rows["tricubic"]["psnr"] > rows["trilinear"]["psnr"]
+    assert all(row["seam"] > 0 and 0 < row["ssim"] <= 1 for row in rows.values())
+    assert rows["blended"]["s/volume"] > 0 and (tmp_path / "panel.png").is_file()

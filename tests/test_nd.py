@@ -264,6 +264,38 @@ def test_image_conditioned_pipelines_in_n_d(dims, size):
 
 
 @pytest.mark.parametrize("dims,size", [(1, 16), (3, 8)])
+def test_conditions_larger_than_the_model_are_sampled_by_blended_tiles(dims, size):
+    """tile=: the network runs on tiles at every step and their outputs blend (MultiDiffusion): any input size,
+    one tile as large as the input is the plain call, and the blend is what removes the seams."""
+    torch.manual_seed(0)
+    local = dict(norm="none", mid_attention=False, cond_channels=1)       # a network that takes any size whole
+    sr = DiffunetPipeline(_tiny(dims, size, **local), DDIMScheduler(), task="super_resolution", sr_factor=2)
+
+    def run(low, **kw):
+        return sr(image=low, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="latent", **kw).images
+
+    n = 2 * size if dims == 1 else 6                        # outputs of 64 positions, of 12^3 (8 tiles) in 3D
+    small, large = torch.rand(1, 1, *(size // 2,) * dims), torch.rand(1, 1, *(n,) * dims)
+    assert torch.allclose(run(small, tile=size), run(small), atol=1e-5)              # one tile: the whole
+    blended = run(large, tile=size, overlap=size // 2)
+    assert blended.shape == (1, 1, *(2 * n,) * dims)
+    assert torch.allclose(run(large, tile=size, overlap=size // 2, tile_batch_size=1), blended, atol=1e-5)
+    whole = run(large, tile=2 * n)                                                       # the network on all of it
+    seams = (run(large, tile=size, overlap=0) - whole).abs().mean()
+    assert (blended - whole).abs().mean() < 0.5 * seams, ((blended - whole).abs().mean(), seams)
+
+    fill = DiffunetPipeline(_tiny(dims, size, cond_channels=2), DDIMScheduler(), task="inpainting")
+    image = torch.rand(2, 1, *(size + size // 2,) * dims)
+    mask = (torch.rand_like(image) > 0.5).float()
+    out = fill(image=image, mask_image=mask, tile=size, num_inference_steps=2, output_type="pt").images
+    assert out.shape == image.shape and torch.allclose(out[mask == 0], image[mask == 0], atol=1e-6)
+    generate = DiffunetPipeline(_tiny(dims, size), DDIMScheduler())
+    with pytest.raises(ValueError, match=r"^tile= is for super-resolution and inpainting models with padding='same'"):
+        generate(batch_size=1, tile=size, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("dims,size", [(1, 16), (3, 8)])
 def test_segmentation_in_n_d_whole_tiled_and_by_diffusion(dims, size):
     seg = DiffunetSegmentationPipeline(_tiny(dims, size, out_channels=2, time_condition="none", padding="valid",
                                             norm="batch", mid_attention=False), None)

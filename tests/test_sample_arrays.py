@@ -67,7 +67,8 @@ def test_super_resolved_volumes_land_on_the_finer_grid(tmp_path, capsys):
                              _affine((2.0, 2.0, 2.0))), str(cond / "v.nii.gz"))
     nib.save(nib.Nifti1Image(np.zeros((5, 8, 8), np.float32), np.eye(4)), str(cond / "w.nii.gz"))
     assert sample_main([str(pipe), "--cond", str(cond), "--out", str(tmp_path / "x"), "--steps", "2"]) == 2
-    assert f"error: {cond / 'w.nii.gz'} is 5x8x8 but this model takes inputs of 8x8x8" in capsys.readouterr().err
+    assert (f"error: {cond / 'w.nii.gz'} is 5x8x8 but this model takes inputs of 8x8x8; pass --tile T for inputs "
+            f"of any size, or crop it") in capsys.readouterr().err
     assert not (tmp_path / "x" / "v.nii.gz").exists()                     # checked before any sampling
     (cond / "w.nii.gz").unlink()
     assert sample_main([str(pipe), "--cond", str(cond), "--out", str(tmp_path / "hr"), "--steps", "2"]) == 0
@@ -90,6 +91,13 @@ def test_through_plane_super_resolution_refines_one_axis(tmp_path):
     thin = nib.load(str(tmp_path / "thin" / "v.nii"))
     assert thin.shape == (16, 16, 16) and thin.header.get_zooms() == pytest.approx((1.5, 1.0, 1.0))
     assert "psnr" in (run / "eval.jsonl").read_text()
+    nib.save(nib.Nifti1Image(np.random.default_rng(3).random((12, 24, 20)).astype(np.float32), _affine((3, 1, 1))),
+             str(cond / "big.nii"))                                  # larger than the model: by tiles
+    assert sample_main([str(pipe), "--cond", str(cond), "--out", str(tmp_path / "tiled"), "--steps", "2",
+                        "--tile", "16"]) == 0
+    big = nib.load(str(tmp_path / "tiled" / "big.nii"))
+    assert big.shape == (24, 24, 20) and big.header.get_zooms() == pytest.approx((1.5, 1.0, 1.0))
+    assert nib.load(str(tmp_path / "tiled" / "v.nii")).shape == (16, 16, 16)         # inputs of two sizes
 
 
 def test_imputed_signals_keep_every_known_value(tmp_path):

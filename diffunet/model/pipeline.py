@@ -28,6 +28,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, RePaintScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from .tiles import predict_tiled
 from .unet import KINDS, LETTERS
 
 
@@ -222,7 +223,8 @@ class DiffunetPipeline(DiffusionPipeline):
     def __call__(self, batch_size: int | None = None, class_labels=None, guidance_scale: float | None = None,
                  num_inference_steps: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
-                 image=None, mask_image=None, output_type: str | None = None, return_dict: bool = True):
+                 image=None, mask_image=None, tile=None, overlap: int | None = None, tile_batch_size: int = 4,
+                 output_type: str | None = None, return_dict: bool = True):
         """Sample images.
 
         Args:
@@ -242,6 +244,12 @@ class DiffunetPipeline(DiffusionPipeline):
                 inpainting model or, with ``RePaintScheduler``, of any model (training-free inpainting).
             mask_image: the region to fill, white (1) where the output is generated, black where ``image`` is
                 kept; those pixels of the output equal ``image`` exactly.
+            tile: with ``image``: an output of any size (``image``'s, times the super-resolution factors), the
+                network run on tiles of ``tile`` output pixels (an int, or one per axis) at every step, their
+                outputs blended where they overlap (MultiDiffusion, Bar-Tal et al. 2023: one sample of the whole,
+                so no seams, in memory bounded by the tile); None: inputs of the model's size.
+            overlap: with ``tile``: the blended width between neighbouring tiles (default a quarter of the tile).
+            tile_batch_size: with ``tile``: tiles per network call.
             output_type: "pil", "np" ((B, H, W, C) in [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent" (the
                 final sample in the model's space, unclamped); default "pil". A model of signals or volumes
                 (``spatial_dims`` 1 or 3) gives "np" (its default) and "pt" channels first, (B, C, L) or
@@ -258,19 +266,31 @@ class DiffunetPipeline(DiffusionPipeline):
         batch = self.batch_size_of(batch_size, labels, generator, image, unet.dims)
         if labels is not None:
             labels = labels.expand(batch).to(device) if labels.ndim == 0 else labels.to(device)
-        known, mask = self.known_pixels(image, mask_image, batch, device)
-        cond = self.condition(known, mask)
+        if tile is not None and (self.image_task.condition is None or isinstance(scheduler, RePaintScheduler)
+                                 or unet.valid):
+            raise ValueError("tile= is for super-resolution and inpainting models with padding='same' (tiles "
+                             "overlap and blend at every step); this one samples at its own size: leave tile=None")
+        known, mask = self.known_pixels(image, mask_image, batch, device, any_size=tile is not None)
+        size = unet.image_size if tile is None else tuple(n * f for n, f in zip(known.shape[2:], self.input_factors))
+        cond = self.condition(known, mask, size)
 
-        shape = (batch, unet.config.in_channels, *unet.image_size)
+        shape = (batch, unet.config.in_channels, *size)
         x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)  # per image if a list
         # A low-precision U-Net runs under autocast: the backbone keeps its time features in fp32 (as under
         # mixed-precision training), and autocast casts them for the layers that follow.
         dtype = unet.dtype                                              # read once: ModelMixin walks the modules
         low_precision = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
 
-        def model(x, t):
+        def model(x, t, labels=labels, cond=cond):
             with low_precision:
                 return predict(unet, x.to(dtype), t, labels, guidance_scale, cond).float()
+
+        if tile is not None:                    # each step: the tiles' outputs blended into the whole one's
+            whole = model
+
+            def model(x, t):
+                return predict_tiled(lambda x, **kw: whole(x, t, **kw), x, tile, overlap=overlap,
+                                     batch_size=tile_batch_size, geometry=unet, labels=labels, cond=cond)
 
         if isinstance(scheduler, RePaintScheduler):
             x = self.repaint(model, x, known, mask, num_inference_steps, generator, eta)
@@ -319,9 +339,11 @@ class DiffunetPipeline(DiffusionPipeline):
     def image_task(self) -> ImageTask:
         return IMAGE_TASKS[self.config.task]
 
-    def known_pixels(self, image, mask_image, batch: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def known_pixels(self, image, mask_image, batch: int, device, any_size: bool = False
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``image`` as (B, C, h, w) in [-1, 1] and ``mask_image`` as (B, 1, H, W) in {0, 1} on ``device`` (None
-        where not given), checked against what this model and scheduler take: one ValueError line otherwise."""
+        where not given), checked against what this model and scheduler take: one ValueError line otherwise.
+        ``any_size``: ``image`` keeps its size (sampled by tiles), and the output's is the mask's."""
         task, repaint = self.image_task, isinstance(self.scheduler, RePaintScheduler)
         takes_mask = repaint or task.takes_mask
         if task.condition is None and not repaint:
@@ -338,7 +360,11 @@ class DiffunetPipeline(DiffusionPipeline):
             raise ValueError(f"mask_image= given, but a {self.config.task} model takes no mask")
         size, dims = self.unet.image_size, self.unet.dims
         low = tuple(n // f for n, f in zip(size, (1,) * dims if repaint else self.input_factors))   # SR: smaller
-        known = self.fit(to_model_space(image, dims, self.cond_processor), (low, size), "image", SMOOTH[dims])
+        known = to_model_space(image, dims, self.cond_processor)
+        if any_size:
+            low = tuple(known.shape[2:])
+            size = tuple(n * f for n, f in zip(low, self.input_factors))
+        known = self.fit(known, (low, size), "image", SMOOTH[dims])
         if known.shape[1] != self.unet.config.in_channels or len(known) != batch:
             raise ValueError(f"image= holds {len(known)} image(s) of {known.shape[1]} channel(s); this call makes "
                              f"{batch} image(s) of {self.unet.config.in_channels}")
@@ -377,9 +403,10 @@ class DiffunetPipeline(DiffusionPipeline):
             return F.interpolate(x, size=size, mode="nearest")
         return F.interpolate(x, size=size, mode=mode, antialias=mode == "bicubic", align_corners=False).clamp(-1, 1)
 
-    def condition(self, known: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    def condition(self, known: torch.Tensor | None, mask: torch.Tensor | None, size=None) -> torch.Tensor | None:
         """The model's condition ``cond`` (B, cond_channels, H, W) from the known pixels, for every step's call:
-        the task's (``IMAGE_TASKS``); None for a task without one (RePaint conditions through the scheduler)."""
+        the task's (``IMAGE_TASKS``); None for a task without one (RePaint conditions through the scheduler).
+        ``size``: the output's (default the model's)."""
         task = self.image_task
         if task.condition is None:
             return None
@@ -387,7 +414,7 @@ class DiffunetPipeline(DiffusionPipeline):
         if self.unet.config.cond_channels != want:
             raise ValueError(f"a {self.config.task} pipeline needs a UNet with cond_channels={want}, "
                              f"this one has {self.unet.config.cond_channels}")
-        return task.condition(known, mask, self.unet.image_size)
+        return task.condition(known, mask, self.unet.image_size if size is None else size)
 
     def repaint(self, model, x, known, mask, num_inference_steps: int, generator, eta: float) -> torch.Tensor:
         """RePaint (Lugmayr et al. 2022) with diffusers' ``RePaintScheduler``: at each step the known region is
