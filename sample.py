@@ -60,8 +60,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--num-per-cond", type=int, default=GIVEN, metavar="N",
                    help="with --cond: N outputs per condition (stem_0 ... stem_{N-1}, stem_mean, stem_std)")
     p.add_argument("--tile", type=int, default=GIVEN, metavar="T",
-                   help="segmentation, and super-resolution / inpainting of signals and volumes: by tiles of T "
-                        "output pixels per axis (inputs of any size, memory bounded by T)")
+                   help="segmentation, super-resolution and inpainting: by tiles of T output pixels per axis "
+                        "(inputs of any size, memory bounded by T)")
     p.add_argument("--overlap", type=int, default=GIVEN, metavar="P",
                    help="with --tile, 'same'-padding models: blended overlap of neighbouring tiles (default T/4)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default=GIVEN,

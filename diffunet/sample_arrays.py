@@ -36,7 +36,7 @@ from .model.segment_pipeline import DiffunetSegmentationPipeline, mask_classes
 from .objectives import SAMPLERS
 from .pretrained import model_config, pipeline_options, pipeline_record
 from .sample_folders import GRID_COLUMNS, GRID_MAX, fill_folder, segment_file, segmentation_pipeline
-from .sampling import class_labels_for, load_for_processes, pipe_batches, pipeline_for
+from .sampling import class_labels_for, load_for_processes, pipe_batches, pipeline_for, same_size_batches
 
 FORMATS = {"npy": ".npy", "nii.gz": ".nii.gz"}           # sample.py --format: a generating model's files
 DEFAULT_FORMAT = {1: ".npy", 3: ".nii.gz"}
@@ -196,20 +196,8 @@ def condition_arrays(model: str | Path, cond: str | Path, out: str | Path, *, ma
                    [f"{key}_{k}{suffix_of(path)}" for k in range(num_per_cond)]
                    + [f"{key}_{s}{suffix_of(path)}" for s in ("mean", "std")]) for key, path, _ in items}
 
-    def batches(mine: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
-        """Up to ``batch_size`` outputs at a time, of inputs of one size (with ``tile``, sizes differ)."""
-        batch = []
-        for item in mine:
-            if batch and (len(batch) == batch_size or read[items[item[0]][0]][0].shape
-                          != read[items[batch[0][0]][0]][0].shape):
-                yield batch
-                batch = []
-            batch.append(item)
-        if batch:
-            yield batch
-
     def work(mine: list[tuple[int, int]]) -> Iterator[int]:
-        for batch in batches(mine):
+        for batch in same_size_batches(mine, lambda item: read[items[item[0]][0]][0].shape, batch_size):
             keys = [items[i][0] for i, _ in batch]
             image = torch.cat([read[key][0] for key in keys])
             fill = None if mask is None else torch.cat([read[key][1] for key in keys])

@@ -31,7 +31,7 @@ from .model.segment_pipeline import DiffunetSegmentationPipeline, mask_classes
 from .objectives import SAMPLERS
 from .pretrained import is_deterministic, pipeline_options
 from .sampling import (class_labels_for, conditions, image_generator, load_for_processes, pipe_batches,
-                       pipeline_for, read_batch, read_condition)
+                       pipeline_for, read_batch, read_condition, same_size_batches)
 
 GRID_MAX = 100                                          # images shown in grid.png
 GRID_COLUMNS = 8                                        # conditions shown in a conditioned run's grid.png
@@ -132,14 +132,19 @@ def write_mean_std(out: Path, names: list[str]) -> None:
     write_image(np.clip(np.round(2 * stack.std(0)), 0, 255).astype(np.uint8), out / names[-1])
 
 
-def condition_grid(pipe: DiffunetPipeline, items: list, outputs: list[Path], path: Path) -> Path:
-    """``items``' conditions, masks (where given) and ``outputs``, one row each, one column per condition."""
+def condition_grid(pipe: DiffunetPipeline, items: list, outputs: list[Path], path: Path,
+                   any_size: bool = False) -> Path:
+    """``items``' conditions, masks (where given) and ``outputs``, one row each, one column per condition;
+    ``any_size``: conditions (of one size) read at their own size, shown at the outputs'."""
     channels = pipe.unet.config.in_channels
-    image, fill = read_batch(pipe, items)
+    image, fill = read_batch(pipe, items, any_size)
+    shown = np.stack([read_image(p) for p in outputs])
+    if image.shape[2:] != shown.shape[1:3]:                          # a smaller super-resolution input
+        image = torch.nn.functional.interpolate(image, size=shown.shape[1:3], mode="nearest")
     rows = [to_uint8(image * 2 - 1)]                                    # (N, C, H, W) [0, 1] -> (N, H, W, C) uint8
     if fill is not None:
         rows.append(to_uint8(fill.expand(-1, channels, -1, -1) * 2 - 1))
-    rows.append(np.stack([read_image(p) for p in outputs]))
+    rows.append(shown)
     return save_grid(np.concatenate(rows), path, nrow=len(items))
 
 
@@ -148,13 +153,15 @@ def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, 
                        eta: float = SampleConfig.eta, batch_size: int = SampleConfig.batch_size,
                        seed: int = SampleConfig.seed, classes=None, guidance_scale: float | None = None,
                        dtype: str = SampleConfig.dtype, device: str | None = None, prediction_type: str | None = None,
-                       objective: str | None = None, grid: bool = True, progress: bool = True) -> Path:
+                       objective: str | None = None, tile: int | None = None, overlap: int | None = None,
+                       grid: bool = True, progress: bool = True) -> Path:
     """``num_per_cond`` outputs of ``model`` (see ``sampling.load_model``) for every image file under ``cond``
     (any depth), each the condition of the model's task (``pretrained.pipeline_options``: the low-resolution
     input of super-resolution, the image to complete of inpainting, or of any epsilon model with
     ``scheduler="repaint"``), with the file of the same relative path and stem under ``mask`` (white: to fill)
     where a mask is taken. Images are converted to the model's channel count; another size is resized with a
-    warning.
+    warning, or with ``tile`` kept: the network then runs on tiles of ``tile`` output pixels at every step,
+    blended over ``overlap`` pixels (``DiffunetPipeline``'s ``tile``).
 
     Files: ``out/a/x.png`` for ``cond/a/x.jpg``; for N = ``num_per_cond`` > 1 ``out/a/x_0.png`` ..
     ``x_{N-1}.png``, ``x_mean.png`` and ``x_std.png`` (``write_mean_std``); ``out/grid.png``: condition / mask /
@@ -187,8 +194,8 @@ def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, 
         raise DataError(f"{clash[0]} and the grid would both write {out / 'grid.png'}; rename it or pass --no-grid")
     with warnings.catch_warnings(record=True) as caught:    # every process checks every file: all stop alike,
         warnings.simplefilter("always")                     # before any sampling
-        for _, path, mask_path in items:
-            read_condition(pipe, path, mask_path)
+        size = {key: read_condition(pipe, path, mask_path, tile is not None)[0].shape
+                for key, path, mask_path in items}
     if caught and state.is_main_process:                    # files of another size: said once, with the count
         resized = [w for w in caught if issubclass(w.category, ResizeWarning)]
         for w in caught:
@@ -199,13 +206,13 @@ def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, 
             warnings.warn(f"{resized[0].message}{more}", ResizeWarning, stacklevel=2)
 
     def work(mine: list[tuple[int, int]]) -> Iterator[int]:
-        for lo in range(0, len(mine), batch_size):
-            batch = mine[lo:lo + batch_size]                            # (condition index, k) pairs
-            image, fill = read_batch(pipe, [items[i] for i, _ in batch])
+        for batch in same_size_batches(mine, lambda item: size[items[item[0]][0]], batch_size):  # (index, k) pairs
+            image, fill = read_batch(pipe, [items[i] for i, _ in batch], tile is not None)
             keys = [(zlib.crc32(items[i][0].encode()), k) for i, k in batch]
             for _, _, images in pipe_batches(pipe, keys, seed=seed, classes=classes, steps=settings["steps"],
                                              guidance_scale=settings["guidance_scale"], eta=eta,
-                                             batch_size=len(batch), image=image, mask_image=fill):
+                                             batch_size=len(batch), image=image, mask_image=fill,
+                                             tile=tile, overlap=overlap):
                 for (i, k), x in zip(batch, to_uint8(images)):
                     path = out / names[items[i][0]][k]
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,9 +225,10 @@ def sample_conditioned(model: str | Path, cond: str | Path, out: str | Path, *, 
             for key, _, _ in items:
                 if key in redone or not all((out / name).exists() for name in names[key][-2:]):
                     write_mean_std(out, names[key])
-        if grid:
-            shown = items[:GRID_COLUMNS]
-            condition_grid(pipe, shown, [out / names[key][0] for key, _, _ in shown], out / "grid.png")
+        if grid:                                # the first conditions of the first one's size
+            shown = [item for item in items if size[item[0]] == size[items[0][0]]][:GRID_COLUMNS]
+            condition_grid(pipe, shown, [out / names[key][0] for key, _, _ in shown], out / "grid.png",
+                           tile is not None)
 
     wanted = [(i, k) for i in range(len(items)) for k in range(num_per_cond)]
     return fill_folder(state, out, wanted, lambda item: [out / names[items[item[0]][0]][item[1]]], work,

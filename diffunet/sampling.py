@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -264,10 +264,12 @@ def conditions(cond: str | Path, mask: str | Path | None = None) -> list[tuple[s
     return [(c.relative_to(cond).with_suffix("").as_posix(), c, None if mask is None else m) for c, m in pairs]
 
 
-def read_condition(pipe: DiffunetPipeline, cond: Path, mask: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One condition as ``pipe_batches`` takes it: the image (1, C, H, W) in [0, 1] at the model's size and
-    the mask (1, 1, H, W) in {0, 1}. The pipeline checks them, on this file alone, so that its errors (another
-    aspect ratio, a mask the model takes none of ...) and warnings (another size: resized) name the file."""
+def read_condition(pipe: DiffunetPipeline, cond: Path, mask: Path | None, any_size: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One condition as ``pipe_batches`` takes it: the image (1, C, H, W) in [0, 1] at the model's size (with
+    ``any_size``, for sampling by tiles: at its own) and the mask (1, 1, H, W) in {0, 1}. The pipeline checks them,
+    on this file alone, so that its errors (another aspect ratio, a mask the model takes none of ...) and warnings
+    (another size: resized) name the file."""
     def tensor(arr: np.ndarray) -> torch.Tensor:                      # (H, W, C) -> (1, C, H, W)
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
 
@@ -278,20 +280,36 @@ def read_condition(pipe: DiffunetPipeline, cond: Path, mask: Path | None) -> tup
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            known, fill = pipe.known_pixels(image, fill, 1, torch.device("cpu"))   # [-1, 1], as fitted
+            known, fill = pipe.known_pixels(image, fill, 1, torch.device("cpu"), any_size)  # [-1, 1], as fitted
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     for w in caught:
         warnings.warn(f"{where}: {w.message}", w.category, stacklevel=2)
+    if any_size:
+        return (known + 1) / 2, fill
     # super-resolution takes its input at the low size or the model's: the model's, so any mix stacks in a batch
     return (upsample_condition(known, pipe.unet.image_size) + 1) / 2, fill
 
 
-def read_batch(pipe: DiffunetPipeline, items: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The conditions of a batch of (key, cond, mask) items, stacked: (B, C, H, W) and (B, 1, H, W) or None;
-    each file read once. Warnings were shown when the files were first checked."""
+def read_batch(pipe: DiffunetPipeline, items: list, any_size: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The conditions of a batch of (key, cond, mask) items (of one size), stacked: (B, C, H, W) and (B, 1, H, W)
+    or None; each file read once. Warnings were shown when the files were first checked."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        read = {item[1]: read_condition(pipe, item[1], item[2]) for item in items}
+        read = {item[1]: read_condition(pipe, item[1], item[2], any_size) for item in items}
     image = torch.cat([read[c][0] for _, c, _ in items])
     return image, None if items[0][2] is None else torch.cat([read[c][1] for _, c, _ in items])
+
+
+def same_size_batches(mine: list, size_of: Callable, batch_size: int) -> Iterator[list]:
+    """``mine`` in order, cut into batches of up to ``batch_size`` items whose ``size_of(item)`` is the same
+    (conditions sampled by tiles keep their own sizes, and one batch is one tensor)."""
+    batch = []
+    for item in mine:
+        if batch and (len(batch) == batch_size or size_of(item) != size_of(batch[0])):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch

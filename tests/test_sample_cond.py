@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,9 +140,9 @@ def test_resume_writes_only_what_is_missing(sr, tmp_path, capsys):
     assert sorted(after) == sorted(before) and all(np.array_equal(after[n], before[n]) for n in before)
 
 
-def masks_for(root: Path, names, hole=(slice(4, 12), slice(2, 9)), ones=False) -> Path:
+def masks_for(root: Path, names, hole=(slice(4, 12), slice(2, 9)), ones=False, size=(16, 16)) -> Path:
     for name in names:
-        mask = np.zeros((16, 16), np.uint8)
+        mask = np.zeros(size, np.uint8)
         mask[hole] = 1 if ones else 255
         write(root / Path(name).with_suffix(".png"), mask)
     return root
@@ -206,6 +207,24 @@ def test_another_size_is_resized_with_a_warning_naming_the_file(sr, tmp_path):
         sample_conditioned(sr, cond, tmp_path / "out", batch_size=3, **KW)
     assert [str(w.message) for w in caught] == [
         f"{cond / 'big.png'}: image is 8x8; resized to the model's 4x4 (2 more of the 5 files too)"]
+
+
+def test_conditions_of_any_size_are_sampled_by_tiles(sr, inpaint, tmp_path):
+    """--tile: every condition keeps its size and aspect ratio (no resizing, no warning), sizes mix in one run."""
+    cond = lows(tmp_path / "cond", ["big.png"], size=(8, 8))
+    lows(cond, ["small.png"])
+    lows(cond, ["wide.png"], size=(6, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                      # nothing resized
+        out = files(sample_conditioned(sr, cond, tmp_path / "out", tile=16, batch_size=3, **KW))
+    assert {name: image.shape[:2] for name, image in out.items() if name != "grid.png"} == {
+        "big.png": (32, 32), "small.png": (16, 16), "wide.png": (24, 40)}
+    assert out["grid.png"].shape == (2 * 34 + 2, 34 + 2, 1)                 # the first condition's size only
+    holes = lows(tmp_path / "holes", ["x.png"], size=(24, 40))
+    masks = masks_for(tmp_path / "masks", ["x.png"], size=(24, 40))
+    filled = files(sample_conditioned(inpaint, holes, tmp_path / "filled", mask=masks, tile=16, **KW))["x.png"]
+    keep = read_image(masks / "x.png")[..., 0] == 0
+    assert np.array_equal(filled[keep], read_image(holes / "x.png")[keep])
 
 
 def test_repaint_inpaints_with_an_unconditional_model(tmp_path, capsys):
