@@ -13,7 +13,6 @@ from PIL import Image
 
 from diffunet.config import load_config
 from diffunet.data import split_holdout
-from diffunet.metrics.paired import paired_scores
 from diffunet.pretrained import load_pipeline
 from diffunet.model.pipeline import DiffunetPipeline
 from diffunet.tasks import TASKS, Generate, Task
