@@ -98,12 +98,13 @@ def tiled_monai(model, tile: int, overlap: int, batch_size: int):
 
 @torch.no_grad()
 def throughput(inferers: dict, volume: torch.Tensor, repeats: int) -> dict:
-    """Median voxels/s of each inferer on ``volume``, one warm-up each, then ``repeats`` interleaved rounds."""
+    """Median voxels/s of each inferer on ``volume``, one warm-up each, then ``repeats`` interleaved rounds, the
+    order reversed every other round (neither always runs after the other's frees)."""
     times = {name: [] for name in inferers}
     for f in inferers.values():
         f(volume)
-    for _ in range(repeats):
-        for name, f in inferers.items():
+    for r in range(repeats):
+        for name, f in list(inferers.items())[::-1 if r % 2 else 1]:
             start = time.perf_counter()
             f(volume)
             times[name].append(time.perf_counter() - start)
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     models = build_models()
     params = {name: parameters(m) for name, m in models.items()}
     step_s = train_in_turns(models, batches(*data, args.steps, args.batch_size, 32, 0.5, args.seed), args.lr)
-    ours, theirs = models["ours"], models["MONAI"]
+    ours, theirs = models["ours"].eval(), models["MONAI"].eval()    # inference: BatchNorm's running statistics
     scores = {"ours": scores_of(lambda x: logits(ours, x), *test), "MONAI": scores_of(lambda x: logits(theirs, x), *test),
               "ours, tiled": scores_of(tiled_ours(ours, args.tile, args.overlap, args.tile_batch), *test)}
     with torch.no_grad():

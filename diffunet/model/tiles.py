@@ -116,9 +116,9 @@ def _same(model, image, tile, overlap, batch_size, kwargs):
         for (_, box), y_tile in zip(batch, y):                                        # (B, C_out, h, w)
             if out is None:
                 out = image.new_zeros(image.shape[0], y_tile.shape[1], *size)
-            out[(..., *box)] += weight * y_tile.to(image.dtype)                       # over the whole read box
-            total[box] += weight
-    return out / total
+            out[(..., *box)].addcmul_(weight, y_tile.to(image.dtype))                 # over the whole read box
+            total[box].add_(weight)                   # (in place on the views: no temporary, no copy back)
+    return out.div_(total)
 
 
 # ---------------------------------------------------------------------------------------------- "valid"
