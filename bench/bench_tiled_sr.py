@@ -58,6 +58,7 @@ def seam_ratio(out: torch.Tensor, truth: torch.Tensor, tile: int, overlap: int) 
     return float(err[:, border].mean() / err[:, ~border].mean())
 
 
+@torch.no_grad()                                          # a decorator: callers (the smoke test) keep autograd
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pipeline", default="runs/cells3d-sr/pipeline")
@@ -68,7 +69,6 @@ def main(argv=None) -> dict:
     p.add_argument("--panel", type=Path, default=None, help="write a PNG: central xz planes of truth, tricubic, "
                                                            "blended and tiles apart")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     pipe = DiffunetPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     factors = pipe.input_factors
